@@ -1,0 +1,153 @@
+"""The mathematics of antidistillation sampling, as pure tensor functions.
+
+Nothing here touches a model: the logits processors, the server and the finite-difference
+check call these, and tests can check them against hand-computed values. Equation numbers
+refer to Savani et al., "Antidistillation Sampling" (see ``docs/equations.md``).
+
+Shapes: ``B`` is the batch, ``V`` the vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DIFFERENCES = ("central", "forward", "jvp")
+
+
+def finite_difference_delta(
+    logits_plus: torch.Tensor,
+    logits_other: torch.Tensor,
+    eps: float,
+    difference: str = "central",
+) -> torch.Tensor:
+    """Finite-difference estimate Δ̂ of the directional derivative ⟨∇θ log p(x), g⟩ (eq. 8-10).
+
+    Args:
+        logits_plus: ``(B, V)`` logits (or log-probs) of the proxy at θ + εg.
+        logits_other: ``(B, V)`` logits (or log-probs) at θ − εg (``"central"``) or at θ (``"forward"``).
+        eps: the step ε > 0.
+        difference: ``"central"``: (log p(θ+εg) − log p(θ−εg)) / 2ε, the authors' form;
+            ``"forward"``: (log p(θ+εg) − log p(θ)) / ε, eq. 10 as written.
+
+    Returns:
+        ``(B, V)`` float32 Δ̂ of the *log-probs*, whether logits or log-probs are passed.
+
+    Numerics: log p₊ − log p₋ = d − log Σₓ p₋(x)·exp(d(x)) with d = z₊ − z₋ the logit difference.
+    This equals the difference of two log-softmaxes but never subtracts two large log-sum-exps,
+    so fp32 round-off, amplified by 1/ε, stays near that of the logits themselves.
+    """
+    check_eps(eps)
+    if logits_plus.shape != logits_other.shape:
+        raise ValueError(
+            f"logits_plus {tuple(logits_plus.shape)} and logits_other {tuple(logits_other.shape)} differ in shape"
+        )
+    other = logits_other.float()
+    d = logits_plus.float() - other
+    shift = torch.logsumexp(torch.log_softmax(other, dim=-1) + d, dim=-1, keepdim=True)
+    diff = d - shift
+    if difference == "central":
+        return diff / (2.0 * eps)
+    if difference == "forward":
+        return diff / eps
+    raise ValueError(f"difference={difference!r} has no finite-difference form; use 'central' or 'forward'")
+
+
+def antidistillation_logits(
+    teacher_logits: torch.Tensor,
+    delta: torch.Tensor,
+    lam: float,
+    tau: float,
+) -> torch.Tensor:
+    """Adjusted logits of antidistillation sampling (eq. 11).
+
+    ``log p_T(x)/τ + λ·Δ̂(x)``: the temperature scales the teacher term only. Its softmax is the
+    distribution the next token is drawn from.
+
+    Args:
+        teacher_logits: ``(B, V)`` teacher logits (any per-row shift; they are log-softmaxed here).
+        delta: ``(B, V)`` Δ̂ from :func:`finite_difference_delta` or a JVP.
+        lam: λ, finite.
+        tau: τ > 0.
+
+    Returns:
+        ``(B, V)`` float32 adjusted logits. With λ = 0 this is eq. 1, plain temperature sampling.
+    """
+    check_lam(lam)
+    check_tau(tau)
+    if teacher_logits.shape != delta.shape:
+        raise ValueError(
+            f"teacher logits {tuple(teacher_logits.shape)} and delta {tuple(delta.shape)} differ in shape; "
+            "teacher and proxy must share one vocabulary"
+        )
+    logp_t = torch.log_softmax(teacher_logits.float(), dim=-1)
+    return logp_t / tau + lam * delta.float()
+
+
+def permute_delta(delta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The permutation baseline of appendix A: shuffle Δ̂ within each row and flip each row's sign.
+
+    The multiset of |Δ̂| of each row is kept, so the noise has Δ̂'s statistics but none of
+    its gradient information.
+
+    Args:
+        delta: ``(B, V)``.
+        generator: seeded ``torch.Generator`` on ``delta``'s device, for reproducibility.
+
+    Returns:
+        ``(B, V)``: row b is ``s_b · delta[b, π_b]`` with π_b a uniform random permutation and
+        s_b = ±1 with probability 1/2, both drawn independently per row (and so per token).
+    """
+    b, v = delta.shape
+    perm = torch.argsort(torch.rand(b, v, generator=generator, device=delta.device), dim=-1)
+    sign = torch.randint(0, 2, (b, 1), generator=generator, device=delta.device).to(delta.dtype) * 2 - 1
+    return torch.gather(delta, -1, perm) * sign
+
+
+def sine_error(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Sine of the angle between two vectors, the error measure of appendix B.1 (Fig. 7).
+
+    Args:
+        estimate, reference: ``(..., V)``; compared along the last axis in float64.
+
+    Returns:
+        ``(...)`` values in [0, 1]: sqrt(1 − cos²). 0 means parallel (or anti-parallel).
+    """
+    a, r = estimate.double(), reference.double()
+    cos = (a * r).sum(-1) / (a.norm(dim=-1) * r.norm(dim=-1)).clamp_min(torch.finfo(torch.float64).tiny)
+    return (1.0 - cos.clamp(-1.0, 1.0) ** 2).clamp_min(0.0).sqrt()
+
+
+def nonfinite_rows(adjusted: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` bool: rows of adjusted logits that cannot be sampled from.
+
+    A row is bad when it holds a NaN or +inf (softmax would give NaN probabilities) or when
+    every entry is −inf (nothing left to sample). A −inf entry alone is fine: other processors
+    use it to ban tokens.
+    """
+    bad = torch.isnan(adjusted).any(-1) | torch.isposinf(adjusted).any(-1)
+    return bad | torch.isneginf(adjusted).all(-1)
+
+
+# --- validation shared by every entry point (processor, settings, CLI, server) ---------------
+
+
+def check_eps(eps: float) -> None:
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a finite number > 0, got eps={eps!r}")
+
+
+def check_tau(tau: float) -> None:
+    if not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"tau must be a finite number > 0, got tau={tau!r}")
+
+
+def check_lam(lam: float) -> None:
+    if not isinstance(lam, (int, float)) or not math.isfinite(lam):
+        raise ValueError(f"lam must be a finite number, got lam={lam!r}")
+
+
+def check_difference(difference: str) -> None:
+    if difference not in DIFFERENCES:
+        raise ValueError(f"difference must be one of {DIFFERENCES}, got difference={difference!r}")

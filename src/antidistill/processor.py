@@ -1,0 +1,190 @@
+"""Logits processors for ``model.generate``: antidistillation sampling (eq. 11) and its permutation baseline.
+
+How τ is passed
+---------------
+Give τ once to the processor and the *same* τ to ``generate``::
+
+    proc = AntidistillationLogitsProcessor(proxy, grad, lam=0.3, eps=1e-2, tau=0.9)
+    teacher.generate(**inputs, logits_processor=[proc], **proc.generate_kwargs())
+    # = do_sample=True, temperature=0.9, top_k=0, top_p=1.0
+
+transformers applies custom processors *before* its temperature warper, which divides every
+score by τ. The processor therefore returns ``log p_T + τ·λ·Δ̂``; after the warper the scores are
+``log p_T/τ + λ·Δ̂``, exactly eq. 11, where temperature scales the teacher term only. (The
+authors' code returns ``log p_T + λΔ̂`` and lets the warper divide both terms.) A ``generate``
+call whose sampling temperature differs from the processor's τ raises ``ValueError`` on its first
+step: the processor reads the ``generation_config`` of the ``generate`` call that invoked it.
+Greedy decoding (``do_sample=False``) takes the argmax of eq. 11 for any τ and is always allowed.
+Top-k/top-p from ``generate`` apply afterwards, to the eq. 11 scores, as usual.
+
+Non-finite values
+-----------------
+If a row of eq. 11 scores holds NaN or +inf (bf16 overflow in the proxy, or an extreme λ), that
+row falls back to the teacher's own distribution for that token, with a ``RuntimeWarning``; the
+count is kept in ``processor.n_fallback_rows``. NaN never reaches the sampler.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor
+
+from .functional import (
+    antidistillation_logits,
+    check_difference,
+    check_eps,
+    check_lam,
+    check_tau,
+    nonfinite_rows,
+    permute_delta,
+)
+from .proxy import ProxyDelta
+from .tokenizers import check_same_tokenizer
+
+_FRAMES_TO_SEARCH = 6
+
+
+def _calling_generation_config() -> GenerationConfig | None:
+    """The ``generation_config`` of the ``generate`` loop that called the processor, if any."""
+    frame = inspect.currentframe()
+    try:
+        for _ in range(_FRAMES_TO_SEARCH):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            cfg = frame.f_locals.get("generation_config")
+            if isinstance(cfg, GenerationConfig):
+                return cfg
+        return None
+    finally:
+        del frame
+
+
+class AntidistillationLogitsProcessor(LogitsProcessor):
+    """Sample from softmax(log p_T/τ + λ·Δ̂) (eq. 11), Δ̂ from a proxy and its gradient g.
+
+    Args:
+        proxy: the proxy student, a causal LM or a path to one. Must share the teacher's vocabulary.
+        grad: g, a dict of tensors, a :class:`~antidistill.ProxyGradient` or a ``.safetensors`` path.
+        lam: λ, any finite number; 0 gives plain temperature sampling (the proxy is then not run).
+        eps: ε > 0 of the finite difference.
+        tau: τ > 0, the teacher temperature; pass the same value to ``generate`` (see module doc).
+        difference: ``"central"`` (the authors'), ``"forward"`` (eq. 10) or ``"jvp"`` (exact, eq. 12-13).
+        pad_token_id: the id ``generate`` pads with; leading runs of it are left padding.
+            Defaults to the proxy config's ``pad_token_id``.
+        teacher_tokenizer, proxy_tokenizer: if both are given, they must agree token for token.
+    """
+
+    def __init__(
+        self,
+        proxy,
+        grad,
+        *,
+        lam: float,
+        eps: float,
+        tau: float,
+        difference: str = "central",
+        pad_token_id: int | None = None,
+        teacher_tokenizer=None,
+        proxy_tokenizer=None,
+    ):
+        check_lam(lam)
+        check_eps(eps)
+        check_tau(tau)
+        check_difference(difference)
+        if teacher_tokenizer is not None and proxy_tokenizer is not None:
+            check_same_tokenizer(teacher_tokenizer, proxy_tokenizer)
+        if pad_token_id is None and teacher_tokenizer is not None:
+            pad_token_id = teacher_tokenizer.pad_token_id
+        self.lam = float(lam)
+        self.eps = float(eps)
+        self.tau = float(tau)
+        self.difference = difference
+        self.delta = ProxyDelta(proxy, grad, eps=eps, difference=difference, pad_token_id=pad_token_id)
+        self.vocab_size = self.delta.vocab_size
+        self.n_fallback_rows = 0
+
+    @classmethod
+    def from_settings(cls, proxy, grad, settings, **kwargs):
+        """Build from :class:`~antidistill.SamplingSettings` (λ, ε, τ and the difference mode)."""
+        return cls(
+            proxy, grad, lam=settings.lam, eps=settings.eps, tau=settings.tau, difference=settings.difference, **kwargs
+        )
+
+    def generate_kwargs(self, top_p: float = 1.0, top_k: int = 0) -> dict:
+        """Sampling arguments for ``generate`` that match this processor's τ."""
+        return {"do_sample": True, "temperature": self.tau, "top_k": top_k, "top_p": top_p}
+
+    def reset(self) -> None:
+        """Drop the proxy's KV caches (done automatically when a new batch starts)."""
+        self.delta.reset()
+
+    def _check_generation_config(self) -> None:
+        cfg = _calling_generation_config()
+        if cfg is None or not cfg.do_sample:
+            return
+        temperature = 1.0 if cfg.temperature is None else float(cfg.temperature)
+        if abs(temperature - self.tau) > 1e-12 * max(1.0, self.tau):
+            raise ValueError(
+                f"generate(temperature={temperature}) does not match the processor's tau={self.tau}: "
+                "eq. 11 needs both to be the same τ; pass **processor.generate_kwargs() to generate"
+            )
+
+    def compute_delta(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` ids → ``(B, V)`` Δ̂ used in eq. 11."""
+        return self.delta(input_ids)
+
+    def adjusted_logits(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """``(B, V)`` final eq. 11 logits log p_T/τ + λΔ̂ (non-finite rows: the teacher's log p_T/τ)."""
+        if scores.shape[-1] != self.vocab_size:
+            raise ValueError(
+                f"teacher vocabulary size {scores.shape[-1]} differs from proxy vocabulary size {self.vocab_size}: "
+                "antidistillation needs a proxy that shares the teacher's tokenizer"
+            )
+        if self.lam == 0.0:
+            return torch.log_softmax(scores.float(), dim=-1) / self.tau
+        delta = self.compute_delta(input_ids).to(scores.device)
+        adjusted = antidistillation_logits(scores, delta, self.lam, self.tau)
+        bad = nonfinite_rows(adjusted)
+        if bad.any():
+            n = int(bad.sum())
+            self.n_fallback_rows += n
+            warnings.warn(
+                f"non-finite antidistillation scores in {n} row(s) (lam={self.lam}, eps={self.eps}); "
+                "sampling those rows from the teacher alone for this token",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            teacher = torch.log_softmax(scores.float(), dim=-1) / self.tau
+            adjusted = torch.where(bad[:, None], teacher, adjusted)
+        return adjusted
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._check_generation_config()
+        if self.lam == 0.0:
+            if scores.shape[-1] != self.vocab_size:
+                self.adjusted_logits(input_ids, scores)  # raises the vocabulary error
+            return scores  # exactly temperature sampling; the input is returned, not modified
+        # generate's TemperatureLogitsWarper divides by τ next: pre-multiply so eq. 11 comes out.
+        return (self.adjusted_logits(input_ids, scores) * self.tau).to(scores.dtype)
+
+
+class PermutationLogitsProcessor(AntidistillationLogitsProcessor):
+    """The appendix-A control: eq. 11 with Δ̂ permuted and sign-flipped per token and per row.
+
+    Same arguments as :class:`AntidistillationLogitsProcessor`, plus ``seed`` for the
+    ``torch.Generator`` that draws the permutations (or an explicit ``generator``).
+    """
+
+    def __init__(self, proxy, grad, *, lam, eps, tau, difference="central", seed: int = 0, generator=None, **kwargs):
+        super().__init__(proxy, grad, lam=lam, eps=eps, tau=tau, difference=difference, **kwargs)
+        if generator is None:
+            generator = torch.Generator(device=self.delta.device).manual_seed(int(seed))
+        self.generator = generator
+
+    def compute_delta(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return permute_delta(self.delta(input_ids), self.generator)
+

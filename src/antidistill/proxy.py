@@ -1,0 +1,199 @@
+"""Δ̂ over the whole vocabulary for the last position of each row, from a proxy and g.
+
+:class:`ProxyDelta` is engine-agnostic: it takes the token ids seen so far and returns Δ̂ for
+the next token. The transformers logits processors, the server and a vLLM adapter wrap it.
+
+Memory held, in proxy-sized weight buffers (P = proxy parameters) and KV caches:
+
+============  ==========================================  ===================
+difference    weights                                     KV caches
+============  ==========================================  ===================
+``central``   2 P: θ+εg and θ−εg                          2
+``forward``   2 P: θ+εg, and θ (the proxy itself, shared)  2
+``jvp``       2 P: θ (shared) and the tangent g            2 (primal, tangent)
+============  ==========================================  ===================
+
+For ``central``, if ``proxy`` is given as a path, θ+εg is built in the loaded model itself and
+only θ−εg is a copy, so the total is 2 P. If a model object is passed, it is left untouched and
+the two perturbed copies are new (the caller may free the original). ``g`` itself is not kept by
+the finite-difference modes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.func import functional_call
+
+from .functional import check_difference, check_eps, finite_difference_delta
+from .gradient import load_gradient, trainable_parameters
+
+
+def load_causal_lm(model, dtype: torch.dtype | None = None, **kwargs):
+    """A model object passes through; a path is loaded with ``AutoModelForCausalLM``."""
+    if isinstance(model, torch.nn.Module):
+        return model
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype, **kwargs)
+    except OSError as e:
+        raise ValueError(f"cannot load a causal LM from {str(model)!r}: {e}") from e
+
+
+def cache_kwarg(model) -> str:
+    """``"cache"`` (transformers >= 5.2x) or ``"past_key_values"`` (older), whichever ``forward`` takes."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def left_padding_mask(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """``(B, L)`` long mask: 0 for the leading run of ``pad_token_id`` in each row, 1 after.
+
+    Left padding is the only padding a decoder-only batch has before generation; pads that
+    ``generate`` appends after a row finishes are ordinary tokens to the teacher, and so to the proxy.
+    """
+    if pad_token_id is None:
+        return torch.ones_like(input_ids)
+    return (input_ids != pad_token_id).long().cummax(dim=-1).values
+
+
+@torch.no_grad()
+def perturbed(model: torch.nn.Module, grad: Mapping[str, torch.Tensor], scale: float) -> torch.nn.Module:
+    """In place: θ ← θ + scale·g, computed in float32 and rounded once to each parameter's dtype."""
+    for name, p in trainable_parameters(model).items():
+        p.copy_((p.float() + scale * grad[name].to(p.device, torch.float32)).to(p.dtype))
+    return model
+
+
+class ProxyDelta:
+    """Δ̂(x) for every token x at the last position of each row (eq. 10, its central form, or eq. 12-13).
+
+    Call it with the ``(B, L)`` ids of a growing batch. When a call's ids extend those of the
+    previous call (same rows, same prefix, longer), only the new tokens are run through the
+    proxy with its KV caches; otherwise the caches are reset and the prompt is prefilled. Leading
+    ``pad_token_id`` tokens are left padding: masked, with position ids counted from the first
+    real token, as transformers' ``generate`` does for the teacher.
+    """
+
+    def __init__(
+        self,
+        proxy,
+        grad,
+        *,
+        eps: float,
+        difference: str = "central",
+        pad_token_id: int | None = None,
+    ):
+        check_eps(eps)
+        check_difference(difference)
+        owned = not isinstance(proxy, torch.nn.Module)
+        proxy = load_causal_lm(proxy)
+        grad = load_gradient(grad, proxy)
+        self.eps = float(eps)
+        self.difference = difference
+        self.config = proxy.config
+        self.vocab_size = proxy.get_output_embeddings().weight.shape[0]
+        if pad_token_id is None:
+            pad_token_id = getattr(proxy.config, "pad_token_id", None)
+        self.pad_token_id = pad_token_id
+        self._cache_kw = cache_kwarg(proxy)
+        if difference == "jvp":
+            # Forward-mode AD has no rule for fused SDPA/flash attention: use eager attention.
+            if getattr(proxy.config, "_attn_implementation", "eager") != "eager":
+                proxy.set_attn_implementation("eager")
+            self.models = [proxy.eval()]
+            self.params = trainable_parameters(proxy)
+            self.tangents = {n: grad[n].to(p.device, p.dtype) for n, p in self.params.items()}
+        elif difference == "central":
+            minus = perturbed(copy.deepcopy(proxy), grad, -self.eps)
+            plus = perturbed(proxy if owned else copy.deepcopy(proxy), grad, +self.eps)
+            self.models = [plus.eval(), minus.eval()]
+        else:  # forward: θ+εg is a copy, θ is the proxy itself
+            plus = perturbed(copy.deepcopy(proxy), grad, +self.eps)
+            self.models = [plus.eval(), proxy.eval()]
+        del grad
+        self.reset()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.models[0].parameters()).device
+
+    def reset(self) -> None:
+        """Forget the cached prefix; the next call prefills from scratch."""
+        self._ids: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+        self._caches: list | None = None
+
+    def _plan(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """New tokens to feed and the full attention mask; resets the caches if the prefix changed."""
+        prev = self._ids
+        if (
+            prev is not None
+            and prev.shape[0] == input_ids.shape[0]
+            and prev.shape[1] < input_ids.shape[1]
+            and torch.equal(input_ids[:, : prev.shape[1]], prev)
+        ):
+            n_new = input_ids.shape[1] - prev.shape[1]
+            mask = torch.cat([self._mask, self._mask.new_ones(input_ids.shape[0], n_new)], dim=1)
+            return input_ids[:, prev.shape[1] :], mask
+        self.reset()
+        return input_ids, left_padding_mask(input_ids, self.pad_token_id)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` long ids → ``(B, V)`` float32 Δ̂ for the token after position L."""
+        input_ids = input_ids.to(self.device)
+        new, mask = self._plan(input_ids)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)[:, -new.shape[1] :]
+        kwargs = dict(attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        if self.difference == "jvp":
+            delta = self._jvp(new, kwargs)
+        else:
+            from transformers import DynamicCache
+
+            caches = self._caches or [DynamicCache(config=m.config) for m in self.models]
+            logits = [
+                model(input_ids=new, **{self._cache_kw: cache}, **kwargs).logits[:, -1].float()
+                for model, cache in zip(self.models, caches)
+            ]
+            self._caches = caches
+            delta = finite_difference_delta(logits[0], logits[1], self.eps, self.difference)
+        self._ids, self._mask = input_ids, mask
+        return delta
+
+    def _jvp(self, new: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Exact Δ = J_θ[log p(·; θ_P)]·g by forward-mode AD (eq. 12-13), with a dual KV cache."""
+        from transformers import DynamicCache
+
+        model = self.models[0]
+        with fwAD.dual_level():
+            params = {n: fwAD.make_dual(p.detach(), self.tangents[n]) for n, p in self.params.items()}
+            if self._caches:
+                cache = DynamicCache(
+                    ddp_cache_data=[
+                        (fwAD.make_dual(kp, kt), fwAD.make_dual(vp, vt)) for (kp, kt), (vp, vt) in self._caches
+                    ],
+                    config=model.config,
+                )
+            else:
+                cache = DynamicCache(config=model.config)
+            out = functional_call(model, params, args=(), kwargs=dict(input_ids=new, **{self._cache_kw: cache}, **kwargs))
+            logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+            tangent = fwAD.unpack_dual(logp).tangent
+            self._caches = [
+                (_split_dual(layer.keys), _split_dual(layer.values)) for layer in cache.layers
+            ]
+        if tangent is None:  # g does not reach the output (cannot happen for a causal LM)
+            tangent = torch.zeros_like(logp)
+        return tangent.float()
+
+
+def _split_dual(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    primal, tangent = fwAD.unpack_dual(t)
+    return primal, (tangent if tangent is not None else torch.zeros_like(primal))

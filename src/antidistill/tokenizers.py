@@ -1,0 +1,34 @@
+"""Checks that teacher and proxy speak the same tokens."""
+
+from __future__ import annotations
+
+MAX_LISTED = 5
+
+
+def check_same_tokenizer(teacher_tokenizer, proxy_tokenizer) -> None:
+    """Raise ``ValueError`` unless both tokenizers map the same strings to the same ids.
+
+    Sizes are compared first (both are named in the error); then the vocabularies token by token,
+    listing the first differences, so tokenizers of equal size but different content are caught.
+    """
+    tv, pv = teacher_tokenizer.get_vocab(), proxy_tokenizer.get_vocab()
+    if len(tv) != len(pv):
+        raise ValueError(
+            f"teacher and proxy vocabularies differ: teacher has {len(tv)} tokens, proxy has {len(pv)}"
+        )
+    diffs = [f"{tok!r}: teacher {i} vs proxy {pv.get(tok)}" for tok, i in sorted(tv.items(), key=lambda x: x[1]) if pv.get(tok) != i]
+    if diffs:
+        more = f" (and {len(diffs) - MAX_LISTED} more)" if len(diffs) > MAX_LISTED else ""
+        raise ValueError(
+            f"teacher and proxy tokenizers differ in content ({len(tv)} tokens each): "
+            + "; ".join(diffs[:MAX_LISTED])
+            + more
+        )
+
+
+def check_vocab_sizes(teacher_model, proxy_model) -> None:
+    """Raise ``ValueError`` naming both sizes if the models' output vocabularies differ."""
+    t = teacher_model.get_output_embeddings().weight.shape[0]
+    p = proxy_model.get_output_embeddings().weight.shape[0]
+    if t != p:
+        raise ValueError(f"teacher vocabulary size {t} differs from proxy vocabulary size {p}")
