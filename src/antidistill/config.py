@@ -71,7 +71,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None,
+                values: dict[str, Any] | None = None) -> C:
+    """YAML file, then ``key=value`` overrides (parsed as YAML), then typed ``values`` (CLI options)."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -81,6 +83,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         if not isinstance(data, dict):
             raise ValueError(f"config file {str(p)!r} must hold a mapping")
     data = apply_overrides(data, overrides or [])
+    data.update({k: v for k, v in (values or {}).items() if v is not None})
     return from_dict(cls, data)
 
 

@@ -58,7 +58,7 @@ def antidistillation_logits(
     teacher_logits: torch.Tensor,
     delta: torch.Tensor,
     lam: float,
-    tau: float,
+    tau: float | torch.Tensor,
 ) -> torch.Tensor:
     """Adjusted logits of antidistillation sampling (eq. 11).
 
@@ -69,13 +69,18 @@ def antidistillation_logits(
         teacher_logits: ``(B, V)`` teacher logits (any per-row shift; they are log-softmaxed here).
         delta: ``(B, V)`` Δ̂ from :func:`finite_difference_delta` or a JVP.
         lam: λ, finite.
-        tau: τ > 0.
+        tau: τ > 0, a float or a ``(B,)`` tensor (one τ per row, as a server batching requests needs).
 
     Returns:
         ``(B, V)`` float32 adjusted logits. With λ = 0 this is eq. 1, plain temperature sampling.
     """
     check_lam(lam)
-    check_tau(tau)
+    if isinstance(tau, torch.Tensor):
+        if tau.shape != teacher_logits.shape[:1] or not bool(torch.isfinite(tau).all() and (tau > 0).all()):
+            raise ValueError(f"tau must be finite and > 0 with shape {tuple(teacher_logits.shape[:1])}, got {tau!r}")
+        tau = tau.float()[:, None]
+    else:
+        check_tau(tau)
     if teacher_logits.shape != delta.shape:
         raise ValueError(
             f"teacher logits {tuple(teacher_logits.shape)} and delta {tuple(delta.shape)} differ in shape; "

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .io_utils import atomic_path, provenance
-from .prompting import encode_example
+from .prompting import encode_example, pad_right
 
 MAX_LISTED = 5
 
@@ -47,17 +47,7 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
 
 def _batches(examples: list[dict[str, list[int]]], batch_size: int, pad_id: int):
     for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        width = max(len(e["input_ids"]) for e in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, e in enumerate(chunk):
-            n = len(e["input_ids"])
-            ids[r, :n] = torch.tensor(e["input_ids"])
-            labels[r, :n] = torch.tensor(e["labels"])
-            mask[r, :n] = 1
-        yield ids, labels, mask
+        yield pad_right(examples[i : i + batch_size], pad_id)
 
 
 def compute_proxy_gradient(

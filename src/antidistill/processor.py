@@ -137,17 +137,22 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
         """``(B, L)`` ids → ``(B, V)`` Δ̂ used in eq. 11."""
         return self.delta(input_ids)
 
-    def adjusted_logits(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """``(B, V)`` final eq. 11 logits log p_T/τ + λΔ̂ (non-finite rows: the teacher's log p_T/τ)."""
+    def adjusted_logits(self, input_ids: torch.Tensor, scores: torch.Tensor, tau=None) -> torch.Tensor:
+        """``(B, V)`` final eq. 11 logits log p_T/τ + λΔ̂ (non-finite rows: the teacher's log p_T/τ).
+
+        ``tau`` defaults to the processor's τ; a ``(B,)`` tensor gives each row its own τ.
+        """
+        tau = self.tau if tau is None else tau
+        tau_col = tau[:, None].float() if isinstance(tau, torch.Tensor) else tau
         if scores.shape[-1] != self.vocab_size:
             raise ValueError(
                 f"teacher vocabulary size {scores.shape[-1]} differs from proxy vocabulary size {self.vocab_size}: "
                 "antidistillation needs a proxy that shares the teacher's tokenizer"
             )
         if self.lam == 0.0:
-            return torch.log_softmax(scores.float(), dim=-1) / self.tau
+            return torch.log_softmax(scores.float(), dim=-1) / tau_col
         delta = self.compute_delta(input_ids).to(scores.device)
-        adjusted = antidistillation_logits(scores, delta, self.lam, self.tau)
+        adjusted = antidistillation_logits(scores, delta, self.lam, tau)
         bad = nonfinite_rows(adjusted)
         if bad.any():
             n = int(bad.sum())
@@ -158,7 +163,7 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
                 RuntimeWarning,
                 stacklevel=2,
             )
-            teacher = torch.log_softmax(scores.float(), dim=-1) / self.tau
+            teacher = torch.log_softmax(scores.float(), dim=-1) / tau_col
             adjusted = torch.where(bad[:, None], teacher, adjusted)
         return adjusted
 

@@ -32,3 +32,27 @@ def check_vocab_sizes(teacher_model, proxy_model) -> None:
     p = proxy_model.get_output_embeddings().weight.shape[0]
     if t != p:
         raise ValueError(f"teacher vocabulary size {t} differs from proxy vocabulary size {p}")
+
+
+def load_tokenizer(path):
+    """Load a tokenizer, honouring the class its ``tokenizer_config.json`` names.
+
+    transformers 5.x ``AutoTokenizer`` picks the tokenizer class from a model folder's
+    ``config.json`` (``model_type``) and rebuilds that class's pre-tokenizer, which silently
+    changes a custom tokenizer saved beside a model (the toy world's word-level one beside its
+    Qwen2 proxy, say). A tokenizer saved as a plain fast tokenizer is loaded as one.
+    """
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg = Path(str(path)) / "tokenizer_config.json"
+    if cfg.is_file():
+        cls = json.loads(cfg.read_text()).get("tokenizer_class")
+        if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a tokenizer from {str(path)!r}: {e}") from e

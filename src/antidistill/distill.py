@@ -1,0 +1,97 @@
+"""Distil a student on teacher traces: TRL ``SFTTrainer``, PEFT LoRA, completion-only loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .prompting import chat_messages
+
+
+@dataclass
+class DistillConfig:
+    """Defaults follow the paper (LoRA r = α, dropout 0, all linear layers, wd 0.1, clip 1.0, cosine,
+    warm-up, 3 epochs, batch 16), with r and the learning rate scaled to the toy models."""
+
+    lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    epochs: float = 3.0
+    batch_size: int = 16
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    eval_every: int = 20  # steps between holdout-loss evaluations (loss-dynamics plot)
+
+
+def sft_rows(rows: list[dict], system_prompt: str | None = None) -> list[dict]:
+    """Prompt-completion conversational rows for TRL: the loss falls on the completion only."""
+    return [
+        {"prompt": chat_messages(r["question"], system_prompt),
+         "completion": [{"role": "assistant", "content": r["completion"]}]}
+        for r in rows
+    ]
+
+
+def distill(
+    student,
+    tokenizer,
+    traces: list[dict],
+    cfg: DistillConfig,
+    *,
+    output_dir: str | Path,
+    eval_traces: list[dict] | None = None,
+    seed: int = 0,
+    system_prompt: str | None = None,
+    progress: bool = False,
+):
+    """Fine-tune ``student`` on ``traces`` (``question``/``completion``); returns (model, loss history).
+
+    The history holds ``{"step", "loss"}`` train entries and ``{"step", "eval_loss"}`` entries on
+    ``eval_traces`` (clean holdout traces), for the loss-dynamics plot (paper Fig. 5). With LoRA the
+    adapter is merged into the returned model.
+    """
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    if not traces:
+        raise ValueError("no traces to distil from")
+    train_ds = Dataset.from_list(sft_rows(traces, system_prompt))
+    eval_ds = Dataset.from_list(sft_rows(eval_traces, system_prompt)) if eval_traces else None
+    args = SFTConfig(
+        output_dir=str(output_dir), learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
+        num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=max(cfg.batch_size, 32), lr_scheduler_type="cosine",
+        warmup_steps=max(1, int(cfg.warmup_ratio * cfg.epochs * len(traces) / cfg.batch_size)),
+        max_grad_norm=cfg.max_grad_norm, max_length=cfg.max_length, completion_only_loss=True,
+        logging_steps=max(1, cfg.eval_every // 2), eval_strategy="steps" if eval_ds is not None else "no",
+        eval_steps=cfg.eval_every, save_strategy="no", report_to=[], seed=seed, data_seed=seed,
+        disable_tqdm=not progress, use_cpu=not _has_cuda(), dataloader_num_workers=0,
+    )
+    peft_config = None
+    if cfg.lora:
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=student, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=peft_config)
+    trainer.train()
+    history = [
+        {k: float(v) if k != "step" else int(v) for k, v in h.items() if k in ("step", "loss", "eval_loss")}
+        for h in trainer.state.log_history
+        if "loss" in h or "eval_loss" in h
+    ]
+    model = trainer.model
+    if cfg.lora:
+        model = model.merge_and_unload()
+    model.eval()
+    return model, history
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,90 @@
+"""Trace generation with any of the four methods, answer forcing and scoring."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .prompting import ANSWER_FORCING, prompt_text
+from .progress import track
+from .scoring import forced_answer, is_correct
+from .settings import SamplingSettings
+
+
+def build_processor(settings: SamplingSettings, proxy, grad, teacher_tokenizer=None, proxy_tokenizer=None):
+    """The logits processor for ``settings.method`` (None for greedy and temperature)."""
+    from .processor import AntidistillationLogitsProcessor, PermutationLogitsProcessor
+
+    if not settings.uses_proxy:
+        return None
+    cls = AntidistillationLogitsProcessor if settings.method == "antidistill" else PermutationLogitsProcessor
+    extra = {"seed": settings.seed} if settings.method == "permutation" else {}
+    return cls.from_settings(
+        proxy, grad, settings, teacher_tokenizer=teacher_tokenizer, proxy_tokenizer=proxy_tokenizer, **extra
+    )
+
+
+def answer_forcing_prefix(completion: str) -> str:
+    """The trace up to the model's own ``**Final Answer**`` section, if it wrote one.
+
+    Forcing appends a fresh final-answer header; a trace that already ends with one (as R1-style
+    traces do) is cut there first, so the forced answer is the one that counts and the model never
+    sees two headers in a row.
+    """
+    head = ANSWER_FORCING.strip().split("\n")[0]  # "**Final Answer**"
+    i = completion.find(head)
+    return completion if i < 0 else completion[:i].rstrip()
+
+
+@torch.no_grad()
+def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, gen_kwargs: dict, processors) -> list[str]:
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    out = model.generate(
+        **enc, max_new_tokens=max_new_tokens, logits_processor=processors, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, **gen_kwargs,
+    )
+    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def generate_traces(
+    model,
+    tokenizer,
+    problems: Sequence[dict],
+    settings: SamplingSettings,
+    *,
+    processor=None,
+    few_shot: list[dict] | None = None,
+    progress: bool = True,
+    description: str = "generate",
+) -> list[dict]:
+    """Sample a trace for each problem, force an answer, and score it.
+
+    Each problem is a mapping with ``id``, ``question`` and ``answer``. Returns one row per problem:
+    ``id, question, answer, completion, forced_answer, correct``.
+
+    Batches are left-padded; batch ``i`` is sampled after ``torch.manual_seed(settings.seed + i)``,
+    so a run is reproducible for a given batch size. Answer forcing appends
+    ``\\n\\n**Final Answer**\\n\\boxed{`` to the trace and continues *greedily* (no processor) for
+    ``settings.answer_tokens`` tokens (see :func:`answer_forcing_prefix`).
+    """
+    tokenizer.padding_side = "left"
+    model.eval()
+    gen_kwargs = settings.generate_kwargs()
+    procs = [processor] if processor is not None else None
+    rows = []
+    batches = [problems[i : i + settings.batch_size] for i in range(0, len(problems), settings.batch_size)]
+    for b, batch in enumerate(track(batches, description, enabled=progress)):
+        prompts = [prompt_text(tokenizer, p["question"], settings.system_prompt, few_shot) for p in batch]
+        torch.manual_seed(settings.seed + b)
+        completions = _generate(model, tokenizer, prompts, settings.max_new_tokens, gen_kwargs, procs)
+        forced_prompts = [p + answer_forcing_prefix(c) + ANSWER_FORCING for p, c in zip(prompts, completions)]
+        greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        forced = _generate(model, tokenizer, forced_prompts, settings.answer_tokens, greedy, None)
+        for p, c, f in zip(batch, completions, forced):
+            ans = forced_answer(f)
+            rows.append(
+                {"id": p["id"], "question": p["question"], "answer": str(p["answer"]), "completion": c,
+                 "forced_answer": ans, "correct": is_correct(ans, str(p["answer"]))}
+            )
+    return rows

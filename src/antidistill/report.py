@@ -1,0 +1,248 @@
+"""Plots, the matched-teacher-accuracy table, and ``report.md``.
+
+Curves are the mean and 95% band of bootstrapped LOWESS fits (statsmodels), as in the paper's
+appendix B.2: each bootstrap draw resamples a method's (teacher accuracy, student accuracy) points
+with replacement and fits LOWESS on a common grid of teacher accuracies.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from .io_utils import atomic_path, write_text_atomic
+
+N_BOOT = 300
+LOWESS_FRAC = 0.8
+COLORS = {"temperature": "tab:blue", "antidistill": "tab:red", "permutation": "tab:gray", "greedy": "k"}
+
+
+def bootstrap_lowess(x: np.ndarray, y: np.ndarray, grid: np.ndarray, *, n_boot: int = N_BOOT, seed: int = 0,
+                     frac: float = LOWESS_FRAC) -> np.ndarray:
+    """``(n_boot, len(grid))`` LOWESS fits of y on x over bootstrap resamples (NaN outside each draw's x-range)."""
+    from statsmodels.nonparametric.smoothers_lowess import lowess
+
+    rng = np.random.default_rng(seed)
+    out = np.full((n_boot, len(grid)), np.nan)
+    n = len(x)
+    for b in range(n_boot):
+        idx = rng.integers(0, n, n)
+        xb, yb = x[idx], y[idx]
+        if np.unique(xb).size < 3:
+            continue
+        fit = lowess(yb, xb, frac=frac, it=0, xvals=grid)
+        fit[(grid < xb.min()) | (grid > xb.max())] = np.nan
+        out[b] = np.clip(fit, 0.0, 1.0)
+    return out
+
+
+def _curves(df, methods, grid):
+    curves = {}
+    for i, m in enumerate(methods):
+        sub = df[df.method == m]
+        if len(sub) >= 3 and sub.teacher_acc.nunique() >= 3:
+            curves[m] = bootstrap_lowess(sub.teacher_acc.to_numpy(float), sub.student_acc.to_numpy(float), grid, seed=i)
+    return curves
+
+
+def matched_table(df, levels: np.ndarray | None = None) -> list[dict]:
+    """Student accuracy per method at matched teacher accuracy, AD − temperature with a 95% CI."""
+    ad, temp = df[df.method == "antidistill"], df[df.method == "temperature"]
+    if ad.empty or temp.empty:
+        return []
+    lo = max(ad.teacher_acc.min(), temp.teacher_acc.min())
+    hi = min(ad.teacher_acc.max(), temp.teacher_acc.max())
+    if levels is None:
+        levels = np.linspace(lo, hi, 5) if hi > lo else np.array([lo])
+    curves = _curves(df, ["antidistill", "temperature", "permutation"], levels)
+    rows = []
+    for j, level in enumerate(levels):
+        row = {"teacher_acc": float(level)}
+        for m in ("antidistill", "temperature", "permutation"):
+            c = curves.get(m)
+            row[m] = float(np.nanmean(c[:, j])) if c is not None and np.isfinite(c[:, j]).any() else float("nan")
+        if "antidistill" in curves and "temperature" in curves:
+            diff = curves["antidistill"][:, j] - curves["temperature"][:, j]
+            diff = diff[np.isfinite(diff)]
+            if diff.size:
+                row["diff"] = float(diff.mean())
+                row["diff_ci_low"], row["diff_ci_high"] = (float(v) for v in np.percentile(diff, [2.5, 97.5]))
+        rows.append(row)
+    return rows
+
+
+def verdict(table: list[dict]) -> str:
+    """Plain language, from the CIs alone."""
+    rows = [r for r in table if "diff" in r]
+    if not rows:
+        return ("Not enough overlap between the antidistillation and temperature curves to compare students at "
+                "matched teacher accuracy: no verdict.")
+    worse = [r for r in rows if r["diff_ci_high"] < 0]
+    better = [r for r in rows if r["diff_ci_low"] > 0]
+    span = f"teacher accuracy {rows[0]['teacher_acc']:.2f}–{rows[-1]['teacher_acc']:.2f}"
+    if worse and not better:
+        best = min(worse, key=lambda r: r["diff"])
+        return (f"**The claim holds here.** At matched teacher accuracy, students distilled from antidistillation "
+                f"traces are worse than students of temperature traces at {len(worse)} of {len(rows)} levels "
+                f"({span}); the largest gap is {100 * best['diff']:.1f} points at teacher accuracy "
+                f"{best['teacher_acc']:.2f} (95% CI {100 * best['diff_ci_low']:.1f} to {100 * best['diff_ci_high']:.1f}).")
+    if better and not worse:
+        return (f"**The claim does not hold here.** At {len(better)} of {len(rows)} matched levels ({span}) students of "
+                "antidistillation traces are *better* than students of temperature traces (95% CIs above zero).")
+    if worse and better:
+        return (f"**Mixed.** Antidistillation students are worse at {len(worse)} levels and better at {len(better)} "
+                f"levels of {len(rows)} ({span}).")
+    mean = np.mean([r["diff"] for r in rows])
+    return (f"**Not shown.** At every matched level ({span}) the 95% CI of the student-accuracy difference "
+            f"(antidistillation − temperature) includes zero; the mean difference is {100 * mean:.1f} points. "
+            "More seeds or test problems would be needed to resolve it.")
+
+
+def plot_tradeoff(df, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    grid = np.linspace(df.teacher_acc.min(), df.teacher_acc.max(), 60)
+    curves = _curves(df, ["temperature", "antidistill", "permutation"], grid)
+    for m, sub in df.groupby("method"):
+        ax.scatter(sub.teacher_acc, sub.student_acc, s=18, alpha=0.6, color=COLORS.get(m), label=f"{m} (runs)")
+    for m, c in curves.items():
+        ok = np.isfinite(c).sum(0) >= max(10, c.shape[0] // 4)
+        mean = np.where(ok, np.nanmean(np.where(np.isfinite(c), c, np.nan), 0), np.nan)
+        lo, hi = (np.where(ok, np.nanpercentile(c, q, 0), np.nan) for q in (2.5, 97.5))
+        ax.plot(grid, mean, color=COLORS[m], lw=2, label=f"{m} (LOWESS mean)")
+        ax.fill_between(grid, lo, hi, color=COLORS[m], alpha=0.15)
+    ax.set_xlabel("teacher accuracy (test)")
+    ax.set_ylabel("student accuracy (test)")
+    ax.set_title("Teacher vs distilled-student accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot_loss_dynamics(histories: dict[str, list[list[dict]]], path) -> None:
+    """Mean student train loss and clean-holdout loss over steps, per method (paper Fig. 5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharex=True)
+    for m, hs in histories.items():
+        for ax, key in zip(axes, ("loss", "eval_loss")):
+            by_step: dict[int, list[float]] = {}
+            for h in hs:
+                for e in h:
+                    if key in e:
+                        by_step.setdefault(e["step"], []).append(e[key])
+            if by_step:
+                steps = sorted(by_step)
+                ax.plot(steps, [np.mean(by_step[s]) for s in steps], color=COLORS.get(m), label=m)
+    axes[0].set_title("student train loss")
+    axes[1].set_title("student loss on clean holdout traces")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def _fmt(v, pct=True):
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    return f"{100 * v:.1f}" if pct else f"{v:.3f}"
+
+
+def write_report(run, df) -> None:
+    """Plots and ``report.md`` in the run directory."""
+    from .config import dump_yaml
+    from .sweep import point_name
+
+    d = run.dir
+    plot_tradeoff(df, d / "tradeoff.png")
+    histories: dict[str, list] = {}
+    for m, p, s in run.cfg.points():
+        h = d / "points" / point_name(m, p, s) / "history.json"
+        if h.is_file():
+            histories.setdefault(m, []).append(json.loads(h.read_text()))
+    plot_loss_dynamics(histories, d / "loss_dynamics.png")
+    fd_section = _fd_section(run)
+    table = matched_table(df)
+    summary = (df.groupby(["method", "param"])
+                 .agg(teacher_acc=("teacher_acc", "mean"), teacher_sd=("teacher_acc", "std"),
+                      student_acc=("student_acc", "mean"), student_sd=("student_acc", "std"),
+                      student_nll=("student_test_nll", "mean"), seeds=("seed", "count"))
+                 .reset_index())
+    lines = [f"# antidistill report: `{run.cfg.name}`", "", "## Verdict", "", verdict(table), ""]
+    if run.world_metrics:
+        wm = run.world_metrics
+        lines += ["## Toy world", "",
+                  f"- teacher (Llama, {wm.get('teacher_params', 0):,} params): greedy test accuracy "
+                  f"{_fmt(wm.get('teacher_test_accuracy'))}%",
+                  f"- proxy (Qwen2, {wm.get('proxy_params', 0):,} params), pretrained on generic toy text only",
+                  f"- student (GPT-2, {wm.get('student_params', 0):,} params), pretrained on generic toy text; "
+                  f"3-shot test accuracy before distillation {_fmt(wm.get('student_base_fewshot_accuracy'))}%", ""]
+    lines += ["## Matched teacher accuracy", "",
+              "Student accuracy (%) from the bootstrapped LOWESS fits at the same teacher accuracy; "
+              "diff = antidistillation − temperature, 95% bootstrap CI.", "",
+              "| teacher acc | antidistill | temperature | permutation | diff | 95% CI |", "|---|---|---|---|---|---|"]
+    for r in table:
+        ci = f"[{_fmt(r.get('diff_ci_low'))}, {_fmt(r.get('diff_ci_high'))}]" if "diff" in r else "–"
+        lines.append(f"| {_fmt(r['teacher_acc'])} | {_fmt(r['antidistill'])} | {_fmt(r['temperature'])} | "
+                     f"{_fmt(r['permutation'])} | {_fmt(r.get('diff'))} | {ci} |")
+    lines += ["", "## Results (mean over seeds)", "",
+              "| method | param | teacher acc % (sd) | student acc % (sd) | student NLL on test solutions | seeds |",
+              "|---|---|---|---|---|---|"]
+    for r in summary.itertuples():
+        lines.append(f"| {r.method} | {r.param:g} | {_fmt(r.teacher_acc)} ({_fmt(r.teacher_sd)}) | "
+                     f"{_fmt(r.student_acc)} ({_fmt(r.student_sd)}) | {_fmt(r.student_nll, False)} | {r.seeds} |")
+    lines += ["", f"Test problems per evaluation: {int(df.n_test.iloc[0])}. Every run is in `results.parquet`.", "",
+              "## Plots", "", "![trade-off](tradeoff.png)", "", "![loss dynamics](loss_dynamics.png)", ""]
+    lines += fd_section
+    lines += ["## Settings", "", "```yaml", dump_yaml(run.cfg).rstrip(), "```", ""]
+    write_text_atomic(d / "report.md", "\n".join(lines))
+
+
+def _fd_section(run) -> list[str]:
+    """Run (or reuse) a small finite-difference check on the run's proxy and gradient."""
+    import torch
+
+    from .fdcheck import fd_check, plot_fd_check
+    from .io_utils import write_json_atomic
+    from .prompting import prompt_text
+
+    path = run.dir / "fd_check.json"
+    if not path.is_file():
+        tok = run.tok["proxy"]
+        rows = run.holdout_traces()[:2]
+        ids = [tok(prompt_text(tok, r["question"]) + r["completion"], add_special_tokens=False)["input_ids"][-24:]
+               for r in rows]
+        width = min(map(len, ids))
+        batch = torch.tensor([x[-width:] for x in ids])
+        res = fd_check(run.proxy, run.gradient_path(), batch, pad_token_id=tok.pad_token_id)
+        write_json_atomic(path, {"rows": res.rows, "best_eps_float32": res.best_eps("float32"),
+                                 "best_eps_bfloat16": res.best_eps("bfloat16")})
+    info = json.loads(path.read_text())
+    if not (run.dir / "fd_error.png").is_file():
+        from .fdcheck import FDCheckResult
+
+        plot_fd_check(FDCheckResult(rows=info["rows"]), run.dir / "fd_error.png")
+    jvp = [r for r in info["rows"] if r["difference"] == "jvp"]
+    at = [r for r in info["rows"] if r["difference"] == run.cfg.difference and r["dtype"] == "float32"
+          and abs(r["eps"] - run.cfg.eps) < 1e-15]
+    out = ["## Finite-difference check", "", "![fd error](fd_error.png)", "",
+           f"Best ε: {info['best_eps_float32']:g} (float32), {info['best_eps_bfloat16']:g} (bfloat16)."]
+    if at:
+        out.append(f"At the run's ε = {run.cfg.eps:g} ({run.cfg.difference}, float32) the mean sine error is "
+                   f"{at[0]['mean_sine_error']:.2e}.")
+    if jvp:
+        out.append(f"JVP vs autograd: mean sine error {jvp[0]['mean_sine_error']:.2e}.")
+    return out + [""]

@@ -1,0 +1,1 @@
+"""``antidistill serve``: an OpenAI-compatible server whose completions are antidistillation-sampled."""

@@ -1,0 +1,184 @@
+"""Build (or reuse) the toy world: data splits, tokenizer, and three models trained from scratch.
+
+The world is cached under ``<cache>/toyworld-<hash of its config>/`` and written atomically, so a
+second run with the same config reuses it and an interrupted build leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..io_utils import atomic_dir, provenance
+from ..prompting import ANSWER_FORCING, encode_example, pad_right
+from ..progress import track
+from .models import ModelSpec, build_model
+from .task import generic_text, make_splits, random_problem, solve
+
+
+@dataclass
+class TrainSpec:
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 30
+
+
+@dataclass
+class ToyWorldConfig:
+    seed: int = 0
+    n_train_pool: int = 1000  # split 70/30 into train (traces to distill) and holdout (for g)
+    n_test: int = 300
+    n_teacher_problems: int = 20000  # the teacher's own training problems, disjoint from every split
+    n_generic: int = 6000  # generic toy-language lines for pretraining
+    teacher: ModelSpec = field(default_factory=lambda: ModelSpec("llama", 128, 3, 4, 256))
+    proxy: ModelSpec = field(default_factory=lambda: ModelSpec("qwen2", 64, 2, 4, 128))
+    student: ModelSpec = field(default_factory=lambda: ModelSpec("gpt2", 96, 3, 4, 192))
+    teacher_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=2400, lr=3e-3, warmup=60))
+    pretrain: TrainSpec = field(default_factory=lambda: TrainSpec(steps=300))
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class World:
+    root: Path
+    config: dict
+    metrics: dict
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.root / "tokenizer"
+
+    def model_path(self, role: str) -> Path:
+        return self.root / role
+
+    def split(self, name: str) -> list[dict]:
+        from ..data import read_jsonl
+
+        return read_jsonl(self.root / "data" / f"{name}.jsonl")
+
+    @classmethod
+    def load(cls, root: Path) -> World:
+        info = json.loads((root / "world.json").read_text())
+        return cls(root=root, config=info["config"], metrics=info["metrics"])
+
+
+def train_lm(model, examples: list[dict], spec: TrainSpec, pad_id: int, seed: int, desc: str, progress: bool = True):
+    """Train a causal LM from scratch on (input_ids, labels) examples: AdamW, cosine schedule, clip 1.0."""
+    gen = random.Random(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+    def lr_at(step):
+        if step < spec.warmup:
+            return (step + 1) / spec.warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - spec.warmup) / max(1, spec.steps - spec.warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    losses = []
+    for _ in track(range(spec.steps), desc, enabled=progress):
+        ids, labels, mask = pad_right(gen.sample(examples, min(spec.batch_size, len(examples))), pad_id)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def _generic_examples(tokenizer, lines: list[str], pack_to: int = 64) -> list[dict]:
+    """Generic lines packed into sequences of up to ``pack_to`` tokens (full-sequence loss, no padding waste)."""
+    out, cur = [], [tokenizer.bos_token_id]
+    for line in lines:
+        ids = tokenizer(line, add_special_tokens=False)["input_ids"]
+        if len(cur) + len(ids) + 1 > pack_to and len(cur) > 1:
+            out.append({"input_ids": cur + [tokenizer.eos_token_id], "labels": cur + [tokenizer.eos_token_id]})
+            cur = [tokenizer.bos_token_id]
+        cur = cur + ids
+    if len(cur) > 1:
+        out.append({"input_ids": cur + [tokenizer.eos_token_id], "labels": cur + [tokenizer.eos_token_id]})
+    return out
+
+
+def _generic_lines(cfg: ToyWorldConfig) -> list[str]:
+    """Generic text plus the answer-forcing pattern after a computation (no task problems)."""
+    rng = random.Random(cfg.seed + 7)
+    lines = generic_text(cfg.seed + 1, cfg.n_generic)
+    forced = []
+    for _ in range(cfg.n_generic // 4):
+        a, b = rng.randint(0, 30), rng.randint(1, 9)
+        forced.append(f"{a} + {b} = {a + b} . So it is \\boxed{{{a + b}}}{ANSWER_FORCING}{a + b}}}")
+    return lines + forced
+
+
+def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = True) -> World:
+    """Return the cached world for ``cfg``, building it first if needed."""
+    from ..tokenizers import load_tokenizer
+
+    from ..data import write_jsonl
+    from ..generation import generate_traces
+    from ..settings import SamplingSettings
+    from .tokenizer import build_tokenizer
+
+    root = Path(cache_dir) / f"toyworld-{cfg.key()}"
+    if (root / "world.json").is_file():
+        return World.load(root)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with atomic_dir(root) as tmp:
+        splits = make_splits(cfg.seed, cfg.n_train_pool, cfg.n_test)
+        for name, rows in splits.items():
+            write_jsonl(tmp / "data" / f"{name}.jsonl", rows)
+        taken = {r["question"] for rows in splits.values() for r in rows}
+        rng = random.Random(cfg.seed + 100)
+        teacher_rows = []
+        while len(teacher_rows) < cfg.n_teacher_problems:
+            p = random_problem(rng)
+            if p.question not in taken:
+                taken.add(p.question)
+                teacher_rows.append({"question": p.question, "solution": solve(p, rng)})
+        generic = _generic_lines(cfg)
+        texts = generic + [r["question"] + " " + r["solution"] for r in teacher_rows]
+        texts += [r["question"] + " " + r["solution"] for rows in splits.values() for r in rows]
+        tok = build_tokenizer(texts, tmp / "tokenizer")
+        tok = load_tokenizer(tmp / "tokenizer")
+        pad = tok.pad_token_id
+        generic_ex = _generic_examples(tok, generic)
+        task_ex = [encode_example(tok, r["question"], r["solution"]) for r in teacher_rows]
+        metrics: dict = {}
+        models = {}
+        for role, spec, data, tspec, seed in [
+            ("teacher", cfg.teacher, task_ex + generic_ex, cfg.teacher_train, cfg.seed + 11),
+            ("proxy", cfg.proxy, generic_ex, cfg.pretrain, cfg.seed + 12),
+            ("student", cfg.student, generic_ex, cfg.pretrain, cfg.seed + 13),
+        ]:
+            model = build_model(spec, tok, seed)
+            losses = train_lm(model, data, tspec, pad, seed, f"train {role} ({spec.family})", progress)
+            model.save_pretrained(tmp / role)
+            tok.save_pretrained(tmp / role)  # one path serves model and tokenizer (load with load_tokenizer)
+            models[role] = model
+            metrics[f"{role}_params"] = sum(p.numel() for p in model.parameters())
+            metrics[f"{role}_final_train_loss"] = sum(losses[-20:]) / len(losses[-20:])
+        test = splits["test"]
+        greedy = SamplingSettings(method="greedy", max_new_tokens=64, batch_size=64)
+        rows = generate_traces(models["teacher"], tok, test, greedy, progress=progress, description="teacher on test")
+        metrics["teacher_test_accuracy"] = sum(r["correct"] for r in rows) / len(rows)
+        shots = [{"question": r["question"], "completion": r["solution"]} for r in splits["train"][:3]]
+        rows = generate_traces(models["student"], tok, test, greedy, few_shot=shots, progress=progress,
+                               description="base student on test (3-shot)")
+        metrics["student_base_fewshot_accuracy"] = sum(r["correct"] for r in rows) / len(rows)
+        (tmp / "world.json").write_text(
+            json.dumps({"config": asdict(cfg), "metrics": metrics, "provenance": provenance()}, indent=2)
+        )
+    return World.load(root)

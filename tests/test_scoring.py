@@ -1,0 +1,27 @@
+import pytest
+
+from antidistill.generation import answer_forcing_prefix
+from antidistill.scoring import forced_answer, is_correct, wilson_interval
+
+
+def test_forced_answer_stops_at_matching_brace():
+    assert forced_answer("42} and more") == "42"
+    assert forced_answer("\\frac{1}{2}}\n") == "\\frac{1}{2}"
+    assert forced_answer(" 7 ") == "7"  # ran out of tokens: take what is there
+
+
+@pytest.mark.parametrize("ans, gold, ok", [("42", "42", True), ("42.0", "42", True), ("\\frac{1}{2}", "0.5", True),
+                                           ("41", "42", False), ("", "42", False), ("}{", "42", False)])
+def test_math_verify(ans, gold, ok):
+    assert is_correct(ans, gold) is ok
+
+
+def test_answer_forcing_cuts_the_models_own_final_answer():
+    assert answer_forcing_prefix("2 + 3 = 5 .\n\n**Final Answer**\n\\boxed{5}") == "2 + 3 = 5 ."
+    assert answer_forcing_prefix("no header here") == "no header here"
+
+
+def test_wilson_interval_by_hand():
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    assert wilson_interval(0, 10)[0] == 0.0

@@ -1,0 +1,131 @@
+"""The experiment end to end on the quick toy world: results, report, plots, resumability, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from antidistill.config import load_config
+from antidistill.sweep import Run, SweepConfig
+
+QUICK = Path(__file__).resolve().parents[1] / "src" / "antidistill" / "configs" / "quick.yaml"
+
+
+def quick_cfg(tmp: Path, name="quick", **over) -> SweepConfig:
+    sets = [f"runs_dir={tmp / 'runs'}", f"cache_dir={tmp / 'cache'}", f"name={name}"]
+    sets += [f"{k}={v}" for k, v in over.items()]
+    return load_config(SweepConfig, QUICK, sets)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    cfg = quick_cfg(tmp)
+    t0 = time.time()
+    out = Run(cfg, progress=False).run()
+    return tmp, cfg, out, time.time() - t0
+
+
+def test_quick_demo_writes_everything(quick_run):
+    tmp, cfg, out, seconds = quick_run
+    df = pd.read_parquet(out / "results.parquet")
+    assert len(df) == len(cfg.points()) == 10
+    assert set(df.method) == {"temperature", "antidistill", "permutation"}
+    for col in ("teacher_acc", "student_acc", "student_test_nll", "teacher_ci_low", "config", "torch_version",
+                "transformers_version", "antidistill_version", "settings"):
+        assert col in df.columns
+    assert df.teacher_acc.between(0, 1).all() and df.student_acc.between(0, 1).all()
+    assert json.loads(df.config.iloc[0])["name"] == "quick"
+    for f in ("report.md", "tradeoff.png", "loss_dynamics.png", "fd_error.png", "proxy_grad.safetensors",
+              "config.yaml", "holdout_traces.jsonl"):
+        assert (out / f).is_file(), f
+    report = (out / "report.md").read_text()
+    for section in ("## Verdict", "## Matched teacher accuracy", "## Results", "## Finite-difference check", "## Settings"):
+        assert section in report
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*.tmp"))
+    # the loss-dynamics record: train loss and clean-holdout loss over steps
+    hist = json.loads((out / "points" / "antidistill_0.2_s0" / "history.json").read_text())
+    assert any("eval_loss" in h for h in hist) and any("loss" in h for h in hist)
+
+
+def test_second_run_does_nothing_twice(quick_run):
+    tmp, cfg, out, _ = quick_run
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "report.md"}
+    Run(cfg, progress=False).run()
+    for p, t in stamps.items():
+        if p.suffix not in (".png", ".parquet"):
+            assert p.stat().st_mtime_ns == t, f"{p} was rewritten"
+
+
+def test_sigkill_then_resume_gives_the_same_results(quick_run):
+    tmp, cfg, out, seconds = quick_run
+    name = "killed"
+    cmd = [sys.executable, "-m", "antidistill.cli", "sweep", "--config", str(QUICK), "--set", f"runs_dir={tmp / 'runs'}",
+           "--set", f"cache_dir={tmp / 'cache'}", "--set", f"name={name}"]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    run_dir = tmp / "runs" / name
+    for delay in (8.0, 15.0):  # the world is cached, so these land inside the sweep stages
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and ".tmp" not in p.name}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for p, t in before.items():
+        if p.exists() and p.suffix in (".jsonl", ".json", ".safetensors") and "points" in p.parts:
+            assert p.stat().st_mtime_ns == t, f"finished stage {p} was redone"
+    a = pd.read_parquet(out / "results.parquet").sort_values(["method", "param", "seed"]).reset_index(drop=True)
+    b = pd.read_parquet(run_dir / "results.parquet").sort_values(["method", "param", "seed"]).reset_index(drop=True)
+    cols = ["method", "param", "seed", "teacher_acc", "student_acc", "trace_acc"]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+    assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_config_mismatch_on_resume_is_an_error(quick_run):
+    tmp, cfg, out, _ = quick_run
+    other = quick_cfg(tmp, eps=0.5)
+    with pytest.raises(ValueError, match="holds a different config"):
+        Run(other, progress=False)
+
+
+@pytest.mark.parametrize(
+    "over, needle",
+    [
+        ({"dataset": "gsm9k"}, "dataset must be 'toy' or one of"),
+        ({"ad_lambdas": "[nan]"}, "lam=nan"),
+        ({"temperatures": "[0]"}, "tau=0.0"),
+        ({"seeds": "[]"}, "seeds must list"),
+        ({"difference": "sideways"}, "difference='sideways'"),
+    ],
+)
+def test_bad_config_is_rejected_before_anything_is_written(tmp_path, over, needle):
+    with pytest.raises(ValueError, match=needle):
+        quick_cfg(tmp_path, **over)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_method_and_missing_model_path(tmp_path):
+    cfg = quick_cfg(tmp_path)
+    with pytest.raises(ValueError, match="unknown method 'beam'"):
+        cfg.settings_for("beam", 1.0, 0)
+    bad = quick_cfg(tmp_path, name="bad", dataset="gsm8k", data_path=str(tmp_path), teacher="./no/such/model",
+                    proxy="./no/such/model", student="./no/such/model")
+    (tmp_path / "train.jsonl").write_text('{"question": "q", "answer": "a #### 3"}\n' * 10)
+    (tmp_path / "test.jsonl").write_text('{"question": "q", "answer": "a #### 3"}\n')
+    with pytest.raises(ValueError, match="teacher model path './no/such/model' does not exist"):
+        Run(bad, progress=False)
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_unknown_config_key(tmp_path):
+    with pytest.raises(ValueError, match="unknown config key 'lamdas'"):
+        quick_cfg(tmp_path, lamdas="[1]")
