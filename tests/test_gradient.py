@@ -115,13 +115,13 @@ def test_missing_file_is_a_clear_error(tok):
 
 
 def test_two_process_accelerate_equals_one_process(tok, traces, tmp_path):
-    """`accelerate launch --num_processes 2 --cpu` gives the single-process gradient."""
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo) gives the single-process gradient."""
     model = tiny("qwen2", tok, seed=5)
     model.save_pretrained(tmp_path / "proxy")
     tok.save_pretrained(tmp_path / "proxy")
     (tmp_path / "traces.jsonl").write_text("".join(json.dumps(t) + "\n" for t in traces))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "antidistill.cli", "gradient", "--proxy", str(tmp_path / "proxy"),
            "--traces", str(tmp_path / "traces.jsonl"), "--out", str(tmp_path / "g2.safetensors"), "--batch-size", "2"]
@@ -133,3 +133,4 @@ def test_two_process_accelerate_equals_one_process(tok, traces, tmp_path):
         torch.testing.assert_close(two[k], one.grad[k], atol=1e-7, rtol=1e-5)
     meta = read_gradient_metadata(tmp_path / "g2.safetensors")
     assert meta["n_traces"] == str(len(traces)) and meta["n_tokens"] == str(one.n_tokens)
+    assert meta["n_processes"] == "2"  # the work really was split across two processes

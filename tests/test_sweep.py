@@ -101,7 +101,7 @@ def test_config_mismatch_on_resume_is_an_error(quick_run):
     "over, needle",
     [
         ({"dataset": "gsm9k"}, "dataset must be 'toy' or one of"),
-        ({"ad_lambdas": "[nan]"}, "lam=nan"),
+        ({"ad_lambdas": "[.nan]"}, "lam=nan"),
         ({"temperatures": "[0]"}, "tau=0.0"),
         ({"seeds": "[]"}, "seeds must list"),
         ({"difference": "sideways"}, "difference='sideways'"),

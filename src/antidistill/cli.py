@@ -9,6 +9,13 @@ import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Antidistillation sampling: sample, check, experiment, serve.")
 
+
+@app.callback()
+def _setup() -> None:
+    from .progress import quiet_libraries
+
+    quiet_libraries()
+
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"
 
 
@@ -76,8 +83,13 @@ def generate(
         rows = generate_traces(model, tok, rows_in, s, processor=proc)
     except ValueError as e:
         _fail(e)
+    from .io_utils import distributed_state
+
+    state = distributed_state()
+    if not state.is_main_process:
+        return
     meta = {"settings": asdict(s), "teacher": teacher, "proxy": proxy, "grad": str(grad) if grad else None,
-            **provenance()}
+            "n_processes": state.num_processes, **provenance()}
     write_jsonl(out, [r | {"meta": meta} for r in rows])
     acc = sum(r["correct"] for r in rows) / len(rows)
     typer.echo(json.dumps({"out": str(out), "n": len(rows), "accuracy": acc}))
@@ -91,7 +103,7 @@ def gradient(
     batch_size: int = typer.Option(8),
 ):
     """Compute the proxy gradient g once (eq. 7) and save it as safetensors. Works under `accelerate launch`."""
-    from accelerate import PartialState
+    from .io_utils import distributed_state
     from .tokenizers import load_tokenizer
 
     from .data import read_jsonl
@@ -107,9 +119,54 @@ def gradient(
                                         batch_size=batch_size)
     except ValueError as e:
         _fail(e)
-    if PartialState().is_main_process:
+    if distributed_state().is_main_process:
         save_gradient(out, result)
         typer.echo(f"saved {out}: loss {result.loss:.4f} over {result.n_tokens} tokens of {result.n_traces} traces")
+
+
+@app.command("distill")
+def distill_cmd(
+    student: str = typer.Option(..., help="student model path"),
+    traces: Path = typer.Option(..., help="JSONL of {question, completion} teacher traces"),
+    out: Path = typer.Option(..., help="output model folder"),
+    eval_traces: Optional[Path] = typer.Option(None, help="clean holdout traces for the loss-dynamics record"),
+    config: Optional[Path] = typer.Option(None, help="DistillConfig YAML"),
+    seed: int = typer.Option(0),
+    set_: list[str] = typer.Option([], "--set", help="override: key=value"),
+):
+    """Distil a student on teacher traces (TRL SFTTrainer, LoRA by default). Works under `accelerate launch`."""
+    import json
+
+    from .io_utils import distributed_state
+
+    from .config import load_config
+    from .data import read_jsonl
+    from .distill import DistillConfig, distill
+    from .tokenizers import load_tokenizer
+    from .io_utils import atomic_dir, write_json_atomic
+    from .proxy import load_causal_lm
+
+    try:
+        cfg = load_config(DistillConfig, config, list(set_))
+        rows = read_jsonl(traces)
+        for i, r in enumerate(rows, 1):
+            if "question" not in r or "completion" not in r:
+                raise ValueError(f"{traces}: row {i} needs 'question' and 'completion'")
+        evals = read_jsonl(eval_traces) if eval_traces else None
+        tok = load_tokenizer(student)
+        model, history = distill(load_causal_lm(student), tok, rows, cfg, output_dir=out.parent / f".{out.name}.trainer",
+                                 eval_traces=evals, seed=seed)
+    except ValueError as e:
+        _fail(e)
+    if distributed_state().is_main_process:
+        import shutil
+
+        shutil.rmtree(out.parent / f".{out.name}.trainer", ignore_errors=True)
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        write_json_atomic(out / "history.json", history)
+        typer.echo(json.dumps({"out": str(out), "steps": max((h["step"] for h in history), default=0)}))
 
 
 @app.command("check-fd")

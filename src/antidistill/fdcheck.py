@@ -117,28 +117,21 @@ def fd_check(
 
 def plot_fd_check(result: FDCheckResult, path) -> None:
     """Fig. 7: sine error against ε, one line per dtype and difference (PNG, written atomically)."""
-    import matplotlib
+    from .plotting import png_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .io_utils import atomic_path
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    keys = sorted({(r["dtype"], r["difference"]) for r in result.rows if r["difference"] != "jvp"})
-    for dtype, diff in keys:
-        rows = sorted((r for r in result.rows if r["dtype"] == dtype and r["difference"] == diff), key=lambda r: r["eps"])
-        ax.plot([r["eps"] for r in rows], [max(r["mean_sine_error"], 1e-12) for r in rows], marker="o", label=f"{diff}, {dtype}")
-    for r in result.rows:
-        if r["difference"] == "jvp":
-            ax.axhline(max(r["mean_sine_error"], 1e-12), ls="--", color="k", lw=1, label=f"JVP, {r['dtype']}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("ε")
-    ax.set_ylabel("sine error vs autograd")
-    ax.set_title("Finite-difference error of Δ̂ (cf. paper Fig. 7)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    with png_figure(path) as (_fig, ax):
+        keys = sorted({(r["dtype"], r["difference"]) for r in result.rows if r["difference"] != "jvp"})
+        for dtype, diff in keys:
+            rows = sorted((r for r in result.rows if r["dtype"] == dtype and r["difference"] == diff),
+                          key=lambda r: r["eps"])
+            ax.plot([r["eps"] for r in rows], [max(r["mean_sine_error"], 1e-12) for r in rows], marker="o",
+                    label=f"{diff}, {dtype}")
+        for r in result.rows:
+            if r["difference"] == "jvp":
+                ax.axhline(max(r["mean_sine_error"], 1e-12), ls="--", color="k", lw=1, label=f"JVP, {r['dtype']}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("ε")
+        ax.set_ylabel("sine error vs autograd")
+        ax.set_title("Finite-difference error of Δ̂ (cf. paper Fig. 7)")
+        ax.legend(fontsize=8)

@@ -57,6 +57,7 @@ def generate_traces(
     few_shot: list[dict] | None = None,
     progress: bool = True,
     description: str = "generate",
+    _sharded: bool = False,
 ) -> list[dict]:
     """Sample a trace for each problem, force an answer, and score it.
 
@@ -64,10 +65,31 @@ def generate_traces(
     ``id, question, answer, completion, forced_answer, correct``.
 
     Batches are left-padded; batch ``i`` is sampled after ``torch.manual_seed(settings.seed + i)``,
-    so a run is reproducible for a given batch size. Answer forcing appends
+    so a run is reproducible for a given batch size and process count.
+
+    Under ``accelerate launch`` with N processes each process takes a contiguous shard of the
+    problems and the rows are gathered back in order on every process (greedy output is identical
+    to one process; sampled output is reproducible for a fixed N). Answer forcing appends
     ``\\n\\n**Final Answer**\\n\\boxed{`` to the trace and continues *greedily* (no processor) for
     ``settings.answer_tokens`` tokens (see :func:`answer_forcing_prefix`).
     """
+    from .io_utils import distributed_state
+
+    state = distributed_state()
+    if _sharded:
+        return _generate_rows(model, tokenizer, problems, settings, processor, few_shot, progress, description)
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        with state.split_between_processes(list(problems)) as shard:
+            local = generate_traces(model, tokenizer, shard, settings, processor=processor, few_shot=few_shot,
+                                    progress=progress and state.is_main_process, description=description,
+                                    _sharded=True)
+        return gather_object(local)
+    return _generate_rows(model, tokenizer, problems, settings, processor, few_shot, progress, description)
+
+
+def _generate_rows(model, tokenizer, problems, settings, processor, few_shot, progress, description) -> list[dict]:
     tokenizer.padding_side = "left"
     model.eval()
     gen_kwargs = settings.generate_kwargs()

@@ -33,6 +33,7 @@ class ProxyGradient:
     n_traces: int
     n_tokens: int
     proxy_name: str = ""
+    n_processes: int = 1
     metadata: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -76,9 +77,9 @@ def compute_proxy_gradient(
     Returns:
         :class:`ProxyGradient` with float32 tensors keyed by parameter name.
     """
-    from accelerate import PartialState
+    from .io_utils import distributed_state
 
-    state = PartialState()
+    state = distributed_state()
     if len(traces) == 0:
         raise ValueError("traces is empty: the proxy gradient needs at least one teacher trace")
     shard = list(traces)[state.process_index :: state.num_processes]
@@ -120,6 +121,7 @@ def compute_proxy_gradient(
         n_traces=len(traces),
         n_tokens=int(n_tokens.item()),
         proxy_name=str(getattr(proxy.config, "_name_or_path", "") or type(proxy).__name__),
+        n_processes=state.num_processes,
     )
 
 
@@ -141,6 +143,7 @@ def save_gradient(path: str | Path, result: ProxyGradient, extra: Mapping[str, s
         "n_traces": str(result.n_traces),
         "n_tokens": str(result.n_tokens),
         "loss": repr(result.loss),
+        "n_processes": str(result.n_processes),
         **{k: str(v) for k, v in provenance().items()},
         **{k: str(v) for k, v in (extra or {}).items()},
     }

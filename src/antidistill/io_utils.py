@@ -83,3 +83,15 @@ def provenance() -> dict[str, str]:
         except ImportError:  # pragma: no cover
             pass
     return out
+
+
+def distributed_state():
+    """accelerate's ``PartialState``, on the CPU (gloo) when there is no GPU.
+
+    A bare ``PartialState()`` on a machine without CUDA ignores the process group that
+    ``accelerate launch`` set up and reports one process; ``cpu=True`` makes it join the group.
+    """
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())

@@ -23,3 +23,22 @@ def track(items: Iterable[T], description: str, *, enabled: bool = True, total: 
     )
     with Progress(*columns, transient=False) as progress:
         yield from progress.track(items, description=description, total=total)
+
+
+def quiet_libraries() -> None:
+    """Silence per-call progress bars and info logs of transformers, datasets and math-verify.
+
+    Our own rich progress bars say what is happening; the libraries' would repeat it per model load
+    and per distillation.
+    """
+    import logging
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("math_verify", "latex2sympy2_extended", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)

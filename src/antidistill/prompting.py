@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-DEFAULT_SYSTEM_PROMPT = "Solve the problem step by step. Put the final answer in \\boxed{}."
+DEFAULT_SYSTEM_PROMPT = "Think step by step."
 ANSWER_FORCING = "\n\n**Final Answer**\n\\boxed{"
 
 

@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 
-from .io_utils import atomic_path, write_text_atomic
+from .io_utils import write_text_atomic
 
 N_BOOT = 300
 LOWESS_FRAC = 0.8
@@ -19,7 +19,7 @@ COLORS = {"temperature": "tab:blue", "antidistill": "tab:red", "permutation": "t
 
 
 def bootstrap_lowess(x: np.ndarray, y: np.ndarray, grid: np.ndarray, *, n_boot: int = N_BOOT, seed: int = 0,
-                     frac: float = LOWESS_FRAC) -> np.ndarray:
+                     frac: float = LOWESS_FRAC, clip: tuple[float, float] | None = (0.0, 1.0)) -> np.ndarray:
     """``(n_boot, len(grid))`` LOWESS fits of y on x over bootstrap resamples (NaN outside each draw's x-range)."""
     from statsmodels.nonparametric.smoothers_lowess import lowess
 
@@ -33,21 +33,25 @@ def bootstrap_lowess(x: np.ndarray, y: np.ndarray, grid: np.ndarray, *, n_boot: 
             continue
         fit = lowess(yb, xb, frac=frac, it=0, xvals=grid)
         fit[(grid < xb.min()) | (grid > xb.max())] = np.nan
-        out[b] = np.clip(fit, 0.0, 1.0)
+        out[b] = np.clip(fit, *clip) if clip else fit
     return out
 
 
-def _curves(df, methods, grid):
+def _curves(df, methods, grid, y: str = "student_acc"):
     curves = {}
+    clip = (0.0, 1.0) if y == "student_acc" else None
     for i, m in enumerate(methods):
         sub = df[df.method == m]
         if len(sub) >= 3 and sub.teacher_acc.nunique() >= 3:
-            curves[m] = bootstrap_lowess(sub.teacher_acc.to_numpy(float), sub.student_acc.to_numpy(float), grid, seed=i)
+            curves[m] = bootstrap_lowess(sub.teacher_acc.to_numpy(float), sub[y].to_numpy(float), grid, seed=i, clip=clip)
     return curves
 
 
-def matched_table(df, levels: np.ndarray | None = None) -> list[dict]:
-    """Student accuracy per method at matched teacher accuracy, AD − temperature with a 95% CI."""
+def matched_table(df, levels: np.ndarray | None = None, y: str = "student_acc") -> list[dict]:
+    """``y`` per method at matched teacher accuracy, antidistillation − temperature with a 95% CI.
+
+    The levels span the teacher accuracies both curves cover (no extrapolation past either).
+    """
     ad, temp = df[df.method == "antidistill"], df[df.method == "temperature"]
     if ad.empty or temp.empty:
         return []
@@ -55,7 +59,7 @@ def matched_table(df, levels: np.ndarray | None = None) -> list[dict]:
     hi = min(ad.teacher_acc.max(), temp.teacher_acc.max())
     if levels is None:
         levels = np.linspace(lo, hi, 5) if hi > lo else np.array([lo])
-    curves = _curves(df, ["antidistill", "temperature", "permutation"], levels)
+    curves = _curves(df, ["antidistill", "temperature", "permutation"], levels, y)
     rows = []
     for j, level in enumerate(levels):
         row = {"teacher_acc": float(level)}
@@ -72,8 +76,13 @@ def matched_table(df, levels: np.ndarray | None = None) -> list[dict]:
     return rows
 
 
-def verdict(table: list[dict]) -> str:
-    """Plain language, from the CIs alone."""
+def verdict(table: list[dict], max_student_acc: float | None = None) -> str:
+    """Plain language, from the CIs alone.
+
+    The claim "holds" only if the antidistillation student is significantly worse at a majority of
+    the matched levels and better at none; a minority of significant levels is reported as weak
+    evidence. Students near the floor are flagged: there is little room to show an effect.
+    """
     rows = [r for r in table if "diff" in r]
     if not rows:
         return ("Not enough overlap between the antidistillation and temperature curves to compare students at "
@@ -81,12 +90,24 @@ def verdict(table: list[dict]) -> str:
     worse = [r for r in rows if r["diff_ci_high"] < 0]
     better = [r for r in rows if r["diff_ci_low"] > 0]
     span = f"teacher accuracy {rows[0]['teacher_acc']:.2f}–{rows[-1]['teacher_acc']:.2f}"
+    floor = ""
+    if max_student_acc is not None and max_student_acc < 0.25:
+        floor = (f" Caveat: every distilled student scores at most {100 * max_student_acc:.0f}% on test, near the "
+                 "floor, so accuracy has little room to show a difference.")
+    if worse and not better and 2 * len(worse) <= len(rows):
+        best = min(worse, key=lambda r: r["diff"])
+        return (f"**Weak evidence at best.** The antidistillation student is significantly worse at only "
+                f"{len(worse)} of {len(rows)} matched levels ({span}); the largest gap is "
+                f"{100 * best['diff']:.1f} points at teacher accuracy {best['teacher_acc']:.2f} "
+                f"(95% CI {100 * best['diff_ci_low']:.1f} to {100 * best['diff_ci_high']:.1f}). Elsewhere the CIs "
+                "include zero. This is not the paper's clear effect." + floor)
     if worse and not better:
         best = min(worse, key=lambda r: r["diff"])
         return (f"**The claim holds here.** At matched teacher accuracy, students distilled from antidistillation "
                 f"traces are worse than students of temperature traces at {len(worse)} of {len(rows)} levels "
                 f"({span}); the largest gap is {100 * best['diff']:.1f} points at teacher accuracy "
-                f"{best['teacher_acc']:.2f} (95% CI {100 * best['diff_ci_low']:.1f} to {100 * best['diff_ci_high']:.1f}).")
+                f"{best['teacher_acc']:.2f} (95% CI {100 * best['diff_ci_low']:.1f} to {100 * best['diff_ci_high']:.1f})."
+                + floor)
     if better and not worse:
         return (f"**The claim does not hold here.** At {len(better)} of {len(rows)} matched levels ({span}) students of "
                 "antidistillation traces are *better* than students of temperature traces (95% CIs above zero).")
@@ -96,63 +117,61 @@ def verdict(table: list[dict]) -> str:
     mean = np.mean([r["diff"] for r in rows])
     return (f"**Not shown.** At every matched level ({span}) the 95% CI of the student-accuracy difference "
             f"(antidistillation − temperature) includes zero; the mean difference is {100 * mean:.1f} points. "
-            "More seeds or test problems would be needed to resolve it.")
+            "More seeds or test problems would be needed to resolve it." + floor)
+
+
+def _nll_sentence(nll_table: list[dict]) -> str:
+    rows = [r for r in nll_table if "diff" in r]
+    if not rows:
+        return ""
+    up = [r for r in rows if r["diff_ci_low"] > 0]
+    down = [r for r in rows if r["diff_ci_high"] < 0]
+    mean = np.mean([r["diff"] for r in rows])
+    return (f"Student loss on ground-truth test solutions: antidistillation minus temperature is {mean:+.3f} nats per "
+            f"token on average over the matched levels; significantly higher at {len(up)} and lower at {len(down)} "
+            f"of {len(rows)} levels (95% bootstrap CIs).")
 
 
 def plot_tradeoff(df, path) -> None:
-    import matplotlib
+    from .plotting import png_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
     grid = np.linspace(df.teacher_acc.min(), df.teacher_acc.max(), 60)
     curves = _curves(df, ["temperature", "antidistill", "permutation"], grid)
-    for m, sub in df.groupby("method"):
-        ax.scatter(sub.teacher_acc, sub.student_acc, s=18, alpha=0.6, color=COLORS.get(m), label=f"{m} (runs)")
-    for m, c in curves.items():
-        ok = np.isfinite(c).sum(0) >= max(10, c.shape[0] // 4)
-        mean = np.where(ok, np.nanmean(np.where(np.isfinite(c), c, np.nan), 0), np.nan)
-        lo, hi = (np.where(ok, np.nanpercentile(c, q, 0), np.nan) for q in (2.5, 97.5))
-        ax.plot(grid, mean, color=COLORS[m], lw=2, label=f"{m} (LOWESS mean)")
-        ax.fill_between(grid, lo, hi, color=COLORS[m], alpha=0.15)
-    ax.set_xlabel("teacher accuracy (test)")
-    ax.set_ylabel("student accuracy (test)")
-    ax.set_title("Teacher vs distilled-student accuracy")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    with png_figure(path, figsize=(6, 4.5)) as (_fig, ax):
+        for m, sub in df.groupby("method"):
+            ax.scatter(sub.teacher_acc, sub.student_acc, s=18, alpha=0.6, color=COLORS.get(m), label=f"{m} (runs)")
+        for m, c in curves.items():
+            ok = np.isfinite(c).sum(0) >= max(10, c.shape[0] // 4)
+            mean = np.where(ok, np.nanmean(np.where(np.isfinite(c), c, np.nan), 0), np.nan)
+            lo, hi = (np.where(ok, np.nanpercentile(c, q, 0), np.nan) for q in (2.5, 97.5))
+            ax.plot(grid, mean, color=COLORS[m], lw=2, label=f"{m} (LOWESS mean)")
+            ax.fill_between(grid, lo, hi, color=COLORS[m], alpha=0.15)
+        ax.set_xlabel("teacher accuracy (test)")
+        ax.set_ylabel("student accuracy (test)")
+        ax.set_title("Teacher vs distilled-student accuracy")
+        ax.legend(fontsize=7)
 
 
 def plot_loss_dynamics(histories: dict[str, list[list[dict]]], path) -> None:
     """Mean student train loss and clean-holdout loss over steps, per method (paper Fig. 5)."""
-    import matplotlib
+    from .plotting import png_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharex=True)
-    for m, hs in histories.items():
-        for ax, key in zip(axes, ("loss", "eval_loss")):
-            by_step: dict[int, list[float]] = {}
-            for h in hs:
-                for e in h:
-                    if key in e:
-                        by_step.setdefault(e["step"], []).append(e[key])
-            if by_step:
-                steps = sorted(by_step)
-                ax.plot(steps, [np.mean(by_step[s]) for s in steps], color=COLORS.get(m), label=m)
-    axes[0].set_title("student train loss")
-    axes[1].set_title("student loss on clean holdout traces")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    with png_figure(path, ncols=2, figsize=(9, 3.8)) as (_fig, axes):
+        for m, hs in histories.items():
+            for ax, key in zip(axes, ("loss", "eval_loss")):
+                by_step: dict[int, list[float]] = {}
+                for h in hs:
+                    for e in h:
+                        if key in e:
+                            by_step.setdefault(e["step"], []).append(e[key])
+                if by_step:
+                    steps = sorted(by_step)
+                    ax.plot(steps, [np.mean(by_step[s]) for s in steps], color=COLORS.get(m), label=m)
+        axes[0].set_title("student train loss")
+        axes[1].set_title("student loss on clean holdout traces")
+        for ax in axes:
+            ax.set_xlabel("step")
+            ax.legend(fontsize=7)
 
 
 def _fmt(v, pct=True):
@@ -176,12 +195,14 @@ def write_report(run, df) -> None:
     plot_loss_dynamics(histories, d / "loss_dynamics.png")
     fd_section = _fd_section(run)
     table = matched_table(df)
+    nll_table = matched_table(df, y="student_test_nll")
     summary = (df.groupby(["method", "param"])
                  .agg(teacher_acc=("teacher_acc", "mean"), teacher_sd=("teacher_acc", "std"),
                       student_acc=("student_acc", "mean"), student_sd=("student_acc", "std"),
                       student_nll=("student_test_nll", "mean"), seeds=("seed", "count"))
                  .reset_index())
-    lines = [f"# antidistill report: `{run.cfg.name}`", "", "## Verdict", "", verdict(table), ""]
+    lines = [f"# antidistill report: `{run.cfg.name}`", "", "## Verdict", "",
+             verdict(table, float(df.student_acc.max())), "", _nll_sentence(nll_table), ""]
     if run.world_metrics:
         wm = run.world_metrics
         lines += ["## Toy world", "",
@@ -198,6 +219,13 @@ def write_report(run, df) -> None:
         ci = f"[{_fmt(r.get('diff_ci_low'))}, {_fmt(r.get('diff_ci_high'))}]" if "diff" in r else "–"
         lines.append(f"| {_fmt(r['teacher_acc'])} | {_fmt(r['antidistill'])} | {_fmt(r['temperature'])} | "
                      f"{_fmt(r['permutation'])} | {_fmt(r.get('diff'))} | {ci} |")
+    lines += ["", "Student NLL per token on the *ground-truth* test solutions at matched teacher accuracy "
+              "(higher = the student learned the task worse; diff = antidistillation − temperature):", "",
+              "| teacher acc | antidistill | temperature | permutation | diff | 95% CI |", "|---|---|---|---|---|---|"]
+    for r in nll_table:
+        ci = f"[{_fmt(r.get('diff_ci_low'), False)}, {_fmt(r.get('diff_ci_high'), False)}]" if "diff" in r else "–"
+        lines.append(f"| {_fmt(r['teacher_acc'])} | {_fmt(r['antidistill'], False)} | {_fmt(r['temperature'], False)} | "
+                     f"{_fmt(r['permutation'], False)} | {_fmt(r.get('diff'), False)} | {ci} |")
     lines += ["", "## Results (mean over seeds)", "",
               "| method | param | teacher acc % (sd) | student acc % (sd) | student NLL on test solutions | seeds |",
               "|---|---|---|---|---|---|"]
@@ -223,7 +251,7 @@ def _fd_section(run) -> list[str]:
     if not path.is_file():
         tok = run.tok["proxy"]
         rows = run.holdout_traces()[:2]
-        ids = [tok(prompt_text(tok, r["question"]) + r["completion"], add_special_tokens=False)["input_ids"][-24:]
+        ids = [tok(prompt_text(tok, r["question"]) + r["completion"], add_special_tokens=False)["input_ids"][-8:]
                for r in rows]
         width = min(map(len, ids))
         batch = torch.tensor([x[-width:] for x in ids])

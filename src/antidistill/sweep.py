@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,8 +40,8 @@ class SweepConfig:
     limit_test: int | None = None
     # the sweep
     temperatures: list[float] = field(default_factory=lambda: [0.7, 1.0, 1.3, 1.6])
-    ad_lambdas: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2])
-    perm_lambdas: list[float] = field(default_factory=lambda: [0.05, 0.2])
+    ad_lambdas: list[float] = field(default_factory=lambda: [0.004, 0.007, 0.01, 0.013])
+    perm_lambdas: list[float] = field(default_factory=lambda: [0.007, 0.013])
     include_greedy: bool = True
     ad_tau: float = 0.9
     eps: float = 1e-2
@@ -109,6 +110,7 @@ class Run:
         self._check_config(write=False)
         self._load_world()  # every model and split loads and validates before anything is written
         self._check_config(write=True)
+        self._remove_stale_temporaries()
 
     # --- setup ---------------------------------------------------------------------------
     def _check_config(self, write: bool) -> None:
@@ -120,6 +122,17 @@ class Run:
             )
         if write and not path.is_file():
             write_text_atomic(path, text)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete ``.*.tmp`` files and folders a killed run left behind (never read: the rename never happened).
+
+        A run directory has one writer; do not run the same sweep twice at once.
+        """
+        for p in sorted(self.dir.rglob(".*.tmp"), key=lambda q: len(q.parts), reverse=True):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink()
 
     def _load_world(self) -> None:
         from .tokenizers import load_tokenizer
@@ -262,7 +275,14 @@ class Run:
         from .report import write_report
 
         self.gradient_path()
-        rows = [self.point(m, p, s) for m, p, s in self.cfg.points()]
+        rows = []
+        points = self.cfg.points()
+        for i, (m, p, s) in enumerate(points, 1):
+            t0 = time.perf_counter()
+            rows.append(self.point(m, p, s))
+            if self.progress:
+                print(f"[{i}/{len(points)}] {point_name(m, p, s)}: teacher {rows[-1]['teacher_acc']:.2f}, "
+                      f"student {rows[-1]['student_acc']:.2f} ({time.perf_counter() - t0:.1f} s)", flush=True)
         table = self.write_results(rows)
         write_report(self, table)
         return self.dir

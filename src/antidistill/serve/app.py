@@ -23,7 +23,6 @@ import time
 import uuid
 from typing import Any
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -317,7 +316,6 @@ def build_server(cfg: ServeConfig, *, progress: bool = True):
     if cfg.lam != 0:
         s = SamplingSettings(method="antidistill", lam=cfg.lam, eps=cfg.eps, tau=cfg.tau, difference=cfg.difference)
         proc = build_processor(s, load_causal_lm(proxy_path), grad_path, tok, load_tokenizer(proxy_path))
-    torch.set_grad_enabled(False)
     engine = BatchEngine(teacher, tok, proc, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                          batch_wait_s=cfg.batch_wait_ms / 1000)
     engine.start()

@@ -19,7 +19,7 @@ from ..io_utils import atomic_dir, provenance
 from ..prompting import ANSWER_FORCING, encode_example, pad_right
 from ..progress import track
 from .models import ModelSpec, build_model
-from .task import generic_text, make_splits, random_problem, solve
+from .task import arithmetic_chains, generic_text, make_splits, random_problem, solve, story_text
 
 
 @dataclass
@@ -37,11 +37,12 @@ class ToyWorldConfig:
     n_test: int = 300
     n_teacher_problems: int = 20000  # the teacher's own training problems, disjoint from every split
     n_generic: int = 6000  # generic toy-language lines for pretraining
+    n_stories: int = 6000  # problems told as prose with their computation (pretraining), disjoint from every split
     teacher: ModelSpec = field(default_factory=lambda: ModelSpec("llama", 128, 3, 4, 256))
     proxy: ModelSpec = field(default_factory=lambda: ModelSpec("qwen2", 64, 2, 4, 128))
-    student: ModelSpec = field(default_factory=lambda: ModelSpec("gpt2", 96, 3, 4, 192))
+    student: ModelSpec = field(default_factory=lambda: ModelSpec("gpt2", 128, 3, 4, 256))
     teacher_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=2400, lr=3e-3, warmup=60))
-    pretrain: TrainSpec = field(default_factory=lambda: TrainSpec(steps=300))
+    pretrain: TrainSpec = field(default_factory=lambda: TrainSpec(steps=1500, lr=3e-3))
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -112,10 +113,14 @@ def _generic_examples(tokenizer, lines: list[str], pack_to: int = 64) -> list[di
     return out
 
 
-def _generic_lines(cfg: ToyWorldConfig) -> list[str]:
-    """Generic text plus the answer-forcing pattern after a computation (no task problems)."""
+def _generic_lines(cfg: ToyWorldConfig, stories: list[str] | None = None) -> list[str]:
+    """Generic pretraining text: statements, facts, chains, stories, and the answer-forcing pattern.
+
+    None of it is in the task's chat format or shares a problem with any split.
+    """
     rng = random.Random(cfg.seed + 7)
-    lines = generic_text(cfg.seed + 1, cfg.n_generic)
+    lines = generic_text(cfg.seed + 1, cfg.n_generic) + arithmetic_chains(cfg.seed + 2, cfg.n_generic // 2)
+    lines += stories or []
     forced = []
     for _ in range(cfg.n_generic // 4):
         a, b = rng.randint(0, 30), rng.randint(1, 9)
@@ -148,7 +153,14 @@ def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = 
             if p.question not in taken:
                 taken.add(p.question)
                 teacher_rows.append({"question": p.question, "solution": solve(p, rng)})
-        generic = _generic_lines(cfg)
+        stories = []
+        while len(stories) < cfg.n_stories:
+            p = random_problem(rng)
+            if p.question not in taken:
+                taken.add(p.question)
+                stories.append(story_text(p))
+        generic = _generic_lines(cfg, stories)
+        random.Random(cfg.seed + 8).shuffle(generic)
         texts = generic + [r["question"] + " " + r["solution"] for r in teacher_rows]
         texts += [r["question"] + " " + r["solution"] for rows in splits.values() for r in rows]
         tok = build_tokenizer(texts, tmp / "tokenizer")

@@ -148,3 +148,36 @@ def generic_text(seed: int, n: int) -> list[str]:
             other = rng.choice(NAMES)
             out.append(f"{name} {rng.choice(LOSS_VERBS)} {b} {item} . {other} has {a} {rng.choice(ITEMS)} .")
     return out
+
+
+def arithmetic_chains(seed: int, n: int) -> list[str]:
+    """Multi-step arithmetic in prose ("5 + 3 = 8 . Then 8 - 2 = 6 . So it is 6 .")."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        v, parts = rng.randint(2, 20), []
+        for _ in range(rng.choice([2, 3])):
+            b = rng.randint(1, 9)
+            if rng.random() < 0.5 or v < b:
+                parts.append(f"{v} + {b} = {v + b} .")
+                v += b
+            else:
+                parts.append(f"{v} - {b} = {v - b} .")
+                v -= b
+        out.append(" ".join(f"{CONNECTIVES[i - 1]} {p}" if i else p for i, p in enumerate(parts)) + f" So it is {v} .")
+    return out
+
+
+def story_text(problem: Problem) -> str:
+    """A problem told as plain prose with its sequential computation.
+
+    Generic pretraining text, not a task solution: no chat turns, no connectives, one path only
+    and no final-answer block. Real base models see word problems like this in pretraining; it
+    gives the proxy and the student the paper's "nearby starting point".
+    """
+    v, comp = problem.start, []
+    for sign, n, _ in problem.events:
+        nv = v + n if sign == "+" else v - n
+        comp.append(f"{v} {sign} {n} = {nv} .")
+        v = nv
+    return f"{problem.question} {' '.join(comp)} {problem.name} has {v} {problem.item} ."
