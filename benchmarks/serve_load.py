@@ -43,7 +43,7 @@ def main():
     ap.add_argument("--levels", nargs="+", type=int, default=[1, 8, 16, 32])
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--lam", type=float, default=0.1)
+    ap.add_argument("--lam", type=float, default=0.007)
     args = ap.parse_args()
     for lam in (0.0, args.lam):
         cfg = ServeConfig(lam=lam, max_batch=32, max_queue=256, max_tokens=args.max_tokens)
