@@ -2,7 +2,7 @@
 
 Nothing here touches a model: the logits processors, the server and the finite-difference
 check call these, and tests can check them against hand-computed values. Equation numbers
-refer to Savani et al., "Antidistillation Sampling" (see ``docs/equations.md``).
+refer to Savani et al., "Antidistillation Sampling" (see ``docs/design.md``).
 
 Shapes: ``B`` is the batch, ``V`` the vocabulary.
 """

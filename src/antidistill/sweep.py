@@ -51,6 +51,7 @@ class SweepConfig:
     gen_batch_size: int = 64
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     distill: DistillConfig = field(default_factory=DistillConfig)
+    n_eval_traces: int = 100  # clean holdout traces for the student's loss-dynamics record (Fig. 5)
 
     def __post_init__(self):
         if not self.name or "/" in self.name:
@@ -244,7 +245,8 @@ class Run:
 
         torch.manual_seed(seed)
         base = load_causal_lm(self.paths["student"])
-        holdout = [{"question": r["question"], "completion": r["completion"]} for r in self.holdout_traces()]
+        holdout = [{"question": r["question"], "completion": r["completion"]}
+                   for r in self.holdout_traces()[: self.cfg.n_eval_traces]]
         with atomic_dir(student_dir) as tmp:
             model, history = distill(base, self.tok["student"], traces, self.cfg.distill, output_dir=tmp / "_trainer",
                                      eval_traces=holdout, seed=seed, progress=False)
