@@ -180,6 +180,16 @@ def _fmt(v, pct=True):
     return f"{100 * v:.1f}" if pct else f"{v:.3f}"
 
 
+def _matched_lines(table: list[dict], pct: bool) -> list[str]:
+    """A matched-teacher-accuracy table as markdown (``pct``: values are accuracies shown in %)."""
+    out = ["| teacher acc | antidistill | temperature | permutation | diff | 95% CI |", "|---|---|---|---|---|---|"]
+    for r in table:
+        ci = f"[{_fmt(r.get('diff_ci_low'), pct)}, {_fmt(r.get('diff_ci_high'), pct)}]" if "diff" in r else "–"
+        out.append(f"| {_fmt(r['teacher_acc'])} | {_fmt(r['antidistill'], pct)} | {_fmt(r['temperature'], pct)} | "
+                   f"{_fmt(r['permutation'], pct)} | {_fmt(r.get('diff'), pct)} | {ci} |")
+    return out
+
+
 def write_report(run, df) -> None:
     """Plots and ``report.md`` in the run directory."""
     from .config import dump_yaml
@@ -213,19 +223,11 @@ def write_report(run, df) -> None:
                   f"3-shot test accuracy before distillation {_fmt(wm.get('student_base_fewshot_accuracy'))}%", ""]
     lines += ["## Matched teacher accuracy", "",
               "Student accuracy (%) from the bootstrapped LOWESS fits at the same teacher accuracy; "
-              "diff = antidistillation − temperature, 95% bootstrap CI.", "",
-              "| teacher acc | antidistill | temperature | permutation | diff | 95% CI |", "|---|---|---|---|---|---|"]
-    for r in table:
-        ci = f"[{_fmt(r.get('diff_ci_low'))}, {_fmt(r.get('diff_ci_high'))}]" if "diff" in r else "–"
-        lines.append(f"| {_fmt(r['teacher_acc'])} | {_fmt(r['antidistill'])} | {_fmt(r['temperature'])} | "
-                     f"{_fmt(r['permutation'])} | {_fmt(r.get('diff'))} | {ci} |")
+              "diff = antidistillation − temperature, 95% bootstrap CI.", ""]
+    lines += _matched_lines(table, pct=True)
     lines += ["", "Student NLL per token on the *ground-truth* test solutions at matched teacher accuracy "
-              "(higher = the student learned the task worse; diff = antidistillation − temperature):", "",
-              "| teacher acc | antidistill | temperature | permutation | diff | 95% CI |", "|---|---|---|---|---|---|"]
-    for r in nll_table:
-        ci = f"[{_fmt(r.get('diff_ci_low'), False)}, {_fmt(r.get('diff_ci_high'), False)}]" if "diff" in r else "–"
-        lines.append(f"| {_fmt(r['teacher_acc'])} | {_fmt(r['antidistill'], False)} | {_fmt(r['temperature'], False)} | "
-                     f"{_fmt(r['permutation'], False)} | {_fmt(r.get('diff'), False)} | {ci} |")
+              "(higher = the student learned the task worse; diff = antidistillation − temperature):", ""]
+    lines += _matched_lines(nll_table, pct=False)
     lines += ["", "## Results (mean over seeds)", "",
               "| method | param | teacher acc % (sd) | student acc % (sd) | student NLL on test solutions | seeds |",
               "|---|---|---|---|---|---|"]
