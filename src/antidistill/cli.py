@@ -57,7 +57,8 @@ def generate(
 
     from .tokenizers import load_tokenizer
 
-    from .data import read_jsonl, write_jsonl
+    from .data import read_jsonl, write_jsonl, require_keys
+    from .evaluate import accuracy_summary
     from .generation import build_processor, generate_traces
     from .io_utils import provenance
     from .proxy import load_causal_lm
@@ -70,9 +71,8 @@ def generate(
         rows_in = read_jsonl(problems)[:limit]
         if not rows_in:
             raise ValueError(f"{problems}: no problems")
+        require_keys(rows_in, problems, ("question", "answer"))
         for i, r in enumerate(rows_in, 1):
-            if "question" not in r or "answer" not in r:
-                raise ValueError(f"{problems}: row {i} needs 'question' and 'answer'")
             r.setdefault("id", f"row-{i}")
         tok = load_tokenizer(teacher)
         model = load_causal_lm(teacher)
@@ -91,8 +91,7 @@ def generate(
     meta = {"settings": asdict(s), "teacher": teacher, "proxy": proxy, "grad": str(grad) if grad else None,
             "n_processes": state.num_processes, **provenance()}
     write_jsonl(out, [r | {"meta": meta} for r in rows])
-    acc = sum(r["correct"] for r in rows) / len(rows)
-    typer.echo(json.dumps({"out": str(out), "n": len(rows), "accuracy": acc}))
+    typer.echo(json.dumps({"out": str(out), "n": len(rows), "accuracy": accuracy_summary(rows)["accuracy"]}))
 
 
 @app.command()
@@ -106,15 +105,13 @@ def gradient(
     from .io_utils import distributed_state
     from .tokenizers import load_tokenizer
 
-    from .data import read_jsonl
+    from .data import read_jsonl, require_keys
     from .gradient import compute_proxy_gradient, save_gradient
     from .proxy import load_causal_lm
 
     try:
         rows = read_jsonl(traces)
-        for i, r in enumerate(rows, 1):
-            if "question" not in r or "completion" not in r:
-                raise ValueError(f"{traces}: row {i} needs 'question' and 'completion'")
+        require_keys(rows, traces, ("question", "completion"))
         result = compute_proxy_gradient(load_causal_lm(proxy), load_tokenizer(proxy), rows,
                                         batch_size=batch_size)
     except ValueError as e:
@@ -140,7 +137,7 @@ def distill_cmd(
     from .io_utils import distributed_state
 
     from .config import load_config
-    from .data import read_jsonl
+    from .data import read_jsonl, require_keys
     from .distill import DistillConfig, distill
     from .tokenizers import load_tokenizer
     from .io_utils import atomic_dir, write_json_atomic
@@ -149,9 +146,7 @@ def distill_cmd(
     try:
         cfg = load_config(DistillConfig, config, list(set_))
         rows = read_jsonl(traces)
-        for i, r in enumerate(rows, 1):
-            if "question" not in r or "completion" not in r:
-                raise ValueError(f"{traces}: row {i} needs 'question' and 'completion'")
+        require_keys(rows, traces, ("question", "completion"))
         evals = read_jsonl(eval_traces) if eval_traces else None
         tok = load_tokenizer(student)
         model, history = distill(load_causal_lm(student), tok, rows, cfg, output_dir=out.parent / f".{out.name}.trainer",

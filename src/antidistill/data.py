@@ -32,6 +32,14 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
+def require_keys(rows: list[dict], path, keys: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming the file and the first row that lacks one of ``keys``."""
+    for i, r in enumerate(rows, 1):
+        missing = [k for k in keys if k not in r]
+        if missing:
+            raise ValueError(f"{path}: row {i} needs {' and '.join(repr(k) for k in keys)} (missing {missing[0]!r})")
+
+
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:

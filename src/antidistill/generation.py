@@ -57,7 +57,6 @@ def generate_traces(
     few_shot: list[dict] | None = None,
     progress: bool = True,
     description: str = "generate",
-    _sharded: bool = False,
 ) -> list[dict]:
     """Sample a trace for each problem, force an answer, and score it.
 
@@ -76,15 +75,12 @@ def generate_traces(
     from .io_utils import distributed_state
 
     state = distributed_state()
-    if _sharded:
-        return _generate_rows(model, tokenizer, problems, settings, processor, few_shot, progress, description)
     if state.num_processes > 1:
         from accelerate.utils import gather_object
 
         with state.split_between_processes(list(problems)) as shard:
-            local = generate_traces(model, tokenizer, shard, settings, processor=processor, few_shot=few_shot,
-                                    progress=progress and state.is_main_process, description=description,
-                                    _sharded=True)
+            local = _generate_rows(model, tokenizer, shard, settings, processor, few_shot,
+                                   progress and state.is_main_process, description)
         return gather_object(local)
     return _generate_rows(model, tokenizer, problems, settings, processor, few_shot, progress, description)
 

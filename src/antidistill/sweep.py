@@ -108,6 +108,7 @@ class Run:
     def __init__(self, cfg: SweepConfig, progress: bool = True):
         self.cfg, self.progress = cfg, progress
         self.dir = cfg.run_dir
+        self._holdout: list[dict] | None = None
         self._check_config(write=False)
         self._load_world()  # every model and split loads and validates before anything is written
         self._check_config(write=True)
@@ -136,10 +137,8 @@ class Run:
                 p.unlink()
 
     def _load_world(self) -> None:
-        from .tokenizers import load_tokenizer
-
         from .proxy import load_causal_lm
-        from .tokenizers import check_same_tokenizer, check_vocab_sizes
+        from .tokenizers import check_same_tokenizer, check_vocab_sizes, load_tokenizer
 
         cfg = self.cfg
         if cfg.dataset == "toy":
@@ -149,7 +148,11 @@ class Run:
             self.world_metrics = world.metrics
             self.splits = {s: world.split(s) for s in ("train", "holdout", "test")}
             paths = {r: str(world.model_path(r)) for r in ("teacher", "proxy", "student")}
-            tok_paths = dict(paths)
+            if cfg.limit_train:  # real datasets take the limits in load_dataset_splits
+                self.splits["train"] = self.splits["train"][: cfg.limit_train]
+                self.splits["holdout"] = self.splits["holdout"][: max(1, cfg.limit_train * 3 // 7)]
+            if cfg.limit_test:
+                self.splits["test"] = self.splits["test"][: cfg.limit_test]
         else:
             from .data import load_dataset_splits
 
@@ -157,17 +160,11 @@ class Run:
             self.splits = load_dataset_splits(cfg.dataset, cfg.data_path, seed=cfg.world.seed,
                                               limit_train=cfg.limit_train, limit_test=cfg.limit_test)
             paths = {"teacher": cfg.teacher, "proxy": cfg.proxy, "student": cfg.student}
-            tok_paths = dict(paths)
-        if cfg.limit_train:
-            self.splits["train"] = self.splits["train"][: cfg.limit_train]
-            self.splits["holdout"] = self.splits["holdout"][: max(1, cfg.limit_train * 3 // 7)]
-        if cfg.limit_test:
-            self.splits["test"] = self.splits["test"][: cfg.limit_test]
         for name, p in paths.items():
             if not Path(p).exists() and (cfg.dataset == "toy" or p.startswith((".", "/"))):
                 raise ValueError(f"{name} model path {p!r} does not exist")
         self.paths = paths
-        self.tok = {r: load_tokenizer(p) for r, p in tok_paths.items()}
+        self.tok = {r: load_tokenizer(p) for r, p in paths.items()}
         self.teacher = load_causal_lm(paths["teacher"])
         self.proxy = load_causal_lm(paths["proxy"])
         check_same_tokenizer(self.tok["teacher"], self.tok["proxy"])
@@ -175,16 +172,19 @@ class Run:
 
     # --- stages --------------------------------------------------------------------------
     def holdout_traces(self) -> list[dict]:
+        """Teacher greedy traces on holdout: generated once, then read once per Run."""
         from .data import read_jsonl, write_jsonl
         from .generation import generate_traces
 
-        path = self.dir / "holdout_traces.jsonl"
-        if not path.is_file():
-            s = self.cfg.settings_for("greedy", 0.0, 0)
-            rows = generate_traces(self.teacher, self.tok["teacher"], self.splits["holdout"], s,
-                                   progress=self.progress, description="teacher traces on holdout")
-            write_jsonl(path, rows)
-        return read_jsonl(path)
+        if self._holdout is None:
+            path = self.dir / "holdout_traces.jsonl"
+            if not path.is_file():
+                s = self.cfg.settings_for("greedy", 0.0, 0)
+                rows = generate_traces(self.teacher, self.tok["teacher"], self.splits["holdout"], s,
+                                       progress=self.progress, description="teacher traces on holdout")
+                write_jsonl(path, rows)
+            self._holdout = read_jsonl(path)
+        return self._holdout
 
     def gradient_path(self) -> Path:
         from .gradient import compute_proxy_gradient, save_gradient

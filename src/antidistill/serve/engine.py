@@ -136,12 +136,11 @@ class BatchEngine:
         device = next(teacher.parameters()).device
         width = max(len(r.prompt_ids) for r in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        for i, r in enumerate(batch):
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-        ids = ids.to(device)
         mask = torch.zeros_like(ids)
         for i, r in enumerate(batch):
+            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids):] = 1
+        ids, mask = ids.to(device), mask.to(device)
         from transformers import DynamicCache
 
         cache = DynamicCache(config=teacher.config)

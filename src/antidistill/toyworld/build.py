@@ -128,11 +128,23 @@ def _generic_lines(cfg: ToyWorldConfig, stories: list[str] | None = None) -> lis
     return lines + forced
 
 
+def _fresh_problems(rng: random.Random, n: int, taken: set[str]):
+    """``n`` random problems whose question is not in ``taken`` (each is added to it)."""
+    out = []
+    while len(out) < n:
+        p = random_problem(rng)
+        if p.question not in taken:
+            taken.add(p.question)
+            out.append(p)
+    return out
+
+
 def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = True) -> World:
     """Return the cached world for ``cfg``, building it first if needed."""
     from ..tokenizers import load_tokenizer
 
     from ..data import write_jsonl
+    from ..evaluate import accuracy_summary
     from ..generation import generate_traces
     from ..settings import SamplingSettings
     from .tokenizer import build_tokenizer
@@ -140,31 +152,21 @@ def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = 
     root = Path(cache_dir) / f"toyworld-{cfg.key()}"
     if (root / "world.json").is_file():
         return World.load(root)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     with atomic_dir(root) as tmp:
         splits = make_splits(cfg.seed, cfg.n_train_pool, cfg.n_test)
         for name, rows in splits.items():
             write_jsonl(tmp / "data" / f"{name}.jsonl", rows)
         taken = {r["question"] for rows in splits.values() for r in rows}
         rng = random.Random(cfg.seed + 100)
-        teacher_rows = []
-        while len(teacher_rows) < cfg.n_teacher_problems:
-            p = random_problem(rng)
-            if p.question not in taken:
-                taken.add(p.question)
-                teacher_rows.append({"question": p.question, "solution": solve(p, rng)})
-        stories = []
-        while len(stories) < cfg.n_stories:
-            p = random_problem(rng)
-            if p.question not in taken:
-                taken.add(p.question)
-                stories.append(story_text(p))
+        teacher_rows = [{"question": p.question, "solution": solve(p, rng)}
+                        for p in _fresh_problems(rng, cfg.n_teacher_problems, taken)]
+        stories = [story_text(p) for p in _fresh_problems(rng, cfg.n_stories, taken)]
         generic = _generic_lines(cfg, stories)
         random.Random(cfg.seed + 8).shuffle(generic)
         texts = generic + [r["question"] + " " + r["solution"] for r in teacher_rows]
         texts += [r["question"] + " " + r["solution"] for rows in splits.values() for r in rows]
-        tok = build_tokenizer(texts, tmp / "tokenizer")
-        tok = load_tokenizer(tmp / "tokenizer")
+        build_tokenizer(texts, tmp / "tokenizer")
+        tok = load_tokenizer(tmp / "tokenizer")  # the saved form, as every later stage loads it
         pad = tok.pad_token_id
         generic_ex = _generic_examples(tok, generic)
         task_ex = [encode_example(tok, r["question"], r["solution"]) for r in teacher_rows]
@@ -185,11 +187,11 @@ def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = 
         test = splits["test"]
         greedy = SamplingSettings(method="greedy", max_new_tokens=64, batch_size=64)
         rows = generate_traces(models["teacher"], tok, test, greedy, progress=progress, description="teacher on test")
-        metrics["teacher_test_accuracy"] = sum(r["correct"] for r in rows) / len(rows)
+        metrics["teacher_test_accuracy"] = accuracy_summary(rows)["accuracy"]
         shots = [{"question": r["question"], "completion": r["solution"]} for r in splits["train"][:3]]
         rows = generate_traces(models["student"], tok, test, greedy, few_shot=shots, progress=progress,
                                description="base student on test (3-shot)")
-        metrics["student_base_fewshot_accuracy"] = sum(r["correct"] for r in rows) / len(rows)
+        metrics["student_base_fewshot_accuracy"] = accuracy_summary(rows)["accuracy"]
         (tmp / "world.json").write_text(
             json.dumps({"config": asdict(cfg), "metrics": metrics, "provenance": provenance()}, indent=2)
         )
