@@ -90,6 +90,50 @@ def test_sigkill_then_resume_gives_the_same_results(quick_run):
     assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
 
 
+def _session_processes(sid: int) -> list[int]:
+    """PIDs of live (non-zombie) processes in session ``sid``."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, session
+                pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="worker clean-up relies on PR_SET_PDEATHSIG")
+def test_parallel_workers_die_with_a_killed_sweep_and_resume_gives_the_same_results(quick_run):
+    tmp, cfg, out, seconds = quick_run
+    name = "parallel"
+    cmd = [sys.executable, "-m", "antidistill.cli", "sweep", "--config", str(QUICK), "--set", f"runs_dir={tmp / 'runs'}",
+           "--set", f"cache_dir={tmp / 'cache'}", "--set", f"name={name}", "--set", "workers=2"]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while len(_session_processes(proc.pid)) < 3 and time.time() < deadline:  # the sweep and its two workers
+        time.sleep(0.2)
+    assert len(_session_processes(proc.pid)) >= 3, "the workers never started"
+    time.sleep(3.0)
+    proc.send_signal(signal.SIGKILL)  # the parent only, as a crash or the OOM killer would
+    proc.wait()
+    deadline = time.time() + 10
+    while _session_processes(proc.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _session_processes(proc.pid), "worker processes outlived the killed sweep"
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp / "runs" / name
+    a = pd.read_parquet(out / "results.parquet")
+    b = pd.read_parquet(run_dir / "results.parquet")
+    cols = ["method", "param", "seed", "teacher_acc", "student_acc", "trace_acc"]
+    assert list(b[["method", "param", "seed"]].itertuples(index=False)) == cfg.points()  # rows in config order
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+    assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
+
+
 def test_config_mismatch_on_resume_is_an_error(quick_run):
     tmp, cfg, out, _ = quick_run
     other = quick_cfg(tmp, eps=0.5)
@@ -105,6 +149,7 @@ def test_config_mismatch_on_resume_is_an_error(quick_run):
         ({"temperatures": "[0]"}, "tau=0.0"),
         ({"seeds": "[]"}, "seeds must list"),
         ({"difference": "sideways"}, "difference='sideways'"),
+        ({"workers": "0"}, "workers=0"),
     ],
 )
 def test_bad_config_is_rejected_before_anything_is_written(tmp_path, over, needle):

@@ -264,7 +264,7 @@ def build_world_cmd(
     from .toyworld.build import build_world
 
     cfg = _load_sweep(config or PACKAGE_CONFIGS / "demo.yaml", set_)
-    world = build_world(cfg.world, cfg.cache_dir)
+    world = build_world(cfg.world, cfg.cache_dir, workers=cfg.workers)
     typer.echo(json.dumps({"root": str(world.root), **world.metrics}, indent=2))
 
 

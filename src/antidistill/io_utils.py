@@ -95,3 +95,36 @@ def distributed_state():
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+def worker_pool(n: int, threads: int):
+    """A ``ProcessPoolExecutor`` of ``n`` spawned workers, each with ``threads`` torch threads.
+
+    On Linux each worker dies with this process (``PR_SET_PDEATHSIG``): a sweep or build killed with
+    SIGKILL leaves no writer behind to race the run that resumes it.
+    """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_init_pool_worker,
+                               initargs=(threads, os.getpid()))
+
+
+def _init_pool_worker(threads: int, parent_pid: int) -> None:
+    import sys
+    import warnings
+
+    import torch
+
+    from .progress import quiet_libraries
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    quiet_libraries()

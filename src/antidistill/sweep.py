@@ -18,6 +18,7 @@ from pathlib import Path
 from .config import dump_yaml
 from .distill import DistillConfig
 from .io_utils import atomic_dir, provenance, write_json_atomic, write_text_atomic
+from .progress import track
 from .settings import SamplingSettings
 from .toyworld.build import ToyWorldConfig
 
@@ -52,6 +53,10 @@ class SweepConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     distill: DistillConfig = field(default_factory=DistillConfig)
     n_eval_traces: int = 100  # clean holdout traces for the student's loss-dynamics record (Fig. 5)
+    # sweep points run in this many processes at once, each with cores // workers torch threads. On a
+    # CPU the toy models are too small to keep two cores busy from one process, so 2 workers on 2 cores
+    # finish the points sooner. Results depend on the seeds, not on the worker that ran a point.
+    workers: int = 1
 
     def __post_init__(self):
         if not self.name or "/" in self.name:
@@ -66,6 +71,8 @@ class SweepConfig:
                 raise ValueError(f"dataset={self.dataset!r} needs model paths for {missing}")
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"workers must be an integer ≥ 1, got workers={self.workers!r}")
         for t in self.temperatures:
             SamplingSettings(method="temperature", tau=t)
         for lam in self.ad_lambdas + self.perm_lambdas:
@@ -102,17 +109,25 @@ def point_name(method: str, param: float, seed: int) -> str:
     return f"{method}_{param:g}_s{seed}"
 
 
+def _point_line(i: int, n: int, pt: tuple, row: dict, seconds: float) -> str:
+    return (f"[{i}/{n}] {point_name(*pt)}: teacher {row['teacher_acc']:.2f}, student {row['student_acc']:.2f} "
+            f"({seconds:.1f} s)")
+
+
 class Run:
     """Loads models and data once; runs each stage only if its artifact is missing."""
 
-    def __init__(self, cfg: SweepConfig, progress: bool = True):
+    def __init__(self, cfg: SweepConfig, progress: bool = True, *, worker: bool = False):
+        """``worker=True``: a helper process of a parallel sweep; the parent owns the run directory
+        (config file, stale-temporary cleanup) and has already built the world."""
         self.cfg, self.progress = cfg, progress
         self.dir = cfg.run_dir
         self._holdout: list[dict] | None = None
         self._check_config(write=False)
         self._load_world()  # every model and split loads and validates before anything is written
-        self._check_config(write=True)
-        self._remove_stale_temporaries()
+        if not worker:
+            self._check_config(write=True)
+            self._remove_stale_temporaries()
 
     # --- setup ---------------------------------------------------------------------------
     def _check_config(self, write: bool) -> None:
@@ -144,7 +159,7 @@ class Run:
         if cfg.dataset == "toy":
             from .toyworld.build import build_world
 
-            world = build_world(cfg.world, cfg.cache_dir, progress=self.progress)
+            world = build_world(cfg.world, cfg.cache_dir, progress=self.progress, workers=cfg.workers)
             self.world_metrics = world.metrics
             self.splits = {s: world.split(s) for s in ("train", "holdout", "test")}
             paths = {r: str(world.model_path(r)) for r in ("teacher", "proxy", "student")}
@@ -277,17 +292,59 @@ class Run:
         from .report import write_report
 
         self.gradient_path()
-        rows = []
+        self.holdout_traces()
         points = self.cfg.points()
-        for i, (m, p, s) in enumerate(points, 1):
-            t0 = time.perf_counter()
-            rows.append(self.point(m, p, s))
-            if self.progress:
-                print(f"[{i}/{len(points)}] {point_name(m, p, s)}: teacher {rows[-1]['teacher_acc']:.2f}, "
-                      f"student {rows[-1]['student_acc']:.2f} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        if self.cfg.workers > 1:
+            rows = self._run_points_parallel(points)
+        else:
+            rows = []
+            for i, pt in enumerate(points, 1):
+                t0 = time.perf_counter()
+                rows.append(self.point(*pt))
+                if self.progress:
+                    print(_point_line(i, len(points), pt, rows[-1], time.perf_counter() - t0), flush=True)
         table = self.write_results(rows)
         write_report(self, table)
         return self.dir
+
+    def _run_points_parallel(self, points: list[tuple[str, float, int]]) -> list[dict]:
+        """Run the points in ``cfg.workers`` spawned processes; rows come back in ``points`` order.
+
+        Each point's stages are atomic, so this is as resumable as the serial loop. The workers die
+        with this process (Linux ``PR_SET_PDEATHSIG``), so a killed sweep leaves no writer behind.
+        """
+        from concurrent.futures import as_completed
+
+        import torch
+
+        from .io_utils import distributed_state, worker_pool
+
+        if distributed_state().num_processes > 1:
+            raise ValueError("workers > 1 cannot be combined with accelerate launch; use one or the other")
+        rows: dict[tuple, dict] = {}
+        todo = []
+        for pt in points:
+            result = self.dir / "points" / point_name(*pt) / "result.json"
+            if result.is_file():
+                rows[pt] = json.loads(result.read_text())
+            else:
+                todo.append(pt)
+        if todo:
+            n = min(self.cfg.workers, len(todo))
+            threads = max(1, torch.get_num_threads() // n)
+            with worker_pool(n, threads) as pool:
+                futures = {pool.submit(_run_point_in_worker, self.cfg, pt): pt for pt in todo}
+                try:
+                    for fut in track(as_completed(futures), f"sweep points ({n} workers)", enabled=self.progress,
+                                     total=len(futures)):
+                        pt = futures[fut]
+                        rows[pt], seconds = fut.result()
+                        if self.progress:
+                            print(_point_line(len(rows), len(points), pt, rows[pt], seconds), flush=True)
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+        return [rows[pt] for pt in points]
 
     def write_results(self, rows: list[dict]):
         import pandas as pd
@@ -301,3 +358,16 @@ class Run:
         with atomic_path(self.dir / "results.parquet") as tmp:
             df.to_parquet(tmp, index=False)
         return df
+
+
+# --- parallel sweep workers: one Run per worker process, built on its first point ---
+_worker_run: Run | None = None
+
+
+def _run_point_in_worker(cfg: SweepConfig, pt: tuple[str, float, int]) -> tuple[dict, float]:
+    global _worker_run
+    t0 = time.perf_counter()
+    if _worker_run is None:
+        _worker_run = Run(cfg, progress=False, worker=True)
+    row = _worker_run.point(*pt)
+    return row, time.perf_counter() - t0

@@ -12,7 +12,7 @@ class ServeConfig:
     teacher: str | None = None  # None: the toy world's teacher (built if missing)
     proxy: str | None = None
     grad: str | None = None
-    lam: float = 0.007  # the toy world's mid-grid λ (see configs/demo.yaml); calibrate per model
+    lam: float = 0.008  # the toy world's mid-grid λ (see configs/demo.yaml); calibrate per model
     eps: float = 1e-2
     tau: float = 0.9  # the operator's τ; requests can raise it, never lower it
     difference: str = "central"

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from ..io_utils import atomic_dir, provenance
-from ..prompting import ANSWER_FORCING, encode_example, pad_right
+from ..prompting import ANSWER_FORCING, DEFAULT_SYSTEM_PROMPT, encode_example, pad_right
 from ..progress import track
 from .models import ModelSpec, build_model
-from .task import arithmetic_chains, generic_text, make_splits, random_problem, solve, story_text
+from .task import arithmetic_chains, chat_arithmetic, generic_text, make_splits, random_problem, solve, story_text
 
 
 @dataclass
@@ -38,11 +38,13 @@ class ToyWorldConfig:
     n_teacher_problems: int = 20000  # the teacher's own training problems, disjoint from every split
     n_generic: int = 6000  # generic toy-language lines for pretraining
     n_stories: int = 6000  # problems told as prose with their computation (pretraining), disjoint from every split
+    n_chat: int = 3000  # arithmetic requests in the chat format (pretraining), see task.chat_arithmetic
+    pack_length: int = 128  # pretraining sequences; longer than any task example, so every position is trained
     teacher: ModelSpec = field(default_factory=lambda: ModelSpec("llama", 128, 3, 4, 256))
     proxy: ModelSpec = field(default_factory=lambda: ModelSpec("qwen2", 64, 2, 4, 128))
     student: ModelSpec = field(default_factory=lambda: ModelSpec("gpt2", 128, 3, 4, 256))
-    teacher_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=2400, lr=3e-3, warmup=60))
-    pretrain: TrainSpec = field(default_factory=lambda: TrainSpec(steps=1500, lr=3e-3))
+    teacher_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=1600, lr=3e-3, warmup=60))
+    pretrain: TrainSpec = field(default_factory=lambda: TrainSpec(steps=1500, batch_size=32, lr=3e-3))
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -114,12 +116,14 @@ def _generic_examples(tokenizer, lines: list[str], pack_to: int = 64) -> list[di
 
 
 def _generic_lines(cfg: ToyWorldConfig, stories: list[str] | None = None) -> list[str]:
-    """Generic pretraining text: statements, facts, chains, stories, and the answer-forcing pattern.
+    """Generic pretraining text: statements, facts, chains, chat-format arithmetic, stories, and the
+    answer-forcing pattern.
 
-    None of it is in the task's chat format or shares a problem with any split.
+    None of it is a word problem in the chat format or shares a problem with any split.
     """
     rng = random.Random(cfg.seed + 7)
     lines = generic_text(cfg.seed + 1, cfg.n_generic) + arithmetic_chains(cfg.seed + 2, cfg.n_generic // 2)
+    lines += chat_arithmetic(cfg.seed + 9, cfg.n_chat, DEFAULT_SYSTEM_PROMPT)
     lines += stories or []
     forced = []
     for _ in range(cfg.n_generic // 4):
@@ -139,8 +143,27 @@ def _fresh_problems(rng: random.Random, n: int, taken: set[str]):
     return out
 
 
-def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = True) -> World:
-    """Return the cached world for ``cfg``, building it first if needed."""
+def _train_role(role: str, spec: ModelSpec, examples: list[dict], tspec: TrainSpec, seed: int, root: Path,
+                progress: bool) -> dict:
+    """Build ``role``'s model from ``spec``, train it, save model and tokenizer to ``root/role``."""
+    from ..tokenizers import load_tokenizer
+
+    tok = load_tokenizer(root / "tokenizer")
+    model = build_model(spec, tok, seed)
+    losses = train_lm(model, examples, tspec, tok.pad_token_id, seed, f"train {role} ({spec.family})", progress)
+    model.save_pretrained(root / role)
+    tok.save_pretrained(root / role)  # one path serves model and tokenizer (load with load_tokenizer)
+    return {f"{role}_params": sum(p.numel() for p in model.parameters()),
+            f"{role}_final_train_loss": sum(losses[-20:]) / len(losses[-20:])}
+
+
+def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = True, workers: int = 1) -> World:
+    """Return the cached world for ``cfg``, building it first if needed.
+
+    ``workers > 1`` trains the three models in that many spawned processes, each with
+    cores // workers torch threads. The cache key is the config alone; a world built with another
+    thread count can differ in the last bits of its weights (``world.json`` records ``build_workers``).
+    """
     from ..tokenizers import load_tokenizer
 
     from ..data import write_jsonl
@@ -167,23 +190,33 @@ def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = 
         texts += [r["question"] + " " + r["solution"] for rows in splits.values() for r in rows]
         build_tokenizer(texts, tmp / "tokenizer")
         tok = load_tokenizer(tmp / "tokenizer")  # the saved form, as every later stage loads it
-        pad = tok.pad_token_id
-        generic_ex = _generic_examples(tok, generic)
+        generic_ex = _generic_examples(tok, generic, pack_to=cfg.pack_length)
         task_ex = [encode_example(tok, r["question"], r["solution"]) for r in teacher_rows]
-        metrics: dict = {}
-        models = {}
-        for role, spec, data, tspec, seed in [
-            ("teacher", cfg.teacher, task_ex + generic_ex, cfg.teacher_train, cfg.seed + 11),
-            ("proxy", cfg.proxy, generic_ex, cfg.pretrain, cfg.seed + 12),
+        jobs = [  # with the default sizes the student trains longest: first, so two workers finish together
             ("student", cfg.student, generic_ex, cfg.pretrain, cfg.seed + 13),
-        ]:
-            model = build_model(spec, tok, seed)
-            losses = train_lm(model, data, tspec, pad, seed, f"train {role} ({spec.family})", progress)
-            model.save_pretrained(tmp / role)
-            tok.save_pretrained(tmp / role)  # one path serves model and tokenizer (load with load_tokenizer)
-            models[role] = model
-            metrics[f"{role}_params"] = sum(p.numel() for p in model.parameters())
-            metrics[f"{role}_final_train_loss"] = sum(losses[-20:]) / len(losses[-20:])
+            ("teacher", cfg.teacher, task_ex, cfg.teacher_train, cfg.seed + 11),
+            ("proxy", cfg.proxy, generic_ex, cfg.pretrain, cfg.seed + 12),
+        ]
+        metrics: dict = {}
+        if workers > 1:
+            import torch
+            from concurrent.futures import as_completed
+
+            from ..io_utils import worker_pool
+
+            n = min(workers, len(jobs))
+            with worker_pool(n, max(1, torch.get_num_threads() // n)) as pool:
+                futures = [pool.submit(_train_role, *job, tmp, False) for job in jobs]
+                for fut in track(as_completed(futures), f"train teacher, student, proxy ({n} workers)",
+                                 enabled=progress, total=len(futures)):
+                    metrics.update(fut.result())
+        else:
+            for job in jobs:
+                metrics.update(_train_role(*job, tmp, progress))
+        metrics["build_workers"] = workers
+        from ..proxy import load_causal_lm
+
+        models = {role: load_causal_lm(str(tmp / role)) for role in ("teacher", "student")}
         test = splits["test"]
         greedy = SamplingSettings(method="greedy", max_new_tokens=64, batch_size=64)
         rows = generate_traces(models["teacher"], tok, test, greedy, progress=progress, description="teacher on test")

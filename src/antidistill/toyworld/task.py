@@ -168,6 +168,33 @@ def arithmetic_chains(seed: int, n: int) -> list[str]:
     return out
 
 
+def chat_arithmetic(seed: int, n: int, system_prompt: str) -> list[str]:
+    """Arithmetic requests answered in the chat format ("<|user|>14 + 5 - 3 = ?" → "14 + 5 = 19 . ...").
+
+    Generic instruction-style text, not the task: bare expressions, no word problems, no connectives
+    and no final-answer block. Real base models have seen chat-formatted text; without it the chat
+    template's tokens are new to the student and distillation must first learn to read through them.
+    """
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        v = rng.randint(2, 20)
+        expr, comp = [str(v)], []
+        for _ in range(rng.choice([1, 2, 3])):
+            b = rng.randint(1, 9)
+            if rng.random() < 0.5 or v < b:
+                comp.append(f"{v} + {b} = {v + b} .")
+                expr.append(f"+ {b}")
+                v += b
+            else:
+                comp.append(f"{v} - {b} = {v - b} .")
+                expr.append(f"- {b}")
+                v -= b
+        system = f"<|system|>{system_prompt}<|end|>" if rng.random() < 0.5 else ""
+        out.append(f"{system}<|user|>{' '.join(expr)} = ?<|end|><|assistant|>{' '.join(comp)} So it is {v} .<|end|>")
+    return out
+
+
 def story_text(problem: Problem) -> str:
     """A problem told as plain prose with its sequential computation.
 
