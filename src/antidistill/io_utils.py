@@ -97,8 +97,9 @@ def distributed_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def worker_pool(n: int, threads: int):
-    """A ``ProcessPoolExecutor`` of ``n`` spawned workers, each with ``threads`` torch threads.
+def worker_pool(n: int):
+    """A ``ProcessPoolExecutor`` of ``n`` spawned workers sharing this process's torch threads
+    (each gets ``torch.get_num_threads() // n``, at least 1).
 
     On Linux each worker dies with this process (``PR_SET_PDEATHSIG``): a sweep or build killed with
     SIGKILL leaves no writer behind to race the run that resumes it.
@@ -106,6 +107,9 @@ def worker_pool(n: int, threads: int):
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
+    import torch
+
+    threads = max(1, torch.get_num_threads() // n)
     return ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_init_pool_worker,
                                initargs=(threads, os.getpid()))
 

@@ -218,8 +218,9 @@ class Run:
 
         d = self.dir / "points" / point_name(method, param, seed)
         result_path = d / "result.json"
-        if result_path.is_file():
-            return json.loads(result_path.read_text())
+        done = self._finished_row(method, param, seed)
+        if done is not None:
+            return done
         settings = self.cfg.settings_for(method, param, seed)
         proc = None
         if settings.uses_proxy:
@@ -251,6 +252,11 @@ class Run:
         row = self._result_row(method, param, seed, settings, d)
         write_json_atomic(result_path, row)
         return row
+
+    def _finished_row(self, method: str, param: float, seed: int) -> dict | None:
+        """The point's result row if its last stage has finished, else None."""
+        path = self.dir / "points" / point_name(method, param, seed) / "result.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def _distill(self, traces, seed, student_dir: Path, history_path: Path) -> None:
         import torch
@@ -315,24 +321,15 @@ class Run:
         """
         from concurrent.futures import as_completed
 
-        import torch
-
         from .io_utils import distributed_state, worker_pool
 
         if distributed_state().num_processes > 1:
             raise ValueError("workers > 1 cannot be combined with accelerate launch; use one or the other")
-        rows: dict[tuple, dict] = {}
-        todo = []
-        for pt in points:
-            result = self.dir / "points" / point_name(*pt) / "result.json"
-            if result.is_file():
-                rows[pt] = json.loads(result.read_text())
-            else:
-                todo.append(pt)
+        rows = {pt: row for pt in points if (row := self._finished_row(*pt)) is not None}
+        todo = [pt for pt in points if pt not in rows]
         if todo:
             n = min(self.cfg.workers, len(todo))
-            threads = max(1, torch.get_num_threads() // n)
-            with worker_pool(n, threads) as pool:
+            with worker_pool(n) as pool:
                 futures = {pool.submit(_run_point_in_worker, self.cfg, pt): pt for pt in todo}
                 try:
                     for fut in track(as_completed(futures), f"sweep points ({n} workers)", enabled=self.progress,

@@ -169,6 +169,7 @@ def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = 
     from ..data import write_jsonl
     from ..evaluate import accuracy_summary
     from ..generation import generate_traces
+    from ..proxy import load_causal_lm
     from ..settings import SamplingSettings
     from .tokenizer import build_tokenizer
 
@@ -199,13 +200,12 @@ def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = 
         ]
         metrics: dict = {}
         if workers > 1:
-            import torch
             from concurrent.futures import as_completed
 
             from ..io_utils import worker_pool
 
             n = min(workers, len(jobs))
-            with worker_pool(n, max(1, torch.get_num_threads() // n)) as pool:
+            with worker_pool(n) as pool:
                 futures = [pool.submit(_train_role, *job, tmp, False) for job in jobs]
                 for fut in track(as_completed(futures), f"train teacher, student, proxy ({n} workers)",
                                  enabled=progress, total=len(futures)):
@@ -214,8 +214,6 @@ def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = 
             for job in jobs:
                 metrics.update(_train_role(*job, tmp, progress))
         metrics["build_workers"] = workers
-        from ..proxy import load_causal_lm
-
         models = {role: load_causal_lm(str(tmp / role)) for role in ("teacher", "student")}
         test = splits["test"]
         greedy = SamplingSettings(method="greedy", max_new_tokens=64, batch_size=64)
