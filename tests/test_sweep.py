@@ -134,6 +134,30 @@ def test_parallel_workers_die_with_a_killed_sweep_and_resume_gives_the_same_resu
     assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
 
 
+def test_parallel_world_build_equals_the_serial_one(quick_run, tmp_path):
+    """Each worker trains its own role with its own data and seed: the same world, up to the last bits
+    that another torch thread count can change."""
+    from safetensors.torch import load_file
+
+    from antidistill.toyworld.build import build_world
+
+    tmp, cfg, out, _ = quick_run
+    serial = build_world(cfg.world, cfg.cache_dir, progress=False)
+    parallel = build_world(cfg.world, tmp_path, progress=False, workers=2)
+    assert parallel.root.name == serial.root.name and parallel.metrics["build_workers"] == 2
+    for f in ("data/train.jsonl", "data/holdout.jsonl", "data/test.jsonl", "tokenizer/tokenizer.json"):
+        assert (parallel.root / f).read_bytes() == (serial.root / f).read_bytes(), f
+    for role in ("teacher", "proxy", "student"):
+        a = load_file(parallel.root / role / "model.safetensors")
+        b = load_file(serial.root / role / "model.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert (a[k] - b[k]).abs().max() < 1e-4, (role, k)
+        assert parallel.metrics[f"{role}_final_train_loss"] == pytest.approx(
+            serial.metrics[f"{role}_final_train_loss"], rel=1e-4)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_config_mismatch_on_resume_is_an_error(quick_run):
     tmp, cfg, out, _ = quick_run
     other = quick_cfg(tmp, eps=0.5)
