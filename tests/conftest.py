@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 VOCAB = 48
 PAD = 0
@@ -30,6 +30,15 @@ def tiny_proxy(seed: int = 1, vocab: int = VOCAB, attn: str = "sdpa") -> Qwen2Fo
         tie_word_embeddings=True,
     )
     return Qwen2ForCausalLM._from_config(cfg, attn_implementation=attn).eval()
+
+
+def tiny_gpt2_proxy(seed: int = 3, vocab: int = VOCAB) -> GPT2LMHeadModel:
+    """A proxy with learned absolute positions: unlike RoPE (which sees only relative offsets),
+    it gives a different Δ̂ when a left-padded row's positions are not shifted back to 0."""
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=24, n_layer=2, n_head=4, n_positions=256, pad_token_id=PAD,
+                     eos_token_id=EOS, bos_token_id=2)
+    return GPT2LMHeadModel(cfg).eval()
 
 
 def random_grad(model, seed: int = 2, scale: float = 0.05) -> dict[str, torch.Tensor]:

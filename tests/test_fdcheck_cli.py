@@ -147,6 +147,22 @@ def _accelerate(args, cwd, timeout=400):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
 
 
+def test_every_command_ends_the_process_group_it_ran_under(world, tmp_path):
+    """A rank that exits with gloo's process group alive can abort (SIGABRT) after its work is done,
+    so the CLI destroys the group when any command ends, on success or on error."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        r = runner.invoke(app, ["generate", "--teacher", str(world / "teacher"), "--problems", str(world / "p.jsonl"),
+                                "--out", str(tmp_path / "g.jsonl"), "--method", "beam"])
+        assert r.exit_code == 2 and "method must be one of" in r.output
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_two_process_generation_equals_one_process(world):
     base = ["generate", "--teacher", str(world / "teacher"), "--problems", str(world / "p.jsonl"), "--method", "greedy",
             "--max-new-tokens", "6", "--batch-size", "2"]

@@ -11,10 +11,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Antidistilla
 
 
 @app.callback()
-def _setup() -> None:
+def _setup(ctx: typer.Context) -> None:
+    from .io_utils import close_distributed
     from .progress import quiet_libraries
 
     quiet_libraries()
+    ctx.call_on_close(close_distributed)  # under `accelerate launch`, every command ends its process group
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"
 

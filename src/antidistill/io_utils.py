@@ -97,6 +97,19 @@ def distributed_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def close_distributed() -> None:
+    """Destroy the default process group, if one was set up, before the interpreter exits.
+
+    Without this, gloo's worker threads are still joinable when the process exits, and a rank
+    can abort with "terminate called without an active exception" (SIGABRT) after its work is
+    done: pytorch/pytorch#190489.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def worker_pool(n: int):
     """A ``ProcessPoolExecutor`` of ``n`` spawned workers sharing this process's torch threads
     (each gets ``torch.get_num_threads() // n``, at least 1).
