@@ -141,9 +141,12 @@ def plot_tradeoff(df, path) -> None:
         for m, sub in df.groupby("method"):
             ax.scatter(sub.teacher_acc, sub.student_acc, s=18, alpha=0.6, color=COLORS.get(m), label=f"{m} (runs)")
         for m, c in curves.items():
-            ok = np.isfinite(c).sum(0) >= max(10, c.shape[0] // 4)
-            mean = np.where(ok, np.nanmean(np.where(np.isfinite(c), c, np.nan), 0), np.nan)
-            lo, hi = (np.where(ok, np.nanpercentile(c, q, 0), np.nan) for q in (2.5, 97.5))
+            ok = np.isfinite(c).sum(0) >= max(10, c.shape[0] // 4)  # grid points the fits cover
+            finite = np.where(np.isfinite(c), c, np.nan)[:, ok]
+            mean, lo, hi = (np.full(grid.shape, np.nan) for _ in range(3))
+            if ok.any():
+                mean[ok] = np.nanmean(finite, 0)
+                lo[ok], hi[ok] = np.nanpercentile(finite, [2.5, 97.5], 0)
             ax.plot(grid, mean, color=COLORS[m], lw=2, label=f"{m} (LOWESS mean)")
             ax.fill_between(grid, lo, hi, color=COLORS[m], alpha=0.15)
         ax.set_xlabel("teacher accuracy (test)")
