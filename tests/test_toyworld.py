@@ -46,3 +46,16 @@ def test_pretraining_packs_are_longer_than_every_task_example(tmp_path):
     assert max(len(p["input_ids"]) for p in packs) > pack - 40  # packed, not one line per sequence
     assert sum(len(p["input_ids"]) - 2 for p in packs) == sum(len(tok(x, add_special_tokens=False)["input_ids"])
                                                               for x in lines)
+
+
+def test_render_chat_agrees_with_the_tokenizers_chat_template(tmp_path):
+    """Chat-format pretraining text is written before the tokenizer exists; it must be what the
+    saved chat template produces, or the student pretrains on a format it never sees again."""
+    from antidistill.tokenizers import load_tokenizer
+    from antidistill.toyworld.tokenizer import render_chat
+
+    tok = load_tokenizer(toy_tokenizer_dir(str(tmp_path)))
+    for messages in ([{"role": "user", "content": "3 + 4 = ?"}],
+                     [{"role": "system", "content": "Think step by step."}, {"role": "user", "content": "3 + 4 = ?"},
+                      {"role": "assistant", "content": "3 + 4 = 7 . So it is 7 ."}]):
+        assert "<bos>" + render_chat(messages) == tok.apply_chat_template(messages, tokenize=False)

@@ -31,7 +31,8 @@ class DistillConfig:
     max_length: int = 512
     eval_every: int = 20  # steps between holdout-loss evaluations (loss-dynamics plot)
     # bf16 autocast: None picks it on a CUDA device with bf16 support and fp32 elsewhere. TRL's own
-    # default (bf16 everywhere) runs the toy student ~9x slower on a CPU without native bf16 (AVX2).
+    # default (bf16 everywhere), with its activation checkpointing, ran a toy-student step 6x slower
+    # on a CPU without native bf16 (AVX2 EPYC: 2.6 s against 0.43 s in fp32).
     bf16: bool | None = None
     # recompute activations in the backward pass: saves memory for large students, costs a forward
     # pass; TRL turns it on by default, here it is off unless asked for.

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from ..prompting import ANSWER_FORCING
+from ..prompting import ANSWER_FORCING, chat_messages
 
 NAMES = ["Ann", "Bob", "Cara", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivy", "Jon"]
 ITEMS = ["apples", "pens", "cards", "coins", "books", "shells", "stamps", "rocks"]
@@ -175,6 +175,8 @@ def chat_arithmetic(seed: int, n: int, system_prompt: str) -> list[str]:
     and no final-answer block. Real base models have seen chat-formatted text; without it the chat
     template's tokens are new to the student and distillation must first learn to read through them.
     """
+    from .tokenizer import render_chat
+
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -190,8 +192,8 @@ def chat_arithmetic(seed: int, n: int, system_prompt: str) -> list[str]:
                 comp.append(f"{v} - {b} = {v - b} .")
                 expr.append(f"- {b}")
                 v -= b
-        system = f"<|system|>{system_prompt}<|end|>" if rng.random() < 0.5 else ""
-        out.append(f"{system}<|user|>{' '.join(expr)} = ?<|end|><|assistant|>{' '.join(comp)} So it is {v} .<|end|>")
+        messages = chat_messages(f"{' '.join(expr)} = ?", system_prompt if rng.random() < 0.5 else "")
+        out.append(render_chat(messages + [{"role": "assistant", "content": f"{' '.join(comp)} So it is {v} ."}]))
     return out
 
 

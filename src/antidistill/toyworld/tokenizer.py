@@ -17,6 +17,12 @@ CHAT_TEMPLATE = (
 )
 
 
+def render_chat(messages: list[dict[str, str]]) -> str:
+    """``CHAT_TEMPLATE``'s text for ``messages``, without ``<bos>`` or a generation prompt: for
+    chat-format text written before the tokenizer exists (a test checks the two agree)."""
+    return "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in messages)
+
+
 def build_tokenizer(texts: list[str], out_dir: str | Path):
     """Fit the vocabulary on ``texts`` and save a ``PreTrainedTokenizerFast`` to ``out_dir``."""
     from transformers import PreTrainedTokenizerFast
