@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from antidistill.data import load_dataset_splits, load_split_rows
+from antidistill.experiment.data import load_dataset_splits, load_split_rows
 from antidistill.toyworld.task import make_splits
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from antidistill.distill import DistillConfig, _use_bf16, distill
+from antidistill.experiment.distill import DistillConfig, _use_bf16, distill
 from antidistill.tokenizers import load_tokenizer
 
 from helpers_world import tiny, toy_splits, toy_tokenizer_dir

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from antidistill.cli import app
-from antidistill.fdcheck import fd_check
+from antidistill.experiment.fdcheck import fd_check
 from antidistill.io_utils import atomic_path
 from antidistill.tokenizers import check_same_tokenizer, check_vocab_sizes, load_tokenizer
 

@@ -180,7 +180,7 @@ def test_left_padding_respects_positions(family):
 
 def test_jvp_equals_autograd_directional_derivative(proxy, grad):
     """jvp mode is exact: ⟨∇θ log p(x), g⟩ by reverse-mode autograd, to float32 round-off."""
-    from antidistill.fdcheck import autograd_directional_derivative
+    from antidistill.experiment.fdcheck import autograd_directional_derivative
 
     tokens = random_prompts((11,), seed=2)[0]
     eng = ProxyDelta(proxy, grad, eps=EPS, difference="jvp", pad_token_id=PAD)

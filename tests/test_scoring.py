@@ -1,7 +1,7 @@
 import pytest
 
-from antidistill.generation import answer_forcing_prefix
-from antidistill.scoring import forced_answer, is_correct, wilson_interval
+from antidistill.experiment.generation import answer_forcing_prefix
+from antidistill.experiment.scoring import forced_answer, is_correct, wilson_interval
 
 
 def test_forced_answer_stops_at_matching_brace():

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from antidistill.config import load_config
-from antidistill.sweep import Run, SweepConfig
+from antidistill.experiment.sweep import Run, SweepConfig
 
 QUICK = Path(__file__).resolve().parents[1] / "src" / "antidistill" / "configs" / "quick.yaml"
 

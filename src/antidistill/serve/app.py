@@ -292,7 +292,7 @@ def _usage(done: DoneEvent) -> dict:
 
 def build_server(cfg: ServeConfig, *, progress: bool = True):
     """Load models (building the toy world's if none are given), start the engine, return (app, engine)."""
-    from ..generation import build_processor
+    from ..experiment.generation import build_processor
     from ..proxy import load_causal_lm
     from ..settings import SamplingSettings
     from ..tokenizers import load_tokenizer
@@ -300,7 +300,7 @@ def build_server(cfg: ServeConfig, *, progress: bool = True):
     teacher_path, proxy_path, grad_path = cfg.teacher, cfg.proxy, cfg.grad
     if teacher_path is None or (cfg.lam != 0 and (proxy_path is None or grad_path is None)):
         from ..config import load_config
-        from ..sweep import Run, SweepConfig
+        from ..experiment.sweep import Run, SweepConfig
 
         from pathlib import Path
 

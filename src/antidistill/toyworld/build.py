@@ -64,7 +64,7 @@ class World:
         return self.root / role
 
     def split(self, name: str) -> list[dict]:
-        from ..data import read_jsonl
+        from ..experiment.data import read_jsonl
 
         return read_jsonl(self.root / "data" / f"{name}.jsonl")
 
@@ -166,9 +166,9 @@ def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = 
     """
     from ..tokenizers import load_tokenizer
 
-    from ..data import write_jsonl
-    from ..evaluate import accuracy_summary
-    from ..generation import generate_traces
+    from ..experiment.data import write_jsonl
+    from ..experiment.evaluate import accuracy_summary
+    from ..experiment.generation import generate_traces
     from ..proxy import load_causal_lm
     from ..settings import SamplingSettings
     from .tokenizer import build_tokenizer

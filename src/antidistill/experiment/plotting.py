@@ -13,7 +13,7 @@ def png_figure(path, ncols: int = 1, figsize=(6, 4)):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io_utils import atomic_path
+    from ..io_utils import atomic_path
 
     fig, axes = plt.subplots(1, ncols, figsize=figsize)
     try:

@@ -11,7 +11,7 @@ import random
 import re
 from pathlib import Path
 
-from .io_utils import atomic_path
+from ..io_utils import atomic_path
 
 SCHEMA = ("id", "question", "solution", "answer")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .prompting import encode_example, pad_right
+from ..prompting import encode_example, pad_right
 from .scoring import wilson_interval
 
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .functional import sine_error
-from .gradient import load_gradient, trainable_parameters
-from .proxy import ProxyDelta, left_padding_mask
+from ..functional import sine_error
+from ..gradient import load_gradient, trainable_parameters
+from ..proxy import ProxyDelta, left_padding_mask
 
 DEFAULT_EPS_GRID = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 

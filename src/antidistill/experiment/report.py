@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 
-from .io_utils import write_text_atomic
+from ..io_utils import write_text_atomic
 
 N_BOOT = 300
 LOWESS_FRAC = 0.8
@@ -195,7 +195,7 @@ def _matched_lines(table: list[dict], pct: bool) -> list[str]:
 
 def write_report(run, df) -> None:
     """Plots and ``report.md`` in the run directory."""
-    from .config import dump_yaml
+    from ..config import dump_yaml
     from .sweep import point_name
 
     d = run.dir
@@ -249,8 +249,8 @@ def _fd_section(run) -> list[str]:
     import torch
 
     from .fdcheck import fd_check, plot_fd_check
-    from .io_utils import write_json_atomic
-    from .prompting import prompt_text
+    from ..io_utils import write_json_atomic
+    from ..prompting import prompt_text
 
     path = run.dir / "fd_check.json"
     if not path.is_file():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .prompting import chat_messages
+from ..prompting import chat_messages
 
 
 @dataclass

@@ -12,13 +12,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Antidistilla
 
 @app.callback()
 def _setup(ctx: typer.Context) -> None:
-    from .io_utils import close_distributed
-    from .progress import quiet_libraries
+    from ..io_utils import close_distributed
+    from ..progress import quiet_libraries
 
     quiet_libraries()
     ctx.call_on_close(close_distributed)  # under `accelerate launch`, every command ends its process group
 
-PACKAGE_CONFIGS = Path(__file__).parent / "configs"
+PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _fail(e: Exception) -> None:
@@ -27,8 +27,8 @@ def _fail(e: Exception) -> None:
 
 
 def _settings(config: Optional[Path], overrides: list[str], **explicit):
-    from .config import load_config
-    from .settings import SamplingSettings
+    from ..config import load_config
+    from ..settings import SamplingSettings
 
     return load_config(SamplingSettings, config, list(overrides), explicit)
 
@@ -57,13 +57,13 @@ def generate(
     import json
     from dataclasses import asdict
 
-    from .tokenizers import load_tokenizer
+    from ..tokenizers import load_tokenizer
 
-    from .data import read_jsonl, write_jsonl, require_keys
-    from .evaluate import accuracy_summary
-    from .generation import build_processor, generate_traces
-    from .io_utils import provenance
-    from .proxy import load_causal_lm
+    from ..experiment.data import read_jsonl, write_jsonl, require_keys
+    from ..experiment.evaluate import accuracy_summary
+    from ..experiment.generation import build_processor, generate_traces
+    from ..io_utils import provenance
+    from ..proxy import load_causal_lm
 
     try:
         s = _settings(config, set_, method=method, lam=lam, eps=eps, tau=tau, difference=difference, top_p=top_p,
@@ -85,7 +85,7 @@ def generate(
         rows = generate_traces(model, tok, rows_in, s, processor=proc)
     except ValueError as e:
         _fail(e)
-    from .io_utils import distributed_state
+    from ..io_utils import distributed_state
 
     state = distributed_state()
     if not state.is_main_process:
@@ -104,12 +104,12 @@ def gradient(
     batch_size: int = typer.Option(8),
 ):
     """Compute the proxy gradient g once (eq. 7) and save it as safetensors. Works under `accelerate launch`."""
-    from .io_utils import distributed_state
-    from .tokenizers import load_tokenizer
+    from ..io_utils import distributed_state
+    from ..tokenizers import load_tokenizer
 
-    from .data import read_jsonl, require_keys
-    from .gradient import compute_proxy_gradient, save_gradient
-    from .proxy import load_causal_lm
+    from ..experiment.data import read_jsonl, require_keys
+    from ..gradient import compute_proxy_gradient, save_gradient
+    from ..proxy import load_causal_lm
 
     try:
         rows = read_jsonl(traces)
@@ -136,14 +136,14 @@ def distill_cmd(
     """Distil a student on teacher traces (TRL SFTTrainer, LoRA by default). Works under `accelerate launch`."""
     import json
 
-    from .io_utils import distributed_state
+    from ..io_utils import distributed_state
 
-    from .config import load_config
-    from .data import read_jsonl, require_keys
-    from .distill import DistillConfig, distill
-    from .tokenizers import load_tokenizer
-    from .io_utils import atomic_dir, write_json_atomic
-    from .proxy import load_causal_lm
+    from ..config import load_config
+    from ..experiment.data import read_jsonl, require_keys
+    from ..experiment.distill import DistillConfig, distill
+    from ..tokenizers import load_tokenizer
+    from ..io_utils import atomic_dir, write_json_atomic
+    from ..proxy import load_causal_lm
 
     try:
         cfg = load_config(DistillConfig, config, list(set_))
@@ -179,17 +179,17 @@ def check_fd(
     import torch
     from rich.console import Console
     from rich.table import Table
-    from .tokenizers import load_tokenizer
+    from ..tokenizers import load_tokenizer
 
-    from .data import read_jsonl
-    from .fdcheck import fd_check, plot_fd_check
-    from .io_utils import write_json_atomic
-    from .prompting import prompt_text
-    from .proxy import load_causal_lm
+    from ..experiment.data import read_jsonl
+    from ..experiment.fdcheck import fd_check, plot_fd_check
+    from ..io_utils import write_json_atomic
+    from ..prompting import prompt_text
+    from ..proxy import load_causal_lm
 
     try:
         if proxy is None or grad is None or traces is None:
-            from .sweep import Run, SweepConfig
+            from ..experiment.sweep import Run, SweepConfig
 
             run = Run(_load_sweep(PACKAGE_CONFIGS / "demo.yaml", ["name=fd-check-world"]))
             proxy, grad = proxy or run.paths["proxy"], grad or run.gradient_path()
@@ -222,8 +222,8 @@ def check_fd(
 
 
 def _load_sweep(config: Optional[Path], overrides: list[str]):
-    from .config import load_config
-    from .sweep import SweepConfig
+    from ..config import load_config
+    from ..experiment.sweep import SweepConfig
 
     return load_config(SweepConfig, config, overrides)
 
@@ -234,7 +234,7 @@ def sweep(
     set_: list[str] = typer.Option([], "--set", help="override: key=value (dotted keys for nested)"),
 ):
     """Run (or resume) a sweep; writes results.parquet, plots and report.md under runs/<name>/."""
-    from .sweep import Run
+    from ..experiment.sweep import Run
 
     try:
         cfg = _load_sweep(config, set_)
@@ -263,7 +263,7 @@ def build_world_cmd(
     """Build (or find in the cache) the offline toy world and print its metrics."""
     import json
 
-    from .toyworld.build import build_world
+    from ..toyworld.build import build_world
 
     cfg = _load_sweep(config or PACKAGE_CONFIGS / "demo.yaml", set_)
     world = build_world(cfg.world, cfg.cache_dir, workers=cfg.workers)
@@ -287,9 +287,9 @@ def serve(
     """Serve the teacher behind an OpenAI-compatible API with antidistillation sampling."""
     import uvicorn
 
-    from .config import load_config
-    from .serve.app import build_server
-    from .serve.config import ServeConfig
+    from ..config import load_config
+    from ..serve.app import build_server
+    from ..serve.config import ServeConfig
 
     explicit = dict(teacher=teacher, proxy=proxy, grad=grad, lam=lam, eps=eps, difference=difference, host=host,
                     port=port, api_key=api_key)
@@ -302,7 +302,3 @@ def serve(
         uvicorn.run(application, host=cfg.host, port=cfg.port, log_level="info")
     finally:
         engine.stop()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    app()

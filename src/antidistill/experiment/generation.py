@@ -6,15 +6,15 @@ from collections.abc import Sequence
 
 import torch
 
-from .prompting import ANSWER_FORCING, prompt_text
-from .progress import track
+from ..prompting import ANSWER_FORCING, prompt_text
+from ..progress import track
 from .scoring import forced_answer, is_correct
-from .settings import SamplingSettings
+from ..settings import SamplingSettings
 
 
 def build_processor(settings: SamplingSettings, proxy, grad, teacher_tokenizer=None, proxy_tokenizer=None):
     """The logits processor for ``settings.method`` (None for greedy and temperature)."""
-    from .processor import AntidistillationLogitsProcessor, PermutationLogitsProcessor
+    from ..processor import AntidistillationLogitsProcessor, PermutationLogitsProcessor
 
     if not settings.uses_proxy:
         return None
@@ -72,7 +72,7 @@ def generate_traces(
     ``\\n\\n**Final Answer**\\n\\boxed{`` to the trace and continues *greedily* (no processor) for
     ``settings.answer_tokens`` tokens (see :func:`answer_forcing_prefix`).
     """
-    from .io_utils import distributed_state
+    from ..io_utils import distributed_state
 
     state = distributed_state()
     if state.num_processes > 1:

@@ -15,12 +15,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import dump_yaml
+from ..config import dump_yaml
 from .distill import DistillConfig
-from .io_utils import atomic_dir, provenance, write_json_atomic, write_text_atomic
-from .progress import track
-from .settings import SamplingSettings
-from .toyworld.build import ToyWorldConfig
+from ..io_utils import atomic_dir, provenance, write_json_atomic, write_text_atomic
+from ..progress import track
+from ..settings import SamplingSettings
+from ..toyworld.build import ToyWorldConfig
 
 METHODS = ("greedy", "temperature", "antidistill", "permutation")
 
@@ -152,12 +152,12 @@ class Run:
                 p.unlink()
 
     def _load_world(self) -> None:
-        from .proxy import load_causal_lm
-        from .tokenizers import check_same_tokenizer, check_vocab_sizes, load_tokenizer
+        from ..proxy import load_causal_lm
+        from ..tokenizers import check_same_tokenizer, check_vocab_sizes, load_tokenizer
 
         cfg = self.cfg
         if cfg.dataset == "toy":
-            from .toyworld.build import build_world
+            from ..toyworld.build import build_world
 
             world = build_world(cfg.world, cfg.cache_dir, progress=self.progress, workers=cfg.workers)
             self.world_metrics = world.metrics
@@ -202,7 +202,7 @@ class Run:
         return self._holdout
 
     def gradient_path(self) -> Path:
-        from .gradient import compute_proxy_gradient, save_gradient
+        from ..gradient import compute_proxy_gradient, save_gradient
 
         path = self.dir / "proxy_grad.safetensors"
         if not path.is_file():
@@ -242,7 +242,7 @@ class Run:
             self._distill(read_jsonl(traces_path), seed, student_dir, history_path)
         student_path = d / "student_test.jsonl"
         if not student_path.is_file():
-            from .proxy import load_causal_lm
+            from ..proxy import load_causal_lm
 
             student = load_causal_lm(str(student_dir))
             s = self.cfg.settings_for("greedy", 0.0, seed)
@@ -262,7 +262,7 @@ class Run:
         import torch
 
         from .distill import distill
-        from .proxy import load_causal_lm
+        from ..proxy import load_causal_lm
 
         torch.manual_seed(seed)
         base = load_causal_lm(self.paths["student"])
@@ -278,7 +278,7 @@ class Run:
     def _result_row(self, method, param, seed, settings, d: Path) -> dict:
         from .data import read_jsonl
         from .evaluate import accuracy_summary, mean_completion_nll
-        from .proxy import load_causal_lm
+        from ..proxy import load_causal_lm
 
         teacher = accuracy_summary(read_jsonl(d / "teacher_test.jsonl"))
         student = accuracy_summary(read_jsonl(d / "student_test.jsonl"))
@@ -321,7 +321,7 @@ class Run:
         """
         from concurrent.futures import as_completed
 
-        from .io_utils import distributed_state, worker_pool
+        from ..io_utils import distributed_state, worker_pool
 
         if distributed_state().num_processes > 1:
             raise ValueError("workers > 1 cannot be combined with accelerate launch; use one or the other")
@@ -346,7 +346,7 @@ class Run:
     def write_results(self, rows: list[dict]):
         import pandas as pd
 
-        from .io_utils import atomic_path
+        from ..io_utils import atomic_path
 
         df = pd.DataFrame(rows)
         df["config"] = json.dumps(asdict(self.cfg), default=str)
