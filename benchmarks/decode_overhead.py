@@ -21,7 +21,7 @@ import sys
 import time
 
 SIZES = {
-    # teacher: Llama; proxy: Qwen2 (different families, one vocabulary)
+    # teacher: Qwen2; proxy: Llama (different families, one vocabulary)
     "tiny": dict(vocab=512, teacher=(128, 4, 4, 384), proxy=(64, 2, 4, 192), batch=8, new=64, dtype="float32"),
     # Qwen2.5-0.5B-like teacher (494M with tied embeddings) and a ~0.12B proxy, both with a 151,936 vocabulary
     "realistic": dict(vocab=151936, teacher=(896, 24, 14, 4864), proxy=(512, 12, 8, 1536), batch=4, new=24,
@@ -61,26 +61,29 @@ def run_mode(size: str, mode: str) -> dict:
 
     import torch
 
-    from antidistill import AntidistillationLogitsProcessor
+    from antidistill import AntidistillationLogitsProcessor, generate
 
     teacher, proxy, s, device = build(size)
     p_t = sum(p.numel() for p in teacher.parameters())
     p_p = sum(p.numel() for p in proxy.parameters())
-    procs = None
+    sample = teacher.generate  # plain temperature sampling
     if mode != "temperature":
         g = {n: torch.randn_like(p) * 1e-3 for n, p in proxy.named_parameters()}
-        procs = [AntidistillationLogitsProcessor(proxy, g, lam=0.1, eps=1e-2, tau=0.9, difference=mode, pad_token_id=0)]
+        proc = AntidistillationLogitsProcessor(proxy, g, lam=0.1, eps=1e-2, tau=0.9, difference=mode, pad_token_id=0)
         del g
+
+        def sample(*args, **kwargs):  # eq. 11: τ given once, to the processor
+            return generate(teacher, *args, processor=proc, **kwargs)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(2, s["vocab"], (s["batch"], 32), generator=gen).to(device)
     kw = dict(do_sample=True, temperature=0.9, top_k=0, top_p=1.0, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
-        teacher.generate(ids, logits_processor=procs, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
+        sample(ids, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        teacher.generate(ids, logits_processor=procs, max_new_tokens=s["new"], min_new_tokens=s["new"], **kw)
+        sample(ids, max_new_tokens=s["new"], min_new_tokens=s["new"], **kw)
         if device == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0

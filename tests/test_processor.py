@@ -1,11 +1,11 @@
 """The sampler against a brute-force eq. 11: separate θ±εg models, no cache, no padding, full recompute."""
 
-import warnings
 
 import pytest
 import torch
-from transformers import LogitsProcessorList, TopPLogitsWarper
+from transformers import TopPLogitsWarper
 
+import antidistill
 from antidistill import AntidistillationLogitsProcessor, PermutationLogitsProcessor
 from antidistill.proxy import ProxyDelta
 
@@ -25,8 +25,8 @@ def strip_left_pad(row: torch.Tensor) -> list[int]:
 def generate(teacher, proc, inputs, seed=0, max_new_tokens=5, **kw):
     torch.manual_seed(seed)
     args = dict(do_sample=True, temperature=TAU, top_k=0, top_p=1.0) | kw
-    return teacher.generate(
-        **inputs, logits_processor=LogitsProcessorList([proc]), max_new_tokens=max_new_tokens,
+    return antidistill.generate(
+        teacher, **inputs, processor=proc, max_new_tokens=max_new_tokens,
         output_scores=True, return_dict_in_generate=True, pad_token_id=PAD, eos_token_id=EOS, **args,
     )
 
@@ -62,10 +62,9 @@ def test_sequences_that_finish_early(teacher, proxy, grad):
             s[::2, EOS] += 6.0
             return s
     torch.manual_seed(0)
-    out = teacher.generate(
-        **inputs, logits_processor=LogitsProcessorList([EosBias(), proc]), max_new_tokens=6, do_sample=True,
-        temperature=TAU, top_k=0, top_p=1.0, output_scores=True, return_dict_in_generate=True,
-        pad_token_id=PAD, eos_token_id=EOS,
+    out = antidistill.generate(
+        teacher, **inputs, processor=proc, logits_processor=[EosBias()], max_new_tokens=6,
+        output_scores=True, return_dict_in_generate=True, pad_token_id=PAD, eos_token_id=EOS,
     )
     seqs = out.sequences[:, inputs["input_ids"].shape[1]:]
     finished_early = [(r == EOS).nonzero()[0].item() < seqs.shape[1] - 1 for r in seqs if (r == EOS).any()]
@@ -208,9 +207,28 @@ def test_temperature_mismatch_is_an_error(teacher, proxy, grad):
     with pytest.raises(ValueError, match=r"temperature=0.5.*tau=0.8"):
         generate(teacher, proc, inputs, temperature=0.5)
     with pytest.raises(ValueError, match=r"temperature=1.0.*tau=0.8"):
-        teacher.generate(**inputs, logits_processor=[proc], do_sample=True, max_new_tokens=2, pad_token_id=PAD)
-    # the documented way sets τ once
-    teacher.generate(**inputs, logits_processor=[proc], max_new_tokens=2, pad_token_id=PAD, **proc.generate_kwargs())
+        generate(teacher, proc, inputs, temperature=1.0)
+
+
+def test_tau_is_given_once_to_the_processor(teacher, proxy, grad):
+    """No stack inspection: the processor applies τ itself, so a bare ``model.generate`` at its default
+    temperature, the documented ``**proc.generate_kwargs()``, and ``antidistill.generate`` (with or
+    without the same τ) all sample eq. 11 with identical scores."""
+    proc = AntidistillationLogitsProcessor(proxy, grad, lam=LAM, eps=EPS, tau=TAU)
+    inputs = left_pad(random_prompts((3, 5), seed=1))
+    common = dict(max_new_tokens=3, output_scores=True, return_dict_in_generate=True, pad_token_id=PAD,
+                  eos_token_id=EOS)
+    runs = []
+    for call in (lambda: teacher.generate(**inputs, logits_processor=[proc], do_sample=True, top_k=0, **common),
+                 lambda: teacher.generate(**inputs, logits_processor=[proc], **proc.generate_kwargs(), **common),
+                 lambda: antidistill.generate(teacher, **inputs, processor=proc, **common),
+                 lambda: antidistill.generate(teacher, **inputs, processor=proc, temperature=TAU, **common)):
+        torch.manual_seed(0)
+        runs.append(call())
+    for out in runs[1:]:
+        assert torch.equal(out.sequences, runs[0].sequences)
+        assert all(torch.equal(a, b) for a, b in zip(out.scores, runs[0].scores))
+    check_against_reference(teacher, proxy, grad, runs[0], inputs["input_ids"].shape[1])
 
 
 def test_extreme_lambda_falls_back_to_teacher(teacher, proxy, grad):

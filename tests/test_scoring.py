@@ -1,7 +1,8 @@
 import pytest
 
 from antidistill.experiment.generation import answer_forcing_prefix
-from antidistill.experiment.scoring import forced_answer, is_correct, wilson_interval
+from antidistill.experiment.evaluate import accuracy_summary
+from antidistill.experiment.scoring import forced_answer, is_correct
 
 
 def test_forced_answer_stops_at_matching_brace():
@@ -19,6 +20,11 @@ def test_math_verify(ans, gold, ok):
 def test_answer_forcing_cuts_the_models_own_final_answer():
     assert answer_forcing_prefix("2 + 3 = 5 .\n\n**Final Answer**\n\\boxed{5}") == "2 + 3 = 5 ."
     assert answer_forcing_prefix("no header here") == "no header here"
+
+
+def wilson_interval(k: int, n: int) -> tuple[float, float]:
+    s = accuracy_summary([{"correct": i < k} for i in range(n)])
+    return s["ci_low"], s["ci_high"]
 
 
 def test_wilson_interval_by_hand():

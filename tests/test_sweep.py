@@ -160,7 +160,7 @@ def test_parallel_world_build_equals_the_serial_one(quick_run, tmp_path):
 
 def test_config_mismatch_on_resume_is_an_error(quick_run):
     tmp, cfg, out, _ = quick_run
-    other = quick_cfg(tmp, eps=0.5)
+    other = quick_cfg(tmp, **{"sampling.eps": 0.5})
     with pytest.raises(ValueError, match="holds a different config"):
         Run(other, progress=False)
 
@@ -172,7 +172,7 @@ def test_config_mismatch_on_resume_is_an_error(quick_run):
         ({"ad_lambdas": "[.nan]"}, "lam=nan"),
         ({"temperatures": "[0]"}, "tau=0.0"),
         ({"seeds": "[]"}, "seeds must list"),
-        ({"difference": "sideways"}, "difference='sideways'"),
+        ({"sampling.difference": "sideways"}, "difference='sideways'"),
         ({"workers": "0"}, "workers=0"),
     ],
 )

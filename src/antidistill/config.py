@@ -1,58 +1,63 @@
-"""Typed configs: dataclasses loadable from YAML and overridable with ``key=value`` strings."""
+"""Typed configs: pydantic dataclasses loaded from YAML, ``--set key=value`` overrides and CLI options.
+
+One validator for every config of the project (pydantic). Unknown keys and wrong types are refused
+with a ``ValueError`` that names the key and the value; the config classes themselves declare their
+fields, types (``Literal`` for choices) and checks.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 C = TypeVar("C")
 
 
-def _coerce(tp, value, where: str):
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ValueError(f"{where} must be a mapping, got {value!r}")
-        return from_dict(tp, value, where)
-    if origin in (list, tuple):
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where} must be a list, got {value!r}")
-        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, bool, str):
-        if isinstance(value, str) and tp is not str:
-            value = yaml.safe_load(value)
-        if tp is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise ValueError(f"{where} must be {tp.__name__}, got {value!r}")
-        return value
-    return value
+def _where(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if not isinstance(p, int)) or "config"
 
 
-def from_dict(cls: type[C], data: dict[str, Any], where: str = "") -> C:
-    """Build dataclass ``cls`` from a (nested) dict; unknown keys are an error naming the key."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"unknown config key {where + '.' if where else ''}{unknown[0]!r}; known: {sorted(names)}")
-    kwargs = {k: _coerce(hints[k], v, f"{where + '.' if where else ''}{k}") for k, v in data.items()}
-    return cls(**kwargs)
+def _message(err: dict) -> str:
+    """One pydantic error as a sentence that names the key and the value."""
+    where, value = _where(err["loc"]), err.get("input")
+    name = where.rsplit(".", 1)[-1]
+    kind = err["type"]
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        return f"unknown config key {where!r}"
+    if kind == "value_error":  # our own checks already name the field and the value
+        return str(err["ctx"]["error"])
+    if kind == "literal_error":
+        return f"{where} must be one of {err['ctx']['expected']}, got {name}={value!r}"
+    return f"{where}: {err['msg'][0].lower()}{err['msg'][1:]}, got {name}={value!r}"
+
+
+def validation_error(e: ValidationError) -> ValueError:
+    """A ``ValueError`` whose text lists every problem of ``e``, one per line."""
+    return ValueError("; ".join(dict.fromkeys(_message(err) for err in e.errors())))
+
+
+def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+    """Build config ``cls`` from a (nested) dict; every problem is a ``ValueError`` naming the key."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a {cls.__name__} must be a mapping, got {data!r}")
+    try:
+        return TypeAdapter(cls).validate_python(data)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.strip().split(".")
+    for p in parts[:-1]:
+        child = node.get(p)
+        node[p] = dict(child) if isinstance(child, dict) else {}
+        node = node[p]
+    node[parts[-1]] = value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -62,18 +67,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
-        node = data
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node[p] = dict(node.get(p) or {})
-            node = node[p]
-        node[parts[-1]] = yaml.safe_load(raw)
+        _set(data, key, yaml.safe_load(raw))
     return data
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None,
                 values: dict[str, Any] | None = None) -> C:
-    """YAML file, then ``key=value`` overrides (parsed as YAML), then typed ``values`` (CLI options)."""
+    """YAML file, then ``key=value`` overrides (parsed as YAML), then typed ``values`` (CLI options).
+
+    ``values`` maps dotted keys (``"sampling.lam"``) to values; ``None`` means "not given".
+    """
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -83,7 +86,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         if not isinstance(data, dict):
             raise ValueError(f"config file {str(p)!r} must hold a mapping")
     data = apply_overrides(data, overrides or [])
-    data.update({k: v for k, v in (values or {}).items() if v is not None})
+    for key, v in (values or {}).items():
+        if v is not None:
+            _set(data, key, v)
     return from_dict(cls, data)
 
 

@@ -124,6 +124,23 @@ def sine_error(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return (1.0 - cos.clamp(-1.0, 1.0) ** 2).clamp_min(0.0).sqrt()
 
 
+def completion_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of the labelled positions: the completion-only loss (eq. 7's ℓ, unnormalised).
+
+    Args:
+        logits: ``(B, L, V)`` a causal LM's logits for ``(B, L)`` ids.
+        labels: ``(B, L)`` the ids, with ``-100`` wherever no loss is taken (prompt, padding).
+
+    Returns:
+        A float32 scalar: Σ −log p(labels[:, t+1] | ids[:, :t+1]) over positions with a label. Divide
+        by the number of labelled targets for the mean NLL per completion token.
+    """
+    logits = logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+
+
 def nonfinite_rows(adjusted: torch.Tensor) -> torch.Tensor:
     """``(B,)`` bool: rows of adjusted logits that cannot be sampled from.
 

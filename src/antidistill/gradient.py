@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .io_utils import atomic_path, provenance
+from .functional import completion_nll
+from .io_utils import atomic_path, distributed_state, provenance
+from .progress import track
 from .prompting import encode_example, pad_right
 
 MAX_LISTED = 5
@@ -77,8 +80,6 @@ def compute_proxy_gradient(
     Returns:
         :class:`ProxyGradient` with float32 tensors keyed by parameter name.
     """
-    from .io_utils import distributed_state
-
     state = distributed_state()
     if len(traces) == 0:
         raise ValueError("traces is empty: the proxy gradient needs at least one teacher trace")
@@ -97,15 +98,9 @@ def compute_proxy_gradient(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     local_nll = torch.zeros((), dtype=torch.float64, device=device)
     batches = list(_batches(examples, batch_size, pad_id))
-    from .progress import track
-
     for ids, labels, mask in track(batches, "proxy gradient", enabled=progress and state.is_main_process):
         ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-        logits = proxy(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        target = labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
-        )
+        nll = completion_nll(proxy(input_ids=ids, attention_mask=mask).logits, labels)
         (nll / n_tokens).backward()
         local_nll += nll.detach().double()
     total_nll = _all_sum(local_nll, state)
@@ -127,8 +122,6 @@ def compute_proxy_gradient(
 
 def _all_sum(t: torch.Tensor, state) -> torch.Tensor:
     if state.num_processes > 1:
-        import torch.distributed as dist
-
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t

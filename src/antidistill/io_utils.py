@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
+import multiprocessing as mp
 import os
 import platform
+import shutil
+import signal
+import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+import transformers
+from accelerate import PartialState
+
 from . import __version__
+from .progress import quiet_libraries
 
 
 @contextlib.contextmanager
@@ -40,8 +53,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Like :func:`atomic_path` for a directory: build it under a temporary name, then rename."""
-    import shutil
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -67,9 +78,6 @@ def write_json_atomic(path: str | Path, obj) -> Path:
 
 def provenance() -> dict[str, str]:
     """Library versions and the time: recorded in every artifact."""
-    import torch
-    import transformers
-
     out = {
         "antidistill_version": __version__,
         "torch_version": torch.__version__,
@@ -91,9 +99,6 @@ def distributed_state():
     A bare ``PartialState()`` on a machine without CUDA ignores the process group that
     ``accelerate launch`` set up and reports one process; ``cpu=True`` makes it join the group.
     """
-    import torch
-    from accelerate import PartialState
-
     return PartialState(cpu=not torch.cuda.is_available())
 
 
@@ -104,8 +109,6 @@ def close_distributed() -> None:
     can abort with "terminate called without an active exception" (SIGABRT) after its work is
     done: pytorch/pytorch#190489.
     """
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -117,28 +120,13 @@ def worker_pool(n: int):
     On Linux each worker dies with this process (``PR_SET_PDEATHSIG``): a sweep or build killed with
     SIGKILL leaves no writer behind to race the run that resumes it.
     """
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    import torch
-
     threads = max(1, torch.get_num_threads() // n)
     return ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_init_pool_worker,
                                initargs=(threads, os.getpid()))
 
 
 def _init_pool_worker(threads: int, parent_pid: int) -> None:
-    import sys
-    import warnings
-
-    import torch
-
-    from .progress import quiet_libraries
-
     if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() != parent_pid:  # the parent died before prctl took effect
             os._exit(1)

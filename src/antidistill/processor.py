@@ -2,35 +2,35 @@
 
 How τ is passed
 ---------------
-Give τ once to the processor and the *same* τ to ``generate``::
+τ is given once, to the processor, which returns the finished eq. 11 scores
+``log p_T/τ + λ·Δ̂``: the temperature scales the teacher term only. ``generate``'s own
+temperature must therefore stay at 1. :func:`generate` does this for you and checks it::
 
     proc = AntidistillationLogitsProcessor(proxy, grad, lam=0.3, eps=1e-2, tau=0.9)
-    teacher.generate(**inputs, logits_processor=[proc], **proc.generate_kwargs())
-    # = do_sample=True, temperature=0.9, top_k=0, top_p=1.0
+    out = antidistill.generate(teacher, **inputs, processor=proc, top_p=0.95)
 
-transformers applies custom processors *before* its temperature warper, which divides every
-score by τ. The processor therefore returns ``log p_T + τ·λ·Δ̂``; after the warper the scores are
-``log p_T/τ + λ·Δ̂``, exactly eq. 11, where temperature scales the teacher term only. (The
-authors' code returns ``log p_T + λΔ̂`` and lets the warper divide both terms.) A ``generate``
-call whose sampling temperature differs from the processor's τ raises ``ValueError`` on its first
-step: the processor reads the ``generation_config`` of the ``generate`` call that invoked it.
-Greedy decoding (``do_sample=False``) takes the argmax of eq. 11 for any τ and is always allowed.
-Top-k/top-p from ``generate`` apply afterwards, to the eq. 11 scores, as usual.
+``antidistill.generate`` raises ``ValueError`` if it is given a ``temperature`` other than the
+processor's τ. A plain ``teacher.generate(**inputs, logits_processor=[proc], **proc.generate_kwargs())``
+is equivalent; passing another ``temperature`` to ``model.generate`` itself cannot be detected (the
+processor only sees the scores) and would scale both terms again, so prefer :func:`generate`.
+Greedy decoding (``do_sample=False``) takes the argmax of eq. 11. Top-k/top-p apply afterwards, to
+the eq. 11 scores, as usual. (The authors' code returns ``log p_T + λΔ̂`` and lets ``generate``'s
+temperature divide both terms: not eq. 11.)
 
 Non-finite values
 -----------------
 If a row of eq. 11 scores holds NaN or +inf (bf16 overflow in the proxy, or an extreme λ), that
 row falls back to the teacher's own distribution for that token, with a ``RuntimeWarning``; the
-count is kept in ``processor.n_fallback_rows``. NaN never reaches the sampler.
+count is kept in ``processor.n_fallback_rows``. NaN never reaches the sampler. (The server does not
+use this fallback: there such a row is an error, so no raw-teacher probability is ever served.)
 """
 
 from __future__ import annotations
 
-import inspect
 import warnings
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper
 
 from .functional import (
     antidistillation_logits,
@@ -44,24 +44,6 @@ from .functional import (
 from .proxy import ProxyDelta
 from .tokenizers import check_same_tokenizer
 
-_FRAMES_TO_SEARCH = 6
-
-
-def _calling_generation_config() -> GenerationConfig | None:
-    """The ``generation_config`` of the ``generate`` loop that called the processor, if any."""
-    frame = inspect.currentframe()
-    try:
-        for _ in range(_FRAMES_TO_SEARCH):
-            frame = frame.f_back if frame is not None else None
-            if frame is None:
-                return None
-            cfg = frame.f_locals.get("generation_config")
-            if isinstance(cfg, GenerationConfig):
-                return cfg
-        return None
-    finally:
-        del frame
-
 
 class AntidistillationLogitsProcessor(LogitsProcessor):
     """Sample from softmax(log p_T/τ + λ·Δ̂) (eq. 11), Δ̂ from a proxy and its gradient g.
@@ -71,7 +53,7 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
         grad: g, a dict of tensors, a :class:`~antidistill.ProxyGradient` or a ``.safetensors`` path.
         lam: λ, any finite number; 0 gives plain temperature sampling (the proxy is then not run).
         eps: ε > 0 of the finite difference.
-        tau: τ > 0, the teacher temperature; pass the same value to ``generate`` (see module doc).
+        tau: τ > 0, the teacher temperature of eq. 11, applied by the processor (see module doc).
         difference: ``"central"`` (the authors'), ``"forward"`` (eq. 10) or ``"jvp"`` (exact, eq. 12-13).
         pad_token_id: the id ``generate`` pads with; leading runs of it are left padding.
             Defaults to the proxy config's ``pad_token_id``.
@@ -106,6 +88,7 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
         self.delta = ProxyDelta(proxy, grad, eps=eps, difference=difference, pad_token_id=pad_token_id)
         self.vocab_size = self.delta.vocab_size
         self.n_fallback_rows = 0
+        self._temperature = TemperatureLogitsWarper(self.tau)
 
     @classmethod
     def from_settings(cls, proxy, grad, settings, **kwargs):
@@ -115,23 +98,12 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
         )
 
     def generate_kwargs(self, top_p: float = 1.0, top_k: int = 0) -> dict:
-        """Sampling arguments for ``generate`` that match this processor's τ."""
-        return {"do_sample": True, "temperature": self.tau, "top_k": top_k, "top_p": top_p}
+        """Sampling arguments for ``model.generate``: the processor applies τ, so ``generate``'s stays 1."""
+        return {"do_sample": True, "temperature": 1.0, "top_k": top_k, "top_p": top_p}
 
     def reset(self) -> None:
         """Drop the proxy's KV caches (done automatically when a new batch starts)."""
         self.delta.reset()
-
-    def _check_generation_config(self) -> None:
-        cfg = _calling_generation_config()
-        if cfg is None or not cfg.do_sample:
-            return
-        temperature = 1.0 if cfg.temperature is None else float(cfg.temperature)
-        if abs(temperature - self.tau) > 1e-12 * max(1.0, self.tau):
-            raise ValueError(
-                f"generate(temperature={temperature}) does not match the processor's tau={self.tau}: "
-                "eq. 11 needs both to be the same τ; pass **processor.generate_kwargs() to generate"
-            )
 
     def compute_delta(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``(B, L)`` ids → ``(B, V)`` Δ̂ used in eq. 11."""
@@ -168,13 +140,14 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
         return adjusted
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self._check_generation_config()
+        """``(B, V)`` eq. 11 scores; the input is never modified."""
         if self.lam == 0.0:
             if scores.shape[-1] != self.vocab_size:
                 self.adjusted_logits(input_ids, scores)  # raises the vocabulary error
-            return scores  # exactly temperature sampling; the input is returned, not modified
-        # generate's TemperatureLogitsWarper divides by τ next: pre-multiply so eq. 11 comes out.
-        return (self.adjusted_logits(input_ids, scores) * self.tau).to(scores.dtype)
+            return self._temperature(input_ids, scores)  # exactly temperature sampling (eq. 1)
+        # eq. 11 as temperature τ applied to log p_T + τλΔ̂: the same float operations as
+        # transformers' temperature sampling of those scores, so λ = 0 is bit-identical to it.
+        return self._temperature(input_ids, (self.adjusted_logits(input_ids, scores) * self.tau).to(scores.dtype))
 
 
 class PermutationLogitsProcessor(AntidistillationLogitsProcessor):
@@ -193,3 +166,23 @@ class PermutationLogitsProcessor(AntidistillationLogitsProcessor):
     def compute_delta(self, input_ids: torch.Tensor) -> torch.Tensor:
         return permute_delta(self.delta(input_ids), self.generator)
 
+
+
+def generate(model, *args, processor: AntidistillationLogitsProcessor, logits_processor=None, **kwargs):
+    """``model.generate`` with antidistillation sampling, τ given once (by the processor).
+
+    Sampling defaults to ``do_sample=True, top_k=0, top_p=1.0``; any ``generate`` argument may be
+    passed. ``logits_processor`` entries run before the antidistillation processor.
+
+    Raises:
+        ValueError: ``temperature`` is given and differs from ``processor.tau`` (eq. 11 has one τ,
+            and it scales the teacher term only).
+    """
+    temperature = kwargs.pop("temperature", None)
+    if temperature is not None and abs(float(temperature) - processor.tau) > 1e-12 * max(1.0, processor.tau):
+        raise ValueError(
+            f"generate(temperature={temperature}) does not match the processor's tau={processor.tau}: "
+            "eq. 11 has one τ, given to the processor; leave temperature out"
+        )
+    procs = LogitsProcessorList([*(logits_processor or []), processor])
+    return model.generate(*args, logits_processor=procs, **(processor.generate_kwargs() | kwargs))

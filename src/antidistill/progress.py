@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
+
+import datasets
+import transformers
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 T = TypeVar("T")
 
@@ -12,8 +17,6 @@ def track(items: Iterable[T], description: str, *, enabled: bool = True, total: 
     if not enabled:
         yield from items
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -31,11 +34,6 @@ def quiet_libraries() -> None:
     Our own rich progress bars say what is happening; the libraries' would repeat it per model load
     and per distillation.
     """
-    import logging
-
-    import datasets
-    import transformers
-
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     transformers.logging.set_verbosity_error()

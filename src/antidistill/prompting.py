@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 DEFAULT_SYSTEM_PROMPT = "Think step by step."
 ANSWER_FORCING = "\n\n**Final Answer**\n\\boxed{"
 
@@ -44,8 +46,6 @@ def encode_example(
 
 def pad_right(examples: list[dict], pad_id: int):
     """Right-pad ``input_ids``/``labels`` examples → ``(ids, labels, attention_mask)`` long tensors."""
-    import torch
-
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full_like(ids, -100)

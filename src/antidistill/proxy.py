@@ -1,7 +1,8 @@
 """Δ̂ over the whole vocabulary for the last position of each row, from a proxy and g.
 
 :class:`ProxyDelta` is engine-agnostic: it takes the token ids seen so far and returns Δ̂ for
-the next token. The transformers logits processors, the server and a vLLM adapter wrap it.
+the next token. The transformers logits processors wrap it; ``slots`` keeps the same state per
+request for a server's continuous batching.
 
 Memory held, in proxy-sized weight buffers (P = proxy parameters) and KV caches:
 
@@ -22,11 +23,13 @@ the finite-difference modes.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Mapping
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call
+from transformers import AutoModelForCausalLM, DynamicCache
 
 from .functional import check_difference, check_eps, finite_difference_delta
 from .gradient import load_gradient, trainable_parameters
@@ -36,8 +39,6 @@ def load_causal_lm(model, dtype: torch.dtype | None = None, **kwargs):
     """A model object passes through; a path is loaded with ``AutoModelForCausalLM``."""
     if isinstance(model, torch.nn.Module):
         return model
-    from transformers import AutoModelForCausalLM
-
     try:
         return AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype, **kwargs)
     except OSError as e:
@@ -46,8 +47,6 @@ def load_causal_lm(model, dtype: torch.dtype | None = None, **kwargs):
 
 def cache_kwarg(model) -> str:
     """``"cache"`` (transformers >= 5.2x) or ``"past_key_values"`` (older), whichever ``forward`` takes."""
-    import inspect
-
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
@@ -61,6 +60,12 @@ def left_padding_mask(input_ids: torch.Tensor, pad_token_id: int | None) -> torc
     if pad_token_id is None:
         return torch.ones_like(input_ids)
     return (input_ids != pad_token_id).long().cummax(dim=-1).values
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, L)`` position ids counted from each row's first real token (0 on left padding),
+    as transformers' ``generate`` gives them to the teacher."""
+    return (attention_mask.cumsum(-1) - 1).clamp_min(0)
 
 
 @torch.no_grad()
@@ -150,13 +155,11 @@ class ProxyDelta:
         """``(B, L)`` long ids → ``(B, V)`` float32 Δ̂ for the token after position L."""
         input_ids = input_ids.to(self.device)
         new, mask = self._plan(input_ids)
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)[:, -new.shape[1] :]
+        pos = position_ids(mask)[:, -new.shape[1] :]
         kwargs = dict(attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         if self.difference == "jvp":
             delta = self._jvp(new, kwargs)
         else:
-            from transformers import DynamicCache
-
             caches = self._caches or [DynamicCache(config=m.config) for m in self.models]
             logits = [
                 model(input_ids=new, **{self._cache_kw: cache}, **kwargs).logits[:, -1].float()
@@ -169,8 +172,6 @@ class ProxyDelta:
 
     def _jvp(self, new: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Exact Δ = J_θ[log p(·; θ_P)]·g by forward-mode AD (eq. 12-13), with a dual KV cache."""
-        from transformers import DynamicCache
-
         model = self.models[0]
         with fwAD.dual_level():
             params = {n: fwAD.make_dual(p.detach(), self.tangents[n]) for n, p in self.params.items()}

@@ -1,49 +1,80 @@
-"""One settings object for sampling, shared by the processor, gradient, generation and evaluation."""
+"""How the teacher samples: the parameters of eq. 11, and everything else a trace generation needs.
+
+Declared once here and nested wherever they are used: the sweep's config nests a
+:class:`SamplingSettings`, the server's config an :class:`Eq11Settings`, and the CLI options are
+derived from the fields (``antidistill.cli.options``). Validation runs on construction, so a bad
+value is a ``ValueError`` naming the field and the value wherever it comes from.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Literal, get_args
 
-from .functional import check_difference, check_eps, check_lam, check_tau
+from pydantic import ConfigDict, Field, field_validator
+from pydantic.dataclasses import dataclass
 
-METHODS = ("greedy", "temperature", "antidistill", "permutation")
+from .functional import check_eps, check_lam, check_tau
+
+Method = Literal["greedy", "temperature", "antidistill", "permutation"]
+Difference = Literal["central", "forward", "jvp"]
+METHODS: tuple[str, ...] = get_args(Method)
+
+# Every config of the project refuses unknown keys; values are validated on construction.
+CONFIG = ConfigDict(extra="forbid")
 
 
-@dataclass
-class SamplingSettings:
-    """How the teacher samples its traces.
+@dataclass(config=CONFIG)
+class Eq11Settings:
+    """The parameters of eq. 11, softmax(log p_T/τ + λ·Δ̂): τ scales the teacher term only."""
+
+    lam: float = Field(0.0, description="λ, the weight of Δ̂ in eq. 11 (0: plain temperature sampling)")
+    eps: float = Field(1e-2, description="ε of the finite difference of Δ̂")
+    tau: float = Field(0.9, description="τ, the teacher temperature of eq. 1 / eq. 11")
+    difference: Difference = Field("central", description="how Δ̂ is computed: central | forward | jvp")
+
+    @field_validator("lam")
+    @classmethod
+    def _lam(cls, v: float) -> float:
+        check_lam(v)
+        return v
+
+    @field_validator("eps")
+    @classmethod
+    def _eps(cls, v: float) -> float:
+        check_eps(v)
+        return v
+
+    @field_validator("tau")
+    @classmethod
+    def _tau(cls, v: float) -> float:
+        check_tau(v)
+        return v
+
+
+@dataclass(config=CONFIG)
+class SamplingSettings(Eq11Settings):
+    """How the teacher samples its traces: the method, eq. 11's parameters, and the decoding budget.
 
     ``tau`` is the one temperature: plain sampling uses softmax(log p_T/τ) (eq. 1), antidistillation
-    softmax(log p_T/τ + λΔ̂) (eq. 11). :meth:`generate_kwargs` hands the same τ to ``generate``.
+    softmax(log p_T/τ + λΔ̂) (eq. 11).
     """
 
-    method: str = "antidistill"
-    tau: float = 0.9
-    lam: float = 0.0
-    eps: float = 1e-2
-    difference: str = "central"
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 256
-    answer_tokens: int = 8
-    batch_size: int = 16
-    seed: int = 0
-    system_prompt: str | None = None
+    method: Method = Field("antidistill", description="greedy | temperature | antidistill | permutation")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus mass, applied after eq. 11")
+    top_k: int = Field(0, ge=0, description="top-k after eq. 11 (0: off)")
+    max_new_tokens: int = Field(256, ge=1, description="trace length cap in tokens")
+    answer_tokens: int = Field(8, ge=1, description="tokens generated after the forced answer header")
+    batch_size: int = Field(16, ge=1, description="prompts per generate call")
+    seed: int = Field(0, description="sampling seed (batch i uses seed + i)")
+    system_prompt: str | None = Field(None, description="system message (default: the project's)")
 
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got method={self.method!r}")
-        check_tau(self.tau)
-        check_lam(self.lam)
-        check_eps(self.eps)
-        check_difference(self.difference)
-        if not (0.0 < self.top_p <= 1.0) or not math.isfinite(self.top_p):
-            raise ValueError(f"top_p must be in (0, 1], got top_p={self.top_p!r}")
-        for name in ("top_k", "max_new_tokens", "answer_tokens", "batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < (0 if name == "top_k" else 1):
-                raise ValueError(f"{name} must be an integer >= {0 if name == 'top_k' else 1}, got {name}={v!r}")
+    @field_validator("top_p")
+    @classmethod
+    def _top_p(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"top_p must be in (0, 1], got top_p={v!r}")
+        return v
 
     @property
     def uses_proxy(self) -> bool:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
 MAX_LISTED = 5
 
 
@@ -42,11 +47,6 @@ def load_tokenizer(path):
     changes a custom tokenizer saved beside a model (the toy world's word-level one beside its
     Qwen2 proxy, say). A tokenizer saved as a plain fast tokenizer is loaded as one.
     """
-    import json
-    from pathlib import Path
-
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     cfg = Path(str(path)) / "tokenizer_config.json"
     if cfg.is_file():
         cls = json.loads(cfg.read_text()).get("tokenizer_class")

@@ -11,7 +11,10 @@ import random
 import re
 from pathlib import Path
 
+import datasets
+
 from ..io_utils import atomic_path
+from .scoring import forced_answer
 
 SCHEMA = ("id", "question", "solution", "answer")
 
@@ -58,8 +61,6 @@ def _gsm8k_row(raw: dict, i: int, where: str) -> dict:
 
 
 def _math_row(raw: dict, i: int, where: str) -> dict:
-    from .scoring import forced_answer
-
     if not isinstance(raw.get("problem"), str) or not isinstance(raw.get("solution"), str) or "\\boxed{" not in raw["solution"]:
         raise ValueError(f"{where}: row {i} is not a MATH row (needs 'problem' and a 'solution' with \\boxed{{}})")
     ans = forced_answer(raw["solution"].rsplit("\\boxed{", 1)[1])
@@ -76,6 +77,7 @@ def _mmlu_row(raw: dict, i: int, where: str) -> dict:
 
 
 _ROW = {"gsm8k": _gsm8k_row, "math": _math_row, "mmlu": _mmlu_row}
+DATASETS = tuple(_ROW)  # the real datasets; "toy" is the generated one
 _HUB = {"gsm8k": ("openai/gsm8k", "main"), "math": ("EleutherAI/hendrycks_math", None), "mmlu": ("cais/mmlu", "all")}
 
 
@@ -91,8 +93,6 @@ def load_split_rows(name: str, split: str, path: str | Path | None = None) -> li
         f = Path(path) / f"{split}.jsonl"
         raw, where = read_jsonl(f), str(f)
     else:
-        import datasets
-
         repo, cfg = _HUB[name]
         raw, where = list(datasets.load_dataset(repo, cfg, split=split)), f"{repo}:{split}"
     rows = [_ROW[name](r, i, where) for i, r in enumerate(raw, 1)]

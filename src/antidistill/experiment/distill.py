@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from pydantic import Field
+from pydantic.dataclasses import dataclass
+from transformers.trainer_callback import PrinterCallback
+from trl import SFTConfig, SFTTrainer
+
 from ..prompting import chat_messages
+from ..settings import CONFIG
 
 
-@dataclass
+@dataclass(config=CONFIG)
 class DistillConfig:
     """Defaults follow the paper (LoRA r = α, dropout 0, all linear layers, wd 0.1, clip 1.0, cosine,
     warm-up, 3 epochs, batch 16), with r and the learning rate scaled to the toy models.
@@ -19,17 +27,17 @@ class DistillConfig:
     3-5% test accuracy)."""
 
     lora: bool = True
-    lora_r: int = 64
-    lora_alpha: int = 64
-    lora_dropout: float = 0.0
-    lr: float = 5e-3
-    weight_decay: float = 0.1
-    epochs: float = 3.0
-    batch_size: int = 16
-    warmup_ratio: float = 0.05
-    max_grad_norm: float = 1.0
-    max_length: int = 512
-    eval_every: int = 20  # steps between holdout-loss evaluations (loss-dynamics plot)
+    lora_r: int = Field(64, ge=1)
+    lora_alpha: int = Field(64, ge=1)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lr: float = Field(5e-3, gt=0.0, allow_inf_nan=False)
+    weight_decay: float = Field(0.1, ge=0.0)
+    epochs: float = Field(3.0, gt=0.0, allow_inf_nan=False)
+    batch_size: int = Field(16, ge=1)
+    warmup_ratio: float = Field(0.05, ge=0.0, le=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    max_length: int = Field(512, ge=1)
+    eval_every: int = Field(20, ge=1)  # steps between holdout-loss evaluations (loss-dynamics plot)
     # bf16 autocast: None picks it on a CUDA device with bf16 support and fp32 elsewhere. TRL's own
     # default (bf16 everywhere), with its activation checkpointing, ran a toy-student step 6x slower
     # on a CPU without native bf16 (AVX2 EPYC: 2.6 s against 0.43 s in fp32).
@@ -66,10 +74,6 @@ def distill(
     ``eval_traces`` (clean holdout traces), for the loss-dynamics plot (paper Fig. 5). With LoRA the
     adapter is merged into the returned model.
     """
-    from datasets import Dataset
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
-
     if not traces:
         raise ValueError("no traces to distil from")
     train_ds = Dataset.from_list(sft_rows(traces, system_prompt))
@@ -92,8 +96,6 @@ def distill(
     trainer = SFTTrainer(model=student, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config)
     if not progress:
-        from transformers.trainer_callback import PrinterCallback
-
         trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
     trainer.train()
     history = [
@@ -109,15 +111,11 @@ def distill(
 
 
 def _has_cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
 def _use_bf16(requested: bool | None) -> bool:
     """``requested`` if set, else bf16 autocast exactly when a CUDA device supports it."""
-    import torch
-
     if requested is not None:
         return requested
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import torch
+from statsmodels.stats.proportion import proportion_confint
 
+from ..functional import completion_nll
 from ..prompting import encode_example, pad_right
-from .scoring import wilson_interval
 
 
 def accuracy_summary(rows: list[dict]) -> dict:
+    """Accuracy of ``rows`` (each with ``correct``) and its 95% Wilson score interval."""
     k, n = sum(bool(r["correct"]) for r in rows), len(rows)
-    lo, hi = wilson_interval(k, n)
-    return {"accuracy": k / n if n else float("nan"), "ci_low": lo, "ci_high": hi, "n": n}
+    lo, hi = proportion_confint(k, n, alpha=0.05, method="wilson") if n else (float("nan"), float("nan"))
+    return {"accuracy": k / n if n else float("nan"), "ci_low": float(lo), "ci_high": float(hi), "n": n}
 
 
 @torch.no_grad()
@@ -23,11 +25,7 @@ def mean_completion_nll(model, tokenizer, rows: list[dict], *, batch_size: int =
     total, count = 0.0, 0
     model.eval()
     for i in range(0, len(examples), batch_size):
-        ids, labels, mask = pad_right(examples[i : i + batch_size], pad)
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits[:, :-1].float()
-        target = labels[:, 1:].to(model.device)
-        total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
-        ).item()
-        count += int((target != -100).sum())
+        ids, labels, mask = (x.to(model.device) for x in pad_right(examples[i : i + batch_size], pad))
+        total += completion_nll(model(input_ids=ids, attention_mask=mask).logits, labels).item()
+        count += int((labels[:, 1:] != -100).sum())
     return total / max(count, 1)

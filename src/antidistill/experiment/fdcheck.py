@@ -14,7 +14,8 @@ import torch
 
 from ..functional import sine_error
 from ..gradient import load_gradient, trainable_parameters
-from ..proxy import ProxyDelta, left_padding_mask
+from ..proxy import ProxyDelta, left_padding_mask, position_ids
+from .plotting import png_figure
 
 DEFAULT_EPS_GRID = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 
@@ -43,7 +44,7 @@ def autograd_directional_derivative(
     gvec = load_gradient(grad, model)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    pos = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    pos = position_ids(attention_mask)
     with torch.enable_grad():
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).logits[:, -1]
         logp = torch.log_softmax(logits.float(), dim=-1)
@@ -117,8 +118,6 @@ def fd_check(
 
 def plot_fd_check(result: FDCheckResult, path) -> None:
     """Fig. 7: sine error against ε, one line per dtype and difference (PNG, written atomically)."""
-    from .plotting import png_figure
-
     with png_figure(path) as (_fig, ax):
         keys = sorted({(r["dtype"], r["difference"]) for r in result.rows if r["difference"] != "jvp"})
         for dtype, diff in keys:

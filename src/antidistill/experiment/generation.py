@@ -5,17 +5,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from accelerate.utils import gather_object
 
-from ..prompting import ANSWER_FORCING, prompt_text
+from ..io_utils import distributed_state
+from ..processor import AntidistillationLogitsProcessor, PermutationLogitsProcessor, generate
 from ..progress import track
-from .scoring import forced_answer, is_correct
+from ..prompting import ANSWER_FORCING, prompt_text
 from ..settings import SamplingSettings
+from .scoring import forced_answer, is_correct
 
 
 def build_processor(settings: SamplingSettings, proxy, grad, teacher_tokenizer=None, proxy_tokenizer=None):
     """The logits processor for ``settings.method`` (None for greedy and temperature)."""
-    from ..processor import AntidistillationLogitsProcessor, PermutationLogitsProcessor
-
     if not settings.uses_proxy:
         return None
     cls = AntidistillationLogitsProcessor if settings.method == "antidistill" else PermutationLogitsProcessor
@@ -38,12 +39,11 @@ def answer_forcing_prefix(completion: str) -> str:
 
 
 @torch.no_grad()
-def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, gen_kwargs: dict, processors) -> list[str]:
+def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, gen_kwargs: dict, processor) -> list[str]:
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    out = model.generate(
-        **enc, max_new_tokens=max_new_tokens, logits_processor=processors, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, **gen_kwargs,
-    )
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, **gen_kwargs)
+    out = model.generate(**enc, **kwargs) if processor is None else generate(model, **enc, processor=processor, **kwargs)
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -72,12 +72,8 @@ def generate_traces(
     ``\\n\\n**Final Answer**\\n\\boxed{`` to the trace and continues *greedily* (no processor) for
     ``settings.answer_tokens`` tokens (see :func:`answer_forcing_prefix`).
     """
-    from ..io_utils import distributed_state
-
     state = distributed_state()
     if state.num_processes > 1:
-        from accelerate.utils import gather_object
-
         with state.split_between_processes(list(problems)) as shard:
             local = _generate_rows(model, tokenizer, shard, settings, processor, few_shot,
                                    progress and state.is_main_process, description)
@@ -89,13 +85,12 @@ def _generate_rows(model, tokenizer, problems, settings, processor, few_shot, pr
     tokenizer.padding_side = "left"
     model.eval()
     gen_kwargs = settings.generate_kwargs()
-    procs = [processor] if processor is not None else None
     rows = []
     batches = [problems[i : i + settings.batch_size] for i in range(0, len(problems), settings.batch_size)]
     for b, batch in enumerate(track(batches, description, enabled=progress)):
         prompts = [prompt_text(tokenizer, p["question"], settings.system_prompt, few_shot) for p in batch]
         torch.manual_seed(settings.seed + b)
-        completions = _generate(model, tokenizer, prompts, settings.max_new_tokens, gen_kwargs, procs)
+        completions = _generate(model, tokenizer, prompts, settings.max_new_tokens, gen_kwargs, processor)
         forced_prompts = [p + answer_forcing_prefix(c) + ANSWER_FORCING for p, c in zip(prompts, completions)]
         greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         forced = _generate(model, tokenizer, forced_prompts, settings.answer_tokens, greedy, None)

@@ -8,10 +8,16 @@ with replacement and fits LOWESS on a common grid of teacher accuracies.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import yaml
+from statsmodels.nonparametric.smoothers_lowess import lowess
 
 from ..io_utils import write_text_atomic
+from .plotting import png_figure
+from .rundir import RunDir
 
 N_BOOT = 300
 LOWESS_FRAC = 0.8
@@ -21,8 +27,6 @@ COLORS = {"temperature": "tab:blue", "antidistill": "tab:red", "permutation": "t
 def bootstrap_lowess(x: np.ndarray, y: np.ndarray, grid: np.ndarray, *, n_boot: int = N_BOOT, seed: int = 0,
                      frac: float = LOWESS_FRAC, clip: tuple[float, float] | None = (0.0, 1.0)) -> np.ndarray:
     """``(n_boot, len(grid))`` LOWESS fits of y on x over bootstrap resamples (NaN outside each draw's x-range)."""
-    from statsmodels.nonparametric.smoothers_lowess import lowess
-
     rng = np.random.default_rng(seed)
     out = np.full((n_boot, len(grid)), np.nan)
     n = len(x)
@@ -133,8 +137,6 @@ def _nll_sentence(nll_table: list[dict]) -> str:
 
 
 def plot_tradeoff(df, path) -> None:
-    from .plotting import png_figure
-
     grid = np.linspace(df.teacher_acc.min(), df.teacher_acc.max(), 60)
     curves = _curves(df, ["temperature", "antidistill", "permutation"], grid)
     with png_figure(path, figsize=(6, 4.5)) as (_fig, ax):
@@ -157,8 +159,6 @@ def plot_tradeoff(df, path) -> None:
 
 def plot_loss_dynamics(histories: dict[str, list[list[dict]]], path) -> None:
     """Mean student train loss and clean-holdout loss over steps, per method (paper Fig. 5)."""
-    from .plotting import png_figure
-
     with png_figure(path, ncols=2, figsize=(9, 3.8)) as (_fig, axes):
         for m, hs in histories.items():
             for ax, key in zip(axes, ("loss", "eval_loss")):
@@ -193,20 +193,24 @@ def _matched_lines(table: list[dict], pct: bool) -> list[str]:
     return out
 
 
-def write_report(run, df) -> None:
-    """Plots and ``report.md`` in the run directory."""
-    from ..config import dump_yaml
-    from .sweep import point_name
+def write_report(run_dir: str | Path) -> Path:
+    """Plots and ``report.md``, built from the run directory alone (``antidistill report RUN_DIR``).
 
-    d = run.dir
-    plot_tradeoff(df, d / "tradeoff.png")
+    Reads ``config.yaml``, ``results.parquet``, each point's ``history.json``, ``fd_check.json`` and
+    (toy runs) ``world.json``; computes nothing that a sweep stage produces.
+    """
+    files = RunDir(run_dir)
+    if not files.results.is_file():
+        raise ValueError(f"{files.results} does not exist: run the sweep first (antidistill sweep)")
+    cfg = yaml.safe_load(files.config.read_text())
+    df = pd.read_parquet(files.results)
+    plot_tradeoff(df, files.tradeoff_plot)
     histories: dict[str, list] = {}
-    for m, p, s in run.cfg.points():
-        h = d / "points" / point_name(m, p, s) / "history.json"
+    for r in df.itertuples():
+        h = files.point(r.method, r.param, r.seed).history
         if h.is_file():
-            histories.setdefault(m, []).append(json.loads(h.read_text()))
-    plot_loss_dynamics(histories, d / "loss_dynamics.png")
-    fd_section = _fd_section(run)
+            histories.setdefault(r.method, []).append(json.loads(h.read_text()))
+    plot_loss_dynamics(histories, files.loss_plot)
     table = matched_table(df)
     nll_table = matched_table(df, y="student_test_nll")
     summary = (df.groupby(["method", "param"])
@@ -214,10 +218,10 @@ def write_report(run, df) -> None:
                       student_acc=("student_acc", "mean"), student_sd=("student_acc", "std"),
                       student_nll=("student_test_nll", "mean"), seeds=("seed", "count"))
                  .reset_index())
-    lines = [f"# antidistill report: `{run.cfg.name}`", "", "## Verdict", "",
+    lines = [f"# antidistill report: `{cfg['name']}`", "", "## Verdict", "",
              verdict(table, float(df.student_acc.max())), "", _nll_sentence(nll_table), ""]
-    if run.world_metrics:
-        wm = run.world_metrics
+    if files.world.is_file():
+        wm = json.loads(files.world.read_text())
         lines += ["## Toy world", "",
                   f"- teacher (Llama, {wm.get('teacher_params', 0):,} params): greedy test accuracy "
                   f"{_fmt(wm.get('teacher_test_accuracy'))}%",
@@ -239,42 +243,21 @@ def write_report(run, df) -> None:
                      f"{_fmt(r.student_acc)} ({_fmt(r.student_sd)}) | {_fmt(r.student_nll, False)} | {r.seeds} |")
     lines += ["", f"Test problems per evaluation: {int(df.n_test.iloc[0])}. Every run is in `results.parquet`.", "",
               "## Plots", "", "![trade-off](tradeoff.png)", "", "![loss dynamics](loss_dynamics.png)", ""]
-    lines += fd_section
-    lines += ["## Settings", "", "```yaml", dump_yaml(run.cfg).rstrip(), "```", ""]
-    write_text_atomic(d / "report.md", "\n".join(lines))
+    if files.fd_check.is_file():
+        lines += _fd_section(json.loads(files.fd_check.read_text()), cfg["sampling"])
+    lines += ["## Settings", "", "```yaml", files.config.read_text().rstrip(), "```", ""]
+    return write_text_atomic(files.report, "\n".join(lines))
 
 
-def _fd_section(run) -> list[str]:
-    """Run (or reuse) a small finite-difference check on the run's proxy and gradient."""
-    import torch
-
-    from .fdcheck import fd_check, plot_fd_check
-    from ..io_utils import write_json_atomic
-    from ..prompting import prompt_text
-
-    path = run.dir / "fd_check.json"
-    if not path.is_file():
-        tok = run.tok["proxy"]
-        rows = run.holdout_traces()[:2]
-        ids = [tok(prompt_text(tok, r["question"]) + r["completion"], add_special_tokens=False)["input_ids"][-8:]
-               for r in rows]
-        width = min(map(len, ids))
-        batch = torch.tensor([x[-width:] for x in ids])
-        res = fd_check(run.proxy, run.gradient_path(), batch, pad_token_id=tok.pad_token_id)
-        write_json_atomic(path, {"rows": res.rows, "best_eps_float32": res.best_eps("float32"),
-                                 "best_eps_bfloat16": res.best_eps("bfloat16")})
-    info = json.loads(path.read_text())
-    if not (run.dir / "fd_error.png").is_file():
-        from .fdcheck import FDCheckResult
-
-        plot_fd_check(FDCheckResult(rows=info["rows"]), run.dir / "fd_error.png")
+def _fd_section(info: dict, sampling: dict) -> list[str]:
+    """The finite-difference check (the sweep's ``fd_check`` stage) at the run's ε and difference."""
     jvp = [r for r in info["rows"] if r["difference"] == "jvp"]
-    at = [r for r in info["rows"] if r["difference"] == run.cfg.difference and r["dtype"] == "float32"
-          and abs(r["eps"] - run.cfg.eps) < 1e-15]
+    at = [r for r in info["rows"] if r["difference"] == sampling["difference"] and r["dtype"] == "float32"
+          and abs(r["eps"] - sampling["eps"]) < 1e-15]
     out = ["## Finite-difference check", "", "![fd error](fd_error.png)", "",
            f"Best ε: {info['best_eps_float32']:g} (float32), {info['best_eps_bfloat16']:g} (bfloat16)."]
     if at:
-        out.append(f"At the run's ε = {run.cfg.eps:g} ({run.cfg.difference}, float32) the mean sine error is "
+        out.append(f"At the run's ε = {sampling['eps']:g} ({sampling['difference']}, float32) the mean sine error is "
                    f"{at[0]['mean_sine_error']:.2e}.")
     if jvp:
         out.append(f"JVP vs autograd: mean sine error {jvp[0]['mean_sine_error']:.2e}.")

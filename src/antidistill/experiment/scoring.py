@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from math_verify import parse, verify
 
 
 def forced_answer(continuation: str) -> str:
@@ -21,8 +21,6 @@ def forced_answer(continuation: str) -> str:
 
 def is_correct(answer: str, gold: str) -> bool:
     """math-verify equivalence of ``\\boxed{answer}`` and the gold answer."""
-    from math_verify import parse, verify
-
     if not answer.strip():
         return False
     try:
@@ -31,14 +29,3 @@ def is_correct(answer: str, gold: str) -> bool:
         return bool(pred) and bool(ref) and bool(verify(ref, pred, timeout_seconds=None))
     except Exception:  # math-verify raises on pathological strings: that answer is wrong
         return False
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a binomial proportion k/n."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, center - half), min(1.0, center + half))

@@ -6,23 +6,33 @@ second run with the same config reuses it and an interrupted build leaves nothin
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import as_completed
+from dataclasses import asdict, field
 from pathlib import Path
 
 import torch
+from pydantic.dataclasses import dataclass
 
-from ..io_utils import atomic_dir, provenance
-from ..prompting import ANSWER_FORCING, DEFAULT_SYSTEM_PROMPT, encode_example, pad_right
+from ..experiment.data import read_jsonl, write_jsonl
+from ..experiment.evaluate import accuracy_summary
+from ..experiment.generation import generate_traces
+from ..io_utils import atomic_dir, provenance, worker_pool
 from ..progress import track
+from ..prompting import ANSWER_FORCING, DEFAULT_SYSTEM_PROMPT, encode_example, pad_right
+from ..proxy import load_causal_lm
+from ..settings import CONFIG, SamplingSettings
+from ..tokenizers import load_tokenizer
 from .models import ModelSpec, build_model
 from .task import arithmetic_chains, chat_arithmetic, generic_text, make_splits, random_problem, solve, story_text
+from .tokenizer import build_tokenizer
 
 
-@dataclass
+@dataclass(config=CONFIG)
 class TrainSpec:
     steps: int = 600
     batch_size: int = 32
@@ -30,7 +40,7 @@ class TrainSpec:
     warmup: int = 30
 
 
-@dataclass
+@dataclass(config=CONFIG)
 class ToyWorldConfig:
     seed: int = 0
     n_train_pool: int = 1000  # split 70/30 into train (traces to distill) and holdout (for g)
@@ -50,7 +60,7 @@ class ToyWorldConfig:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
-@dataclass
+@dataclasses.dataclass
 class World:
     root: Path
     config: dict
@@ -64,8 +74,6 @@ class World:
         return self.root / role
 
     def split(self, name: str) -> list[dict]:
-        from ..experiment.data import read_jsonl
-
         return read_jsonl(self.root / "data" / f"{name}.jsonl")
 
     @classmethod
@@ -146,8 +154,6 @@ def _fresh_problems(rng: random.Random, n: int, taken: set[str]):
 def _train_role(role: str, spec: ModelSpec, examples: list[dict], tspec: TrainSpec, seed: int, root: Path,
                 progress: bool) -> dict:
     """Build ``role``'s model from ``spec``, train it, save model and tokenizer to ``root/role``."""
-    from ..tokenizers import load_tokenizer
-
     tok = load_tokenizer(root / "tokenizer")
     model = build_model(spec, tok, seed)
     losses = train_lm(model, examples, tspec, tok.pad_token_id, seed, f"train {role} ({spec.family})", progress)
@@ -164,15 +170,6 @@ def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = 
     cores // workers torch threads. The cache key is the config alone; a world built with another
     thread count can differ in the last bits of its weights (``world.json`` records ``build_workers``).
     """
-    from ..tokenizers import load_tokenizer
-
-    from ..experiment.data import write_jsonl
-    from ..experiment.evaluate import accuracy_summary
-    from ..experiment.generation import generate_traces
-    from ..proxy import load_causal_lm
-    from ..settings import SamplingSettings
-    from .tokenizer import build_tokenizer
-
     root = Path(cache_dir) / f"toyworld-{cfg.key()}"
     if (root / "world.json").is_file():
         return World.load(root)
@@ -200,10 +197,6 @@ def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = 
         ]
         metrics: dict = {}
         if workers > 1:
-            from concurrent.futures import as_completed
-
-            from ..io_utils import worker_pool
-
             n = min(workers, len(jobs))
             with worker_pool(n) as pool:
                 futures = [pool.submit(_train_role, *job, tmp, False) for job in jobs]

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field
+from pydantic.dataclasses import dataclass
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from ..settings import CONFIG
 
 
-@dataclass
+@dataclass(config=CONFIG)
 class ModelSpec:
-    family: str  # "llama" | "qwen2" | "gpt2"
-    hidden: int
-    layers: int
-    heads: int
-    intermediate: int
+    family: Literal["llama", "qwen2", "gpt2"]
+    hidden: int = Field(ge=1)
+    layers: int = Field(ge=1)
+    heads: int = Field(ge=1)
+    intermediate: int = Field(ge=1)
 
 
 def build_model(spec: ModelSpec, tokenizer, seed: int):
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
     torch.manual_seed(seed)
     common = dict(
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass
 
 from ..prompting import ANSWER_FORCING, chat_messages
+from .tokenizer import render_chat
 
 NAMES = ["Ann", "Bob", "Cara", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivy", "Jon"]
 ITEMS = ["apples", "pens", "cards", "coins", "books", "shells", "stamps", "rocks"]
@@ -175,8 +176,6 @@ def chat_arithmetic(seed: int, n: int, system_prompt: str) -> list[str]:
     and no final-answer block. Real base models have seen chat-formatted text; without it the chat
     template's tokens are new to the student and distillation must first learn to read through them.
     """
-    from .tokenizer import render_chat
-
     rng = random.Random(seed)
     out = []
     for _ in range(n):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from ..prompting import ANSWER_FORCING, DEFAULT_SYSTEM_PROMPT
 
@@ -25,8 +26,6 @@ def render_chat(messages: list[dict[str, str]]) -> str:
 
 def build_tokenizer(texts: list[str], out_dir: str | Path):
     """Fit the vocabulary on ``texts`` and save a ``PreTrainedTokenizerFast`` to ``out_dir``."""
-    from transformers import PreTrainedTokenizerFast
-
     pre = pre_tokenizers.Split(Regex(PATTERN), behavior="isolated")
     vocab: dict[str, int] = {t: i for i, t in enumerate(SPECIALS)}
     corpus = list(texts) + [DEFAULT_SYSTEM_PROMPT, ANSWER_FORCING] + [f" {n}" for n in range(0, 100)] + [str(n) for n in range(100)]

@@ -1,0 +1,206 @@
+"""The experiment's commands: generate, gradient, distill, check-fd, sweep, demo, build-world, report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..config import load_config
+from ..experiment.data import read_jsonl, require_keys, write_jsonl
+from ..experiment.distill import DistillConfig, distill
+from ..experiment.evaluate import accuracy_summary
+from ..experiment.fdcheck import fd_check, plot_fd_check
+from ..experiment.generation import build_processor, generate_traces
+from ..experiment.report import write_report
+from ..experiment.sweep import Run, SweepConfig
+from ..gradient import compute_proxy_gradient, save_gradient
+from ..io_utils import atomic_dir, distributed_state, provenance, write_json_atomic
+from ..prompting import prompt_text
+from ..proxy import load_causal_lm
+from ..settings import SamplingSettings
+from ..tokenizers import load_tokenizer
+from ..toyworld.build import build_world
+from ..toyworld.defaults import default_artifacts
+from .common import PACKAGE_CONFIGS, fail
+from .options import config_options
+
+SAMPLING_OPTIONS = ["method", "lam", "eps", "tau", "difference", "top_p", "max_new_tokens", "batch_size", "seed"]
+
+
+@config_options(SamplingSettings, SAMPLING_OPTIONS)
+def generate(
+    teacher: str = typer.Option(..., help="teacher model path"),
+    problems: Path = typer.Option(..., help="JSONL of {id, question, answer}"),
+    out: Path = typer.Option(..., help="output JSONL: traces, correctness, settings"),
+    proxy: Optional[str] = typer.Option(None, help="proxy model path (antidistill, permutation)"),
+    grad: Optional[Path] = typer.Option(None, help="proxy gradient .safetensors"),
+    limit: Optional[int] = typer.Option(None, help="only the first N problems"),
+    config: Optional[Path] = typer.Option(None, help="SamplingSettings YAML"),
+    set_: list[str] = typer.Option([], "--set", help="override a setting: key=value"),
+    *,
+    values: dict[str, Any],
+):
+    """Generate traces for a set of problems with one sampling method, force answers, and score them."""
+    try:
+        s = load_config(SamplingSettings, config, list(set_), values)
+        if s.uses_proxy and (proxy is None or grad is None):
+            raise ValueError(f"method={s.method!r} needs --proxy and --grad")
+        rows_in = read_jsonl(problems)[:limit]
+        if not rows_in:
+            raise ValueError(f"{problems}: no problems")
+        require_keys(rows_in, problems, ("question", "answer"))
+        for i, r in enumerate(rows_in, 1):
+            r.setdefault("id", f"row-{i}")
+        tok = load_tokenizer(teacher)
+        proc = None
+        if s.uses_proxy:
+            proc = build_processor(s, load_causal_lm(proxy), grad, tok, load_tokenizer(proxy))
+        rows = generate_traces(load_causal_lm(teacher), tok, rows_in, s, processor=proc)
+    except ValueError as e:
+        fail(e)
+    state = distributed_state()
+    if not state.is_main_process:
+        return
+    meta = {"settings": dataclasses.asdict(s), "teacher": teacher, "proxy": proxy, "grad": str(grad) if grad else None,
+            "n_processes": state.num_processes, **provenance()}
+    write_jsonl(out, [r | {"meta": meta} for r in rows])
+    typer.echo(json.dumps({"out": str(out), "n": len(rows), "accuracy": accuracy_summary(rows)["accuracy"]}))
+
+
+def gradient(
+    proxy: str = typer.Option(..., help="proxy model path"),
+    traces: Path = typer.Option(..., help="JSONL of teacher traces on holdout: {question, completion}"),
+    out: Path = typer.Option(..., help="output .safetensors"),
+    batch_size: int = typer.Option(8),
+):
+    """Compute the proxy gradient g once (eq. 7) and save it as safetensors. Works under `accelerate launch`."""
+    try:
+        rows = read_jsonl(traces)
+        require_keys(rows, traces, ("question", "completion"))
+        result = compute_proxy_gradient(load_causal_lm(proxy), load_tokenizer(proxy), rows, batch_size=batch_size)
+    except ValueError as e:
+        fail(e)
+    if distributed_state().is_main_process:
+        save_gradient(out, result)
+        typer.echo(f"saved {out}: loss {result.loss:.4f} over {result.n_tokens} tokens of {result.n_traces} traces")
+
+
+def distill_cmd(
+    student: str = typer.Option(..., help="student model path"),
+    traces: Path = typer.Option(..., help="JSONL of {question, completion} teacher traces"),
+    out: Path = typer.Option(..., help="output model folder"),
+    eval_traces: Optional[Path] = typer.Option(None, help="clean holdout traces for the loss-dynamics record"),
+    config: Optional[Path] = typer.Option(None, help="DistillConfig YAML"),
+    seed: int = typer.Option(0),
+    set_: list[str] = typer.Option([], "--set", help="override: key=value"),
+):
+    """Distil a student on teacher traces (TRL SFTTrainer, LoRA by default). Works under `accelerate launch`."""
+    trainer_dir = out.parent / f".{out.name}.trainer"
+    try:
+        cfg = load_config(DistillConfig, config, list(set_))
+        rows = read_jsonl(traces)
+        require_keys(rows, traces, ("question", "completion"))
+        evals = read_jsonl(eval_traces) if eval_traces else None
+        tok = load_tokenizer(student)
+        model, history = distill(load_causal_lm(student), tok, rows, cfg, output_dir=trainer_dir,
+                                 eval_traces=evals, seed=seed)
+    except ValueError as e:
+        fail(e)
+    if distributed_state().is_main_process:
+        shutil.rmtree(trainer_dir, ignore_errors=True)
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        write_json_atomic(out / "history.json", history)
+        typer.echo(json.dumps({"out": str(out), "steps": max((h["step"] for h in history), default=0)}))
+
+
+def check_fd(
+    proxy: Optional[str] = typer.Option(None, help="proxy path (default: the toy world's)"),
+    grad: Optional[Path] = typer.Option(None, help="gradient .safetensors (default: computed for the toy world)"),
+    traces: Optional[Path] = typer.Option(None, help="JSONL with {question, completion} for real positions"),
+    out_dir: Path = typer.Option(Path("runs/fd-check"), help="where the table and PNG go"),
+    n_sequences: int = typer.Option(3),
+    positions: int = typer.Option(16, help="positions per sequence (the last N tokens)"),
+):
+    """Appendix B.1 / Fig. 7: sine error of Δ̂ vs autograd over ε × dtype, and the best ε."""
+    try:
+        if proxy is None or grad is None or traces is None:
+            defaults = default_artifacts()
+            proxy, grad = proxy or defaults.proxy, grad or defaults.grad
+            traces = traces or Path(defaults.holdout_traces)
+        rows = read_jsonl(traces)
+        tok = load_tokenizer(proxy)
+        model = load_causal_lm(proxy).float()
+        ids = [tok(prompt_text(tok, r["question"]) + r["completion"], add_special_tokens=False)["input_ids"]
+               for r in rows[:n_sequences]]
+        if not ids:
+            raise ValueError("no sequences to check")
+        width = min(positions, *map(len, ids))
+        res = fd_check(model, grad, torch.tensor([x[-width:] for x in ids]), pad_token_id=tok.pad_token_id)
+    except ValueError as e:
+        fail(e)
+    table = Table(title="sine error of Δ̂ vs autograd ⟨∇θ log p, g⟩")
+    for c in ("dtype", "difference", "ε", "mean", "max", "positions"):
+        table.add_column(c)
+    for r in res.rows:
+        table.add_row(r["dtype"], r["difference"], "exact" if r["difference"] == "jvp" else f"{r['eps']:g}",
+                      f"{r['mean_sine_error']:.2e}", f"{r['max_sine_error']:.2e}", str(r["n_positions"]))
+    Console().print(table)
+    best = {d: res.best_eps(d) for d in ("float32", "bfloat16")}
+    write_json_atomic(out_dir / "fd_check.json", {"rows": res.rows, "best_eps": best})
+    plot_fd_check(res, out_dir / "fd_error.png")
+    typer.echo(f"recommended ε: {best['float32']:g} (float32), {best['bfloat16']:g} (bfloat16); "
+               f"plot: {out_dir / 'fd_error.png'}")
+
+
+def sweep(
+    config: Optional[Path] = typer.Option(None, help="SweepConfig YAML"),
+    set_: list[str] = typer.Option([], "--set", help="override: key=value (dotted keys for nested)"),
+):
+    """Run (or resume) a sweep; writes results.parquet, plots and report.md under runs/<name>/."""
+    try:
+        out = Run(load_config(SweepConfig, config, list(set_))).run()
+    except ValueError as e:
+        fail(e)
+    typer.echo(f"report: {out / 'report.md'}")
+
+
+def demo(
+    quick: bool = typer.Option(False, help="a ≤ 3-minute smoke version (small world, one seed)"),
+    full: bool = typer.Option(False, help="the full, resolving experiment (≥ 5 seeds, more test problems)"),
+    set_: list[str] = typer.Option([], "--set", help="override: key=value"),
+):
+    """The main job: build or reuse the toy world, run the sweep, write the report and plots."""
+    name = "quick" if quick else "full" if full else "demo"
+    sweep(config=PACKAGE_CONFIGS / f"{name}.yaml", set_=set_)
+
+
+def build_world_cmd(
+    config: Optional[Path] = typer.Option(None, help="SweepConfig YAML (its `world` section is used)"),
+    set_: list[str] = typer.Option([], "--set"),
+):
+    """Build (or find in the cache) the offline toy world and print its metrics."""
+    try:
+        cfg = load_config(SweepConfig, config or PACKAGE_CONFIGS / "demo.yaml", list(set_))
+    except ValueError as e:
+        fail(e)
+    world = build_world(cfg.world, cfg.cache_dir, workers=cfg.workers)
+    typer.echo(json.dumps({"root": str(world.root), **world.metrics}, indent=2))
+
+
+def report(run_dir: Path = typer.Argument(..., help="a sweep's run directory, e.g. runs/demo")):
+    """(Re)write report.md and the plots of a run from its directory alone."""
+    try:
+        path = write_report(run_dir)
+    except (ValueError, FileNotFoundError) as e:
+        fail(e)
+    typer.echo(f"report: {path}")

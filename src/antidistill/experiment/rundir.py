@@ -1,0 +1,60 @@
+"""A run directory's layout, and the one way a stage produces an artifact in it.
+
+The sweep writes these paths and the report reads them, so neither imports the other. Every
+artifact is written atomically (``io_utils``), so a path that exists holds a finished stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+
+def point_name(method: str, param: float, seed: int) -> str:
+    return f"{method}_{param:g}_s{seed}"
+
+
+def stage(path: Path, make: Callable[[Path], object]) -> Path:
+    """Produce ``path`` with ``make(path)`` unless it exists; return ``path``.
+
+    ``make`` must write ``path`` atomically (``io_utils.atomic_path``/``atomic_dir`` or a writer
+    built on them), so that a stage killed half-way leaves no ``path`` and runs again on resume.
+    """
+    if not path.exists():
+        make(path)
+    return path
+
+
+class RunDir:
+    """The files of one run: ``runs/<name>/``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    config = property(lambda self: self.root / "config.yaml")
+    world = property(lambda self: self.root / "world.json")  # toy-world metrics (toy runs only)
+    holdout_traces = property(lambda self: self.root / "holdout_traces.jsonl")
+    gradient = property(lambda self: self.root / "proxy_grad.safetensors")
+    fd_check = property(lambda self: self.root / "fd_check.json")
+    fd_plot = property(lambda self: self.root / "fd_error.png")
+    results = property(lambda self: self.root / "results.parquet")
+    report = property(lambda self: self.root / "report.md")
+    tradeoff_plot = property(lambda self: self.root / "tradeoff.png")
+    loss_plot = property(lambda self: self.root / "loss_dynamics.png")
+
+    def point(self, method: str, param: float, seed: int) -> PointDir:
+        return PointDir(self.root / "points" / point_name(method, param, seed))
+
+
+class PointDir:
+    """The files of one sweep point, in the order its stages write them."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    traces = property(lambda self: self.root / "traces.jsonl")  # teacher traces on train
+    teacher_test = property(lambda self: self.root / "teacher_test.jsonl")
+    student = property(lambda self: self.root / "student")  # the distilled student (a model folder)
+    history = property(lambda self: self.root / "history.json")  # its loss history, written after it
+    student_test = property(lambda self: self.root / "student_test.jsonl")
+    result = property(lambda self: self.root / "result.json")  # the point's row, written last
