@@ -58,6 +58,10 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
         pad_token_id: the id ``generate`` pads with; leading runs of it are left padding.
             Defaults to the proxy config's ``pad_token_id``.
         teacher_tokenizer, proxy_tokenizer: if both are given, they must agree token for token.
+        stop_ids: reasoning-only antidistillation. Token ids of the answer header (e.g. the ids of
+            ``"**Final Answer**"``): in a row whose ids contain this sequence (anywhere, prompt
+            included), λ is 0 from the token after it on, so the delivered answer comes from the
+            teacher alone at τ. ``None`` (default): λ applies to every token.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
         pad_token_id: int | None = None,
         teacher_tokenizer=None,
         proxy_tokenizer=None,
+        stop_ids=None,
     ):
         check_lam(lam)
         check_eps(eps)
@@ -89,6 +94,9 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
         self.vocab_size = self.delta.vocab_size
         self.n_fallback_rows = 0
         self._temperature = TemperatureLogitsWarper(self.tau)
+        self.stop_ids = None if stop_ids is None else torch.as_tensor(list(stop_ids), dtype=torch.long)
+        if self.stop_ids is not None and self.stop_ids.numel() == 0:
+            raise ValueError("stop_ids must hold at least one token id (or be None)")
 
     @classmethod
     def from_settings(cls, proxy, grad, settings, **kwargs):
@@ -147,7 +155,20 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
             return self._temperature(input_ids, scores)  # exactly temperature sampling (eq. 1)
         # eq. 11 as temperature τ applied to log p_T + τλΔ̂: the same float operations as
         # transformers' temperature sampling of those scores, so λ = 0 is bit-identical to it.
-        return self._temperature(input_ids, (self.adjusted_logits(input_ids, scores) * self.tau).to(scores.dtype))
+        out = self._temperature(input_ids, (self.adjusted_logits(input_ids, scores) * self.tau).to(scores.dtype))
+        if self.stop_ids is not None:
+            done = self.after_stop(input_ids)
+            if done.any():  # reasoning-only: these rows sample from the teacher alone (λ = 0)
+                out = torch.where(done[:, None].to(out.device), self._temperature(input_ids, scores), out)
+        return out
+
+    def after_stop(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` bool: the rows whose ids contain ``stop_ids`` (reasoning-only mode; all False otherwise)."""
+        k = 0 if self.stop_ids is None else self.stop_ids.numel()
+        if k == 0 or input_ids.shape[1] < k:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        windows = input_ids.unfold(1, k, 1)  # (B, L-k+1, k)
+        return (windows == self.stop_ids.to(input_ids.device)).all(-1).any(-1)
 
 
 class PermutationLogitsProcessor(AntidistillationLogitsProcessor):

@@ -44,10 +44,8 @@ def require_keys(rows: list[dict], path, keys: tuple[str, ...]) -> None:
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
     return Path(path)
 
 

@@ -6,7 +6,7 @@ import torch
 from statsmodels.stats.proportion import proportion_confint
 
 from ..functional import completion_nll
-from ..prompting import encode_example, pad_right
+from ..prompting import ANSWER_FORCING, encode_example, pad_right
 
 
 def accuracy_summary(rows: list[dict]) -> dict:
@@ -29,3 +29,53 @@ def mean_completion_nll(model, tokenizer, rows: list[dict], *, batch_size: int =
         total += completion_nll(model(input_ids=ids, attention_mask=mask).logits, labels).item()
         count += int((labels[:, 1:] != -100).sum())
     return total / max(count, 1)
+
+
+TOKEN_CLASSES = ("result", "reasoning", "final")
+
+
+def token_classes(tokenizer, completion: str) -> list[str]:
+    """The class of each token of ``completion`` (+ EOS) as :func:`encode_example` encodes it.
+
+    ``final``: the final-answer block (from the answer-forcing text on, and EOS); ``result``: a
+    number right after ``=`` (an arithmetic result); ``reasoning``: every other token.
+    """
+    enc = tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True)
+    cut = completion.find(ANSWER_FORCING)
+    cut = len(completion) if cut < 0 else cut
+    out, prev = [], ""
+    for (start, end) in enc["offset_mapping"]:
+        text = completion[start:end]
+        if start >= cut:
+            out.append("final")
+        elif prev.strip() == "=" and text.strip().isdigit():
+            out.append("result")
+        else:
+            out.append("reasoning")
+        prev = text
+    if tokenizer.eos_token_id is not None:
+        out.append("final")
+    return out
+
+
+@torch.no_grad()
+def nll_by_token_class(model, tokenizer, rows: list[dict], *, batch_size: int = 32,
+                       system_prompt: str | None = None) -> dict[str, float]:
+    """Mean NLL per token of the ground-truth ``solution`` of ``rows``, split by :func:`token_classes`."""
+    examples = [encode_example(tokenizer, r["question"], r["solution"], system_prompt) for r in rows]
+    classes = [token_classes(tokenizer, r["solution"]) for r in rows]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    totals = {c: 0.0 for c in TOKEN_CLASSES}
+    counts = {c: 0 for c in TOKEN_CLASSES}
+    model.eval()
+    for i in range(0, len(examples), batch_size):
+        ids, labels, mask = pad_right(examples[i : i + batch_size], pad)
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].to(model.device),
+                                                ignore_index=-100, reduction="none").cpu()
+        for j, cls in enumerate(classes[i : i + batch_size]):
+            pos = (labels[j, 1:] != -100).nonzero().flatten()  # completion tokens, in order
+            for p, c in zip(pos.tolist(), cls):
+                totals[c] += float(nll[j, p])
+                counts[c] += 1
+    return {c: totals[c] / counts[c] if counts[c] else float("nan") for c in TOKEN_CLASSES}

@@ -16,12 +16,13 @@ import yaml
 from statsmodels.nonparametric.smoothers_lowess import lowess
 
 from ..io_utils import write_text_atomic
+from .arms import COLORS, ORDER
+from .inference import ladder_effects, ladder_reading, pooled_effect, verdict_sentence
 from .plotting import png_figure
 from .rundir import RunDir
 
 N_BOOT = 300
 LOWESS_FRAC = 0.8
-COLORS = {"temperature": "tab:blue", "antidistill": "tab:red", "permutation": "tab:gray", "greedy": "k"}
 
 
 def bootstrap_lowess(x: np.ndarray, y: np.ndarray, grid: np.ndarray, *, n_boot: int = N_BOOT, seed: int = 0,
@@ -51,23 +52,37 @@ def _curves(df, methods, grid, y: str = "student_acc"):
     return curves
 
 
-def matched_table(df, levels: np.ndarray | None = None, y: str = "student_acc") -> list[dict]:
-    """``y`` per method at matched teacher accuracy, antidistillation − temperature with a 95% CI.
+def common_range(df, methods=ORDER) -> tuple[float, float] | None:
+    """The teacher accuracies that *every* method present covers (None if they do not overlap)."""
+    present = [m for m in methods if (df.method == m).any()]
+    if len(present) < 2:
+        return None
+    lo = max(df[df.method == m].teacher_acc.min() for m in present)
+    hi = min(df[df.method == m].teacher_acc.max() for m in present)
+    return (lo, hi) if hi >= lo else None
 
-    The levels span the teacher accuracies both curves cover (no extrapolation past either).
+
+def matched_table(df, levels: np.ndarray | None = None, y: str = "student_acc") -> list[dict]:
+    """Descriptive: ``y`` per method at matched teacher accuracy, antidistillation − temperature with a
+    95% bootstrap band of the LOWESS fits.
+
+    The levels span only the teacher accuracies that every method covers (no extrapolation past any
+    curve). The verdict does not come from this table but from the pooled model (``inference``).
     """
-    ad, temp = df[df.method == "antidistill"], df[df.method == "temperature"]
-    if ad.empty or temp.empty:
+    present = [m for m in ORDER if (df.method == m).any()]
+    if "antidistill" not in present or "temperature" not in present:
         return []
-    lo = max(ad.teacher_acc.min(), temp.teacher_acc.min())
-    hi = min(ad.teacher_acc.max(), temp.teacher_acc.max())
     if levels is None:
+        rng = common_range(df)
+        if rng is None:
+            return []
+        lo, hi = rng
         levels = np.linspace(lo, hi, 5) if hi > lo else np.array([lo])
-    curves = _curves(df, ["antidistill", "temperature", "permutation"], levels, y)
+    curves = _curves(df, present, levels, y)
     rows = []
     for j, level in enumerate(levels):
         row = {"teacher_acc": float(level)}
-        for m in ("antidistill", "temperature", "permutation"):
+        for m in present:
             c = curves.get(m)
             row[m] = float(np.nanmean(c[:, j])) if c is not None and np.isfinite(c[:, j]).any() else float("nan")
         if "antidistill" in curves and "temperature" in curves:
@@ -80,65 +95,18 @@ def matched_table(df, levels: np.ndarray | None = None, y: str = "student_acc") 
     return rows
 
 
-def verdict(table: list[dict], max_student_acc: float | None = None) -> str:
-    """Plain language, from the CIs alone.
-
-    The claim "holds" only if the antidistillation student is significantly worse at a majority of
-    the matched levels and better at none; a minority of significant levels is reported as weak
-    evidence. Students near the floor are flagged: there is little room to show an effect.
-    """
-    rows = [r for r in table if "diff" in r]
-    if not rows:
-        return ("Not enough overlap between the antidistillation and temperature curves to compare students at "
-                "matched teacher accuracy: no verdict.")
-    worse = [r for r in rows if r["diff_ci_high"] < 0]
-    better = [r for r in rows if r["diff_ci_low"] > 0]
-    span = f"teacher accuracy {rows[0]['teacher_acc']:.2f}–{rows[-1]['teacher_acc']:.2f}"
-    floor = ""
-    if max_student_acc is not None and max_student_acc < 0.25:
-        floor = (f" Caveat: every distilled student scores at most {100 * max_student_acc:.0f}% on test, near the "
-                 "floor, so accuracy has little room to show a difference.")
-    if worse and not better and 2 * len(worse) <= len(rows):
-        best = min(worse, key=lambda r: r["diff"])
-        return (f"**Weak evidence at best.** The antidistillation student is significantly worse at only "
-                f"{len(worse)} of {len(rows)} matched levels ({span}); the largest gap is "
-                f"{100 * best['diff']:.1f} points at teacher accuracy {best['teacher_acc']:.2f} "
-                f"(95% CI {100 * best['diff_ci_low']:.1f} to {100 * best['diff_ci_high']:.1f}). Elsewhere the CIs "
-                "include zero. This is not the paper's clear effect." + floor)
-    if worse and not better:
-        best = min(worse, key=lambda r: r["diff"])
-        return (f"**The claim holds here.** At matched teacher accuracy, students distilled from antidistillation "
-                f"traces are worse than students of temperature traces at {len(worse)} of {len(rows)} levels "
-                f"({span}); the largest gap is {100 * best['diff']:.1f} points at teacher accuracy "
-                f"{best['teacher_acc']:.2f} (95% CI {100 * best['diff_ci_low']:.1f} to {100 * best['diff_ci_high']:.1f})."
-                + floor)
-    if better and not worse:
-        return (f"**The claim does not hold here.** At {len(better)} of {len(rows)} matched levels ({span}) students of "
-                "antidistillation traces are *better* than students of temperature traces (95% CIs above zero).")
-    if worse and better:
-        return (f"**Mixed.** Antidistillation students are worse at {len(worse)} levels and better at {len(better)} "
-                f"levels of {len(rows)} ({span}).")
-    mean = np.mean([r["diff"] for r in rows])
-    return (f"**Not shown.** At every matched level ({span}) the 95% CI of the student-accuracy difference "
-            f"(antidistillation − temperature) includes zero; the mean difference is {100 * mean:.1f} points. "
-            "More seeds or test problems would be needed to resolve it." + floor)
-
-
-def _nll_sentence(nll_table: list[dict]) -> str:
-    rows = [r for r in nll_table if "diff" in r]
-    if not rows:
+def _nll_sentence(effect: dict | None) -> str:
+    if effect is None:
         return ""
-    up = [r for r in rows if r["diff_ci_low"] > 0]
-    down = [r for r in rows if r["diff_ci_high"] < 0]
-    mean = np.mean([r["diff"] for r in rows])
-    return (f"Student loss on ground-truth test solutions: antidistillation minus temperature is {mean:+.3f} nats per "
-            f"token on average over the matched levels; significantly higher at {len(up)} and lower at {len(down)} "
-            f"of {len(rows)} levels (95% bootstrap CIs).")
+    e = effect
+    sig = "significantly " + ("higher" if e["ci_low"] > 0 else "lower") if e["significant"] else "not significantly different"
+    return (f"Student loss on ground-truth test solutions (pooled model, same design): antidistillation − temperature "
+            f"= {e['estimate']:+.3f} nats per token (95% CI {e['ci_low']:+.3f} to {e['ci_high']:+.3f}), {sig}.")
 
 
 def plot_tradeoff(df, path) -> None:
     grid = np.linspace(df.teacher_acc.min(), df.teacher_acc.max(), 60)
-    curves = _curves(df, ["temperature", "antidistill", "permutation"], grid)
+    curves = _curves(df, [m for m in ORDER if (df.method == m).any()], grid)
     with png_figure(path, figsize=(6, 4.5)) as (_fig, ax):
         for m, sub in df.groupby("method"):
             ax.scatter(sub.teacher_acc, sub.student_acc, s=18, alpha=0.6, color=COLORS.get(m), label=f"{m} (runs)")
@@ -185,11 +153,71 @@ def _fmt(v, pct=True):
 
 def _matched_lines(table: list[dict], pct: bool) -> list[str]:
     """A matched-teacher-accuracy table as markdown (``pct``: values are accuracies shown in %)."""
-    out = ["| teacher acc | antidistill | temperature | permutation | diff | 95% CI |", "|---|---|---|---|---|---|"]
+    if not table:
+        return ["(the methods' teacher accuracies do not overlap)"]
+    methods = [m for m in ORDER if m in table[0]]
+    out = ["| teacher acc | " + " | ".join(methods) + " | AD − temp | 95% band |",
+           "|---" * (len(methods) + 3) + "|"]
     for r in table:
         ci = f"[{_fmt(r.get('diff_ci_low'), pct)}, {_fmt(r.get('diff_ci_high'), pct)}]" if "diff" in r else "–"
-        out.append(f"| {_fmt(r['teacher_acc'])} | {_fmt(r['antidistill'], pct)} | {_fmt(r['temperature'], pct)} | "
-                   f"{_fmt(r['permutation'], pct)} | {_fmt(r.get('diff'), pct)} | {ci} |")
+        out.append(f"| {_fmt(r['teacher_acc'])} | " + " | ".join(_fmt(r[m], pct) for m in methods)
+                   + f" | {_fmt(r.get('diff'), pct)} | {ci} |")
+    return out
+
+
+LADDER = [("temperature", "1. temperature (reference)"), ("antidistill", "2. antidistillation, cross-family proxy"),
+          ("whitebox", "3. white-box antidistillation (proxy = base student)"),
+          ("whitebox_permutation", "4. permuted white-box Δ̂"), ("permutation", "permuted cross-family Δ̂ (appendix A)"),
+          ("reasoning_only", "antidistillation on the reasoning only (cross-family proxy)")]
+
+
+def _effect_cells(e: dict | None, scale: float = 100.0, fmt: str = "{:+.1f}") -> str:
+    if e is None:
+        return "– | – | –"
+    return (f"{fmt.format(scale * e['estimate'])} | [{fmt.format(scale * e['ci_low'])}, "
+            f"{fmt.format(scale * e['ci_high'])}] | {e['n_runs']}")
+
+
+def _ladder_lines(df, effects: dict) -> list[str]:
+    out = ["## Transfer ladder", "",
+           "Each arm against temperature at matched teacher accuracy (pooled model over all runs in the teacher-"
+           "accuracy range both cover; 95% CI; see `antidistill.experiment.inference`). Negative = students learn "
+           "less from that arm's traces.", "",
+           "| arm | student acc − temperature (points) | 95% CI | runs |", "|---|---|---|---|"]
+    for m, label in LADDER:
+        if m == "temperature":
+            if (df.method == m).any():
+                out.append(f"| {label} | 0 | – | {int((df.method == m).sum())} |")
+            continue
+        if (df.method == m).any():
+            out.append(f"| {label} | {_effect_cells(effects.get(m))} |")
+    if "whitebox_vs_permutation" in effects:
+        out.append(f"| white-box − its permutation | {_effect_cells(effects['whitebox_vs_permutation'])} |")
+    out += ["", "Reading: " + ladder_reading(effects), "",
+            "(If white-box is worse than both its permutation and temperature while the cross-family proxy is not, "
+            "the mechanism works but does not transfer here; if white-box, its permutation and temperature are all "
+            "alike, the mechanism does not work in this world; if white-box and its permutation are alike and both "
+            "worse than temperature, the damage is noise.)", ""]
+    return out
+
+
+def _nll_class_lines(df) -> list[str]:
+    cols = [c for c in ("student_nll_result", "student_nll_reasoning", "student_nll_final") if c in df.columns]
+    if not cols:
+        return []
+    out = ["## Student NLL by token class", "",
+           "Mean NLL per token of the distilled students on the ground-truth test solutions, by token class: "
+           "arithmetic results (the number after `=`), other reasoning tokens, and the final-answer block. "
+           "Rows: mean over runs; last row: antidistillation − temperature from the pooled model (95% CI).", "",
+           "| method | results | reasoning | final block |", "|---|---|---|---|"]
+    means = df.groupby("method")[cols].mean()
+    for m in [m for m in ORDER if m in means.index]:
+        out.append(f"| {m} | " + " | ".join(f"{means.loc[m, c]:.3f}" for c in cols) + " |")
+    cells = []
+    for c in cols:
+        e = pooled_effect(df, "antidistill", y=c)
+        cells.append("–" if e is None else f"{e['estimate']:+.3f} [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}]")
+    out += ["| AD − temperature | " + " | ".join(cells) + " |", ""]
     return out
 
 
@@ -213,13 +241,18 @@ def write_report(run_dir: str | Path) -> Path:
     plot_loss_dynamics(histories, files.loss_plot)
     table = matched_table(df)
     nll_table = matched_table(df, y="student_test_nll")
+    primary = pooled_effect(df, "antidistill")
+    effects = ladder_effects(df)
     summary = (df.groupby(["method", "param"])
                  .agg(teacher_acc=("teacher_acc", "mean"), teacher_sd=("teacher_acc", "std"),
                       student_acc=("student_acc", "mean"), student_sd=("student_acc", "std"),
                       student_nll=("student_test_nll", "mean"), seeds=("seed", "count"))
                  .reset_index())
     lines = [f"# antidistill report: `{cfg['name']}`", "", "## Verdict", "",
-             verdict(table, float(df.student_acc.max())), "", _nll_sentence(nll_table), ""]
+             verdict_sentence(primary, float(df.student_acc.max())), "",
+             _nll_sentence(pooled_effect(df, "antidistill", y="student_test_nll")), "",
+             "Teacher accuracy is scored on the *delivered* traces: the stored completion is exactly what the "
+             "student trains on, judged on its own final answer (a trace with no answer gets a sampled one).", ""]
     if files.world.is_file():
         wm = json.loads(files.world.read_text())
         lines += ["## Toy world", "",
@@ -228,13 +261,16 @@ def write_report(run_dir: str | Path) -> Path:
                   f"- proxy (Qwen2, {wm.get('proxy_params', 0):,} params), pretrained on generic toy text only",
                   f"- student (GPT-2, {wm.get('student_params', 0):,} params), pretrained on generic toy text; "
                   f"3-shot test accuracy before distillation {_fmt(wm.get('student_base_fewshot_accuracy'))}%", ""]
+    lines += _ladder_lines(df, effects)
     lines += ["## Matched teacher accuracy", "",
-              "Student accuracy (%) from the bootstrapped LOWESS fits at the same teacher accuracy; "
-              "diff = antidistillation − temperature, 95% bootstrap CI.", ""]
+              "Descriptive: student accuracy (%) from the bootstrapped LOWESS fits at the same teacher accuracy, "
+              "at levels inside the range every method covers; AD − temp with the 95% band of the fits. The "
+              "verdict comes from the pooled model above, not from these levels.", ""]
     lines += _matched_lines(table, pct=True)
     lines += ["", "Student NLL per token on the *ground-truth* test solutions at matched teacher accuracy "
               "(higher = the student learned the task worse; diff = antidistillation − temperature):", ""]
     lines += _matched_lines(nll_table, pct=False)
+    lines += [""] + _nll_class_lines(df)
     lines += ["", "## Results (mean over seeds)", "",
               "| method | param | teacher acc % (sd) | student acc % (sd) | student NLL on test solutions | seeds |",
               "|---|---|---|---|---|---|"]

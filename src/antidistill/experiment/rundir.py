@@ -35,6 +35,8 @@ class RunDir:
     world = property(lambda self: self.root / "world.json")  # toy-world metrics (toy runs only)
     holdout_traces = property(lambda self: self.root / "holdout_traces.jsonl")
     gradient = property(lambda self: self.root / "proxy_grad.safetensors")
+    whitebox_gradient = property(lambda self: self.root / "student_grad.safetensors")  # white-box arms' g
+    calibration = property(lambda self: self.root / "calibration.json")
     fd_check = property(lambda self: self.root / "fd_check.json")
     fd_plot = property(lambda self: self.root / "fd_error.png")
     results = property(lambda self: self.root / "results.parquet")

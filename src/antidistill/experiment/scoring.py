@@ -29,3 +29,32 @@ def is_correct(answer: str, gold: str) -> bool:
         return bool(pred) and bool(ref) and bool(verify(ref, pred, timeout_seconds=None))
     except Exception:  # math-verify raises on pathological strings: that answer is wrong
         return False
+
+
+ANSWER_HEADER = "**Final Answer**"
+BOXED = "\\boxed{"
+
+
+def written_answer(completion: str) -> str | None:
+    """The answer a trace wrote in its own final block, or None if it has no ``**Final Answer**`` header.
+
+    The block is read as written: the text after ``\\boxed{`` up to its matching ``}`` (or, if the
+    block has no ``\\boxed{``, the text after the header up to the first unmatched ``}``). A block
+    the sampler corrupted ("**Final Answer** 20}") therefore yields its corrupted answer.
+    """
+    i = completion.find(ANSWER_HEADER)
+    if i < 0:
+        return None
+    block = completion[i + len(ANSWER_HEADER):]
+    j = block.find(BOXED)
+    return forced_answer(block[j + len(BOXED):] if j >= 0 else block.strip())
+
+
+def close_answer(continuation: str) -> str:
+    """A forced continuation up to and including the ``}`` that closes the forced ``\\boxed{``."""
+    depth = 1
+    for k, ch in enumerate(continuation):
+        depth += (ch == "{") - (ch == "}")
+        if depth == 0:
+            return continuation[: k + 1]
+    return continuation

@@ -40,9 +40,10 @@ from ..prompting import prompt_text
 from ..proxy import load_causal_lm
 from ..settings import CONFIG, METHODS, SamplingSettings
 from ..toyworld.build import ToyWorldConfig
+from .arms import ARMS, EXTRA_ARMS
 from .data import DATASETS, read_jsonl, write_jsonl
 from .distill import DistillConfig, distill
-from .evaluate import accuracy_summary, mean_completion_nll
+from .evaluate import accuracy_summary, mean_completion_nll, nll_by_token_class
 from .fdcheck import fd_check, plot_fd_check
 from .generation import build_processor, generate_traces
 from .materials import load_materials
@@ -78,6 +79,8 @@ class SweepConfig:
     temperatures: list[float] = field(default_factory=lambda: [0.7, 1.0, 1.3, 1.6])
     ad_lambdas: list[float] = field(default_factory=lambda: [0.003, 0.008, 0.013, 0.018])
     perm_lambdas: list[float] = field(default_factory=lambda: [0.008, 0.018])
+    # further arms and their λ grids: reasoning_only, whitebox, whitebox_permutation (see experiment.arms)
+    arms: dict[str, list[float]] = field(default_factory=dict)
     include_greedy: bool = True
     sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(**SWEEP_SAMPLING))
     seeds: list[int] = field(default_factory=lambda: [0, 1])
@@ -109,8 +112,11 @@ class SweepConfig:
             raise ValueError(f"workers must be an integer ≥ 1, got workers={self.workers!r}")
         for t in self.temperatures:
             check_tau(t)
-        for lam in self.ad_lambdas + self.perm_lambdas:
+        for lam in self.ad_lambdas + self.perm_lambdas + [x for grid in self.arms.values() for x in grid]:
             check_lam(lam)
+        unknown = sorted(set(self.arms) - set(EXTRA_ARMS))
+        if unknown:
+            raise ValueError(f"unknown arms {unknown}; arms may list {list(EXTRA_ARMS)}")
 
     @property
     def run_dir(self) -> Path:
@@ -125,11 +131,14 @@ class SweepConfig:
             pts += [("temperature", t, s) for t in self.temperatures]
             pts += [("antidistill", lam, s) for lam in self.ad_lambdas]
             pts += [("permutation", lam, s) for lam in self.perm_lambdas]
+            pts += [(arm, lam, s) for arm in EXTRA_ARMS for lam in self.arms.get(arm, [])]
         return pts
 
     def settings_for(self, method: str, param: float, seed: int) -> SamplingSettings:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
+        """The sampling settings of a point; ``method`` is a core method or an arm (``experiment.arms``)."""
+        if method not in METHODS and method not in ARMS:
+            raise ValueError(f"unknown method {method!r}; use one of {sorted(set(METHODS) | set(ARMS))}")
+        method = ARMS[method].method if method in ARMS else method
         base = dataclasses.asdict(self.sampling) | {"method": method, "seed": seed, "lam": 0.0}
         if method == "temperature":
             base["tau"] = param
@@ -211,15 +220,31 @@ class Run:
             save_gradient(path, result, extra={"run": self.cfg.name})
         return stage(self.files.gradient, make)
 
+    def whitebox_gradient_path(self) -> Path:
+        """g over the *base student's* weights on the same holdout traces (the white-box arms)."""
+        def make(path):
+            result = compute_proxy_gradient(load_causal_lm(self.paths["student"]), self.tok["student"],
+                                            self.holdout_traces(), progress=self.progress)
+            save_gradient(path, result, extra={"run": self.cfg.name, "proxy": "base student (white-box)"})
+        return stage(self.files.whitebox_gradient, make)
+
+    def _processor(self, method: str, settings: SamplingSettings):
+        arm = ARMS.get(method)
+        if not settings.uses_proxy or arm is None:
+            return None
+        if arm.proxy == "student":
+            proxy, grad, ptok = load_causal_lm(self.paths["student"]), self.whitebox_gradient_path(), self.tok["student"]
+        else:
+            proxy, grad, ptok = self.proxy, self.gradient_path(), self.tok["proxy"]
+        return build_processor(settings, proxy, grad, self.tok["teacher"], ptok, reasoning_only=arm.reasoning_only)
+
     def point(self, method: str, param: float, seed: int) -> dict:
         """Run (or reuse) every stage of one sweep point; returns its result row."""
         files = self.files.point(method, param, seed)
         if files.result.is_file():
             return json.loads(files.result.read_text())
         settings = self.cfg.settings_for(method, param, seed)
-        proc = None
-        if settings.uses_proxy:
-            proc = build_processor(settings, self.proxy, self.gradient_path(), self.tok["teacher"], self.tok["proxy"])
+        proc = self._processor(method, settings)
         label = f"{method} {param:g} seed {seed}"
         teacher, tok = self.teacher, self.tok["teacher"]
         stage(files.traces, self._traces(teacher, tok, "train", settings, f"traces [{label}]", processor=proc))
@@ -229,7 +254,7 @@ class Run:
         student = load_causal_lm(str(files.student))
         greedy = self.cfg.settings_for("greedy", 0.0, seed)
         stage(files.student_test, self._traces(student, self.tok["student"], "test", greedy,
-                                               f"student on test [{label}]"))
+                                               f"student on test [{label}]", scoring="forced"))
         row = self._result_row(method, param, seed, settings, files, student)
         write_json_atomic(files.result, row)
         return row
@@ -252,13 +277,17 @@ class Run:
         student_acc = accuracy_summary(read_jsonl(files.student_test))
         traces = read_jsonl(files.traces)
         nll = mean_completion_nll(student, self.tok["student"], self.splits["test"])
+        by_class = nll_by_token_class(student, self.tok["student"], self.splits["test"])
+        teacher_rows = read_jsonl(files.teacher_test)
         return {
             "method": method, "param": param, "seed": seed,
             "teacher_acc": teacher["accuracy"], "teacher_ci_low": teacher["ci_low"], "teacher_ci_high": teacher["ci_high"],
             "student_acc": student_acc["accuracy"], "student_ci_low": student_acc["ci_low"],
             "student_ci_high": student_acc["ci_high"], "n_test": student_acc["n"],
             "trace_acc": accuracy_summary(traces)["accuracy"], "n_traces": len(traces),
-            "student_test_nll": nll, "settings": json.dumps(dataclasses.asdict(settings)),
+            "student_test_nll": nll, **{f"student_nll_{k}": v for k, v in by_class.items()},
+            "teacher_forced_frac": sum(r.get("answer_source") == "forced" for r in teacher_rows) / len(teacher_rows),
+            "scoring": "delivered", "world": Path(self.paths["teacher"]).parent.name, "settings": json.dumps(dataclasses.asdict(settings)),
         }
 
     def fd_check(self) -> Path:
@@ -280,6 +309,8 @@ class Run:
         self.gradient_path()
         self.holdout_traces()
         points = self.cfg.points()
+        if any(ARMS[m].proxy == "student" for m, _, _ in points):
+            self.whitebox_gradient_path()
         if self.cfg.workers > 1:
             rows = self._run_points_parallel(points)
         else:

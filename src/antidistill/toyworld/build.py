@@ -214,7 +214,7 @@ def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = 
         metrics["teacher_test_accuracy"] = accuracy_summary(rows)["accuracy"]
         shots = [{"question": r["question"], "completion": r["solution"]} for r in splits["train"][:3]]
         rows = generate_traces(models["student"], tok, test, greedy, few_shot=shots, progress=progress,
-                               description="base student on test (3-shot)")
+                               description="base student on test (3-shot)", scoring="forced")
         metrics["student_base_fewshot_accuracy"] = accuracy_summary(rows)["accuracy"]
         (tmp / "world.json").write_text(
             json.dumps({"config": asdict(cfg), "metrics": metrics, "provenance": provenance()}, indent=2)
