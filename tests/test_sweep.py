@@ -37,18 +37,22 @@ def quick_run(tmp_path_factory):
 def test_quick_demo_writes_everything(quick_run):
     tmp, cfg, out, seconds = quick_run
     df = pd.read_parquet(out / "results.parquet")
-    assert len(df) == len(cfg.points()) == 10
-    assert set(df.method) == {"temperature", "antidistill", "permutation"}
+    assert len(df) == len(cfg.points()) == 13
+    assert set(df.method) == {"temperature", "antidistill", "permutation", "reasoning_only", "whitebox",
+                              "whitebox_permutation"}
     for col in ("teacher_acc", "student_acc", "student_test_nll", "teacher_ci_low", "config", "torch_version",
+                "student_nll_result", "student_nll_reasoning", "student_nll_final", "teacher_forced_frac", "world",
                 "transformers_version", "antidistill_version", "settings"):
         assert col in df.columns
     assert df.teacher_acc.between(0, 1).all() and df.student_acc.between(0, 1).all()
     assert json.loads(df.config.iloc[0])["name"] == "quick"
     for f in ("report.md", "tradeoff.png", "loss_dynamics.png", "fd_error.png", "proxy_grad.safetensors",
+              "student_grad.safetensors",
               "config.yaml", "holdout_traces.jsonl"):
         assert (out / f).is_file(), f
     report = (out / "report.md").read_text()
-    for section in ("## Verdict", "## Matched teacher accuracy", "## Results", "## Finite-difference check", "## Settings"):
+    for section in ("## Verdict", "## Transfer ladder", "## Matched teacher accuracy", "## Student NLL by token class",
+                    "## Results", "## Finite-difference check", "## Settings"):
         assert section in report
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*.tmp"))
     # the loss-dynamics record: train loss and clean-holdout loss over steps
@@ -174,6 +178,7 @@ def test_config_mismatch_on_resume_is_an_error(quick_run):
         ({"seeds": "[]"}, "seeds must list"),
         ({"sampling.difference": "sideways"}, "difference='sideways'"),
         ({"workers": "0"}, "workers=0"),
+        ({"arms": "{blackbox: [0.1]}"}, "unknown arms"),
     ],
 )
 def test_bad_config_is_rejected_before_anything_is_written(tmp_path, over, needle):

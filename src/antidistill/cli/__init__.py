@@ -35,6 +35,7 @@ app.command()(experiment.sweep)
 app.command()(experiment.demo)
 app.command("build-world")(experiment.build_world_cmd)
 app.command()(experiment.report)
+app.command("calibrate")(experiment.calibrate_cmd)
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""The experiment's commands: generate, gradient, distill, check-fd, sweep, demo, build-world, report."""
+"""The experiment's commands: generate, gradient, distill, check-fd, sweep, calibrate, demo, build-world, report."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..config import load_config
+from ..experiment.calibration import calibrate
 from ..experiment.data import read_jsonl, require_keys, write_jsonl
 from ..experiment.distill import DistillConfig, distill
 from ..experiment.evaluate import accuracy_summary
@@ -172,6 +173,27 @@ def sweep(
     except ValueError as e:
         fail(e)
     typer.echo(f"report: {out / 'report.md'}")
+
+
+def calibrate_cmd(
+    config: Optional[Path] = typer.Option(None, help="SweepConfig YAML (default: the demo's); its `calibration` section"),
+    set_: list[str] = typer.Option([], "--set", help="override: key=value (dotted keys for nested)"),
+):
+    """Holdout-only calibration: each arm's τ/λ for target teacher accuracies on delivered traces.
+
+    Writes runs/<name>-calibration/calibration.json (measured curves and the chosen grids).
+    """
+    try:
+        cfg = load_config(SweepConfig, config or PACKAGE_CONFIGS / "demo.yaml", list(set_))
+        cfg = dataclasses.replace(cfg, name=f"{cfg.name}-calibration")
+        path = calibrate(Run(cfg), cfg.calibration)
+    except ValueError as e:
+        fail(e)
+    info = json.loads(path.read_text())
+    for arm, picks in info["chosen"].items():
+        typer.echo(f"{arm}: " + ", ".join(f"{p['target']:.2f} → {p['param']:g}" + ("" if p["inside_measured_range"]
+                                                                                  else " (outside)") for p in picks))
+    typer.echo(f"calibration: {path}")
 
 
 def demo(

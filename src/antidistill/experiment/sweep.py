@@ -41,6 +41,7 @@ from ..proxy import load_causal_lm
 from ..settings import CONFIG, METHODS, SamplingSettings
 from ..toyworld.build import ToyWorldConfig
 from .arms import ARMS, EXTRA_ARMS
+from .calibration import CalibrationConfig
 from .data import DATASETS, read_jsonl, write_jsonl
 from .distill import DistillConfig, distill
 from .evaluate import accuracy_summary, mean_completion_nll, nll_by_token_class
@@ -85,6 +86,7 @@ class SweepConfig:
     sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(**SWEEP_SAMPLING))
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     distill: DistillConfig = field(default_factory=DistillConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # antidistill calibrate
     n_eval_traces: int = 100  # clean holdout traces for the student's loss-dynamics record (Fig. 5)
     # sweep points run in this many processes at once, each with cores // workers torch threads. On a
     # CPU the toy models are too small to keep two cores busy from one process, so 2 workers on 2 cores
@@ -228,7 +230,8 @@ class Run:
             save_gradient(path, result, extra={"run": self.cfg.name, "proxy": "base student (white-box)"})
         return stage(self.files.whitebox_gradient, make)
 
-    def _processor(self, method: str, settings: SamplingSettings):
+    def processor_for(self, method: str, settings: SamplingSettings):
+        """The logits processor of arm ``method`` (None for greedy and temperature)."""
         arm = ARMS.get(method)
         if not settings.uses_proxy or arm is None:
             return None
@@ -244,7 +247,7 @@ class Run:
         if files.result.is_file():
             return json.loads(files.result.read_text())
         settings = self.cfg.settings_for(method, param, seed)
-        proc = self._processor(method, settings)
+        proc = self.processor_for(method, settings)
         label = f"{method} {param:g} seed {seed}"
         teacher, tok = self.teacher, self.tok["teacher"]
         stage(files.traces, self._traces(teacher, tok, "train", settings, f"traces [{label}]", processor=proc))
