@@ -85,3 +85,30 @@ def test_no_overlap_gives_no_verdict():
                        "teacher_acc": [0.9, 0.85, 0.8, 0.3, 0.2, 0.1], "student_acc": [0.5] * 6})
     assert pooled_effect(df, "antidistill") is None
     assert "no verdict" in verdict_sentence(None)
+
+
+def _fake_run(root, df: pd.DataFrame, name: str):
+    from antidistill.experiment.rundir import RunDir
+
+    files = RunDir(root / name)
+    files.root.mkdir(parents=True)
+    df = df.assign(student_test_nll=0.5, n_test=200, student_nll_result=0.6, student_nll_reasoning=0.4,
+                   student_nll_final=0.1)
+    df.to_parquet(files.results)
+    files.config.write_text(f"name: {name}\nsampling: {{eps: 0.01, difference: central}}\n")
+    return files.root
+
+
+def test_report_on_null_data_uses_the_pooled_verdict(tmp_path):
+    """The report itself, fed null data from two world builds: its verdict is the pooled estimate's."""
+    rng = np.random.default_rng(11)
+    a = _fake_run(tmp_path, simulate(rng, 3, 200), "w0")
+    b = _fake_run(tmp_path, simulate(rng, 3, 200).assign(world=1), "w1")
+    from antidistill.experiment.report import write_report
+
+    text = write_report(a, (b,)).read_text()
+    df = pd.concat([pd.read_parquet(a / "results.parquet"), pd.read_parquet(b / "results.parquet")])
+    assert verdict_sentence(pooled_effect(df, "antidistill"), float(df.student_acc.max())) in text
+    assert "6 seed clusters" in text
+    for section in ("## Transfer ladder", "Reading: ", "## Student NLL by token class", "## Matched teacher accuracy"):
+        assert section in text

@@ -219,10 +219,12 @@ def build_world_cmd(
     typer.echo(json.dumps({"root": str(world.root), **world.metrics}, indent=2))
 
 
-def report(run_dir: Path = typer.Argument(..., help="a sweep's run directory, e.g. runs/demo")):
-    """(Re)write report.md and the plots of a run from its directory alone."""
+def report(run_dir: Path = typer.Argument(..., help="a sweep's run directory, e.g. runs/demo"),
+           pool: list[Path] = typer.Option([], "--pool", help="another run directory of the same design on "
+                                           "another world build; its runs join the pooled estimate")):
+    """(Re)write report.md and the plots of a run from its directory alone (or pooled with others)."""
     try:
-        path = write_report(run_dir)
+        path = write_report(run_dir, tuple(pool))
     except (ValueError, FileNotFoundError) as e:
         fail(e)
     typer.echo(f"report: {path}")

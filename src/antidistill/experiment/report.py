@@ -221,21 +221,24 @@ def _nll_class_lines(df) -> list[str]:
     return out
 
 
-def write_report(run_dir: str | Path) -> Path:
+def write_report(run_dir: str | Path, pool: tuple[str | Path, ...] = ()) -> Path:
     """Plots and ``report.md``, built from the run directory alone (``antidistill report RUN_DIR``).
 
     Reads ``config.yaml``, ``results.parquet``, each point's ``history.json``, ``fd_check.json`` and
-    (toy runs) ``world.json``; computes nothing that a sweep stage produces.
+    (toy runs) ``world.json``; computes nothing that a sweep stage produces. ``pool``: further run
+    directories (the same design on other world builds, e.g. ``--set world.seed=1``) whose runs join
+    the pooled estimates and tables as more (world, seed) clusters; the report is written in ``run_dir``.
     """
     files = RunDir(run_dir)
-    if not files.results.is_file():
-        raise ValueError(f"{files.results} does not exist: run the sweep first (antidistill sweep)")
+    for d in (run_dir, *pool):
+        if not RunDir(d).results.is_file():
+            raise ValueError(f"{RunDir(d).results} does not exist: run the sweep first (antidistill sweep)")
     cfg = yaml.safe_load(files.config.read_text())
-    df = pd.read_parquet(files.results)
+    df = pd.concat([pd.read_parquet(RunDir(d).results) for d in (run_dir, *pool)], ignore_index=True)
     plot_tradeoff(df, files.tradeoff_plot)
     histories: dict[str, list] = {}
     for r in df.itertuples():
-        h = files.point(r.method, r.param, r.seed).history
+        h = files.point(r.method, r.param, r.seed).history  # the loss plot: this run directory's students
         if h.is_file():
             histories.setdefault(r.method, []).append(json.loads(h.read_text()))
     plot_loss_dynamics(histories, files.loss_plot)
