@@ -198,7 +198,7 @@ def calibrate_cmd(
 
 def demo(
     quick: bool = typer.Option(False, help="a ≤ 3-minute smoke version (small world, one seed)"),
-    full: bool = typer.Option(False, help="the full, resolving experiment (≥ 5 seeds, more test problems)"),
+    full: bool = typer.Option(False, help="the resolving experiment (4 seeds, 1,000 test problems; pool a second world with report --pool)"),
     set_: list[str] = typer.Option([], "--set", help="override: key=value"),
 ):
     """The main job: build or reuse the toy world, run the sweep, write the report and plots."""
