@@ -25,7 +25,6 @@ The operator settings live in the ``antidistill`` entry of the composite's ``con
 from __future__ import annotations
 
 import copy
-import threading
 from collections.abc import Iterable
 
 import torch
@@ -37,8 +36,9 @@ ARCH = "AntidistillForCausalLM"
 PROXY_NAMES = ("proxy_plus", "proxy_other")
 
 
-class _DeltaSlot(threading.local):
-    """Δ̂ of the last ``compute_logits`` call of this worker thread, for the offline processor."""
+class _DeltaSlot:
+    """Δ̂ of the last ``compute_logits`` call in this worker process, for the offline processor
+    (vLLM samples right after ``compute_logits``, in the same process, before the next forward)."""
 
     delta: torch.Tensor | None = None
 

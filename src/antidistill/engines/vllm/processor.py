@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 
 import torch
 from vllm import SamplingParams
@@ -42,24 +43,31 @@ MODE_KEY = "antidistill_mode"
 MODES = ("antidistill", "permutation", "teacher")
 
 
-def _apply_batch_update(rows: dict, batch_update: BatchUpdate | None, new_state) -> None:
+def _apply_batch_update(rows: dict, batch_update: BatchUpdate | None, new_state, stats: Counter) -> None:
     """Row → state bookkeeping in the documented order: removed, added, moved.
 
     A finished row is often not in ``removed`` at all (it is overwritten by an add or a move), so
-    every added or moved row replaces whatever was at its index.
+    every added or moved row replaces whatever was at its index (counted as ``implicit_removals``).
     """
     if batch_update is None:
         return
     for i in batch_update.removed:
         rows.pop(i, None)
+        stats["removed"] += 1
     for i, params, prompt_ids, output_ids in batch_update.added:
+        stats["implicit_removals"] += i in rows
+        stats["added"] += 1
         rows[i] = new_state(params, prompt_ids, output_ids)
     for a, b, direction in batch_update.moved:
         sa, sb = rows.pop(a, None), rows.pop(b, None)
+        stats["moved"] += 1
         if sa is not None:
             rows[b] = sa
-        if direction == MoveDirectionality.SWAP and sb is not None:
-            rows[a] = sb
+        if direction == MoveDirectionality.SWAP:
+            if sb is not None:
+                rows[a] = sb
+        else:
+            stats["implicit_removals"] += sb is not None
 
 
 def _eos_ids(vllm_config) -> list[int]:
@@ -77,6 +85,7 @@ class ServeLogitsProcessor(LogitsProcessor):
     """The serving guard (see the module docstring)."""
 
     n_blocked_rows = 0  # rows that could only emit EOS (non-finite, or temperature below τ)
+    stats: Counter = Counter()  # batch-update bookkeeping, for tests and diagnostics
 
     @classmethod
     def serve_tau(cls) -> float:
@@ -115,7 +124,7 @@ class ServeLogitsProcessor(LogitsProcessor):
         return False  # run on every row, greedy ones included (there are none after validate_params)
 
     def update_state(self, batch_update):
-        _apply_batch_update(self.temps, batch_update, lambda p, _prompt, _out: float(p.temperature))
+        _apply_batch_update(self.temps, batch_update, lambda p, _prompt, _out: float(p.temperature), self.stats)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         bad = nonfinite_rows(logits)
@@ -142,6 +151,7 @@ class OfflineLogitsProcessor(LogitsProcessor):
     """Per-request eq. 11 / permutation / plain teacher for the experiment (see the module docstring)."""
 
     n_fallback_rows = 0
+    stats: Counter = Counter()
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams):
@@ -171,7 +181,7 @@ class OfflineLogitsProcessor(LogitsProcessor):
         return _Row(mode, gen)
 
     def update_state(self, batch_update):
-        _apply_batch_update(self.rows, batch_update, self._new_row)
+        _apply_batch_update(self.rows, batch_update, self._new_row, self.stats)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         n = logits.shape[0]

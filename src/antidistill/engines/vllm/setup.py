@@ -38,7 +38,8 @@ def require_vllm():
 def prepare_cpu_env(multiprocessing: bool = False) -> None:
     """Environment defaults for vLLM's CPU build (an operator's own settings win)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if multiprocessing else "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default reserves most of the NUMA node
+    # The KV budget is passed as kv_cache_memory_bytes (the default reserves most of the NUMA node and
+    # fails); VLLM_CPU_KVCACHE_SPACE, if an operator sets it, overrides it.
 
 
 @dataclass
