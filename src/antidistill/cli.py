@@ -52,6 +52,7 @@ def generate(
     limit: Optional[int] = typer.Option(None, help="only the first N problems"),
     config: Optional[Path] = typer.Option(None, help="SamplingSettings YAML"),
     set_: list[str] = typer.Option([], "--set", help="override a setting: key=value"),
+    engine: str = typer.Option("hf", help="hf (transformers) | vllm (see docs/vllm.md)"),
 ):
     """Generate traces for a set of problems with one sampling method, force answers, and score them."""
     import json
@@ -77,20 +78,32 @@ def generate(
         for i, r in enumerate(rows_in, 1):
             r.setdefault("id", f"row-{i}")
         tok = load_tokenizer(teacher)
-        model = load_causal_lm(teacher)
-        proc = None
-        if s.uses_proxy:
-            ptok = load_tokenizer(proxy)
-            proc = build_processor(s, load_causal_lm(proxy), grad, tok, ptok)
-        rows = generate_traces(model, tok, rows_in, s, processor=proc)
-    except ValueError as e:
+        if engine == "vllm":
+            from .engines.vllm import offline
+
+            if s.uses_proxy:
+                from .tokenizers import check_same_tokenizer
+
+                check_same_tokenizer(tok, load_tokenizer(proxy))
+            llm = offline.build_offline_llm(teacher, proxy, grad, s, workdir=Path(out).with_suffix(".vllm-model"))
+            rows = offline.generate_traces(llm, tok, rows_in, s)
+        elif engine == "hf":
+            model = load_causal_lm(teacher)
+            proc = None
+            if s.uses_proxy:
+                ptok = load_tokenizer(proxy)
+                proc = build_processor(s, load_causal_lm(proxy), grad, tok, ptok)
+            rows = generate_traces(model, tok, rows_in, s, processor=proc)
+        else:
+            raise ValueError(f"--engine must be hf or vllm, got {engine!r}")
+    except (ValueError, ImportError) as e:
         _fail(e)
     from .io_utils import distributed_state
 
     state = distributed_state()
     if not state.is_main_process:
         return
-    meta = {"settings": asdict(s), "teacher": teacher, "proxy": proxy, "grad": str(grad) if grad else None,
+    meta = {"settings": asdict(s), "engine": engine, "teacher": teacher, "proxy": proxy, "grad": str(grad) if grad else None,
             "n_processes": state.num_processes, **provenance()}
     write_jsonl(out, [r | {"meta": meta} for r in rows])
     typer.echo(json.dumps({"out": str(out), "n": len(rows), "accuracy": accuracy_summary(rows)["accuracy"]}))
@@ -283,6 +296,7 @@ def serve(
     port: Optional[int] = typer.Option(None),
     api_key: Optional[str] = typer.Option(None, envvar="ANTIDISTILL_API_KEY", help="require this bearer key"),
     set_: list[str] = typer.Option([], "--set", help="override: key=value"),
+    engine: str = typer.Option("hf", help="hf (the embedded engine) | vllm (vLLM's OpenAI server, docs/vllm.md)"),
 ):
     """Serve the teacher behind an OpenAI-compatible API with antidistillation sampling."""
     import uvicorn
@@ -295,13 +309,23 @@ def serve(
                     port=port, api_key=api_key)
     try:
         cfg = load_config(ServeConfig, config, list(set_), explicit)
-        application, engine = build_server(cfg)
-    except ValueError as e:
+        if engine == "vllm":
+            from .engines.vllm.server import serve as serve_vllm
+
+            return serve_vllm(teacher=cfg.teacher, proxy=cfg.proxy, grad=cfg.grad, lam=cfg.lam, eps=cfg.eps,
+                              tau=cfg.tau, difference=cfg.difference, host=cfg.host, port=cfg.port,
+                              api_key=cfg.api_key, model_name=cfg.model_name, max_num_seqs=cfg.max_batch,
+                              max_model_len=cfg.max_prompt_tokens + cfg.max_tokens, allow_logprobs=cfg.allow_logprobs,
+                              workdir=Path(cfg.cache_dir) / "vllm-serve")
+        if engine != "hf":
+            raise ValueError(f"--engine must be hf or vllm, got {engine!r}")
+        application, batch_engine = build_server(cfg)
+    except (ValueError, ImportError) as e:
         _fail(e)
     try:
         uvicorn.run(application, host=cfg.host, port=cfg.port, log_level="info")
     finally:
-        engine.stop()
+        batch_engine.stop()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -86,7 +86,7 @@ def server_argv(model_dir, *, host: str, port: int, model_name: str, max_model_l
 def serve(*, teacher, proxy, grad, lam: float, eps: float, tau: float, difference: str, host: str, port: int,
           api_key: str | None, model_name: str = "antidistill-teacher", max_model_len: int | None = None,
           max_num_seqs: int = 32, allow_logprobs: bool = True, workdir=".cache/antidistill/vllm-serve",
-          kv_cache_memory_bytes: int | None = 1 << 30, extra_args: list[str] | None = None) -> None:
+          kv_cache_memory_bytes: int | str | None = "auto", extra_args: list[str] | None = None) -> None:
     """Check everything, write the composite, and run vLLM's OpenAI server in this process (blocks)."""
     from .setup import VllmSettings, check_models, prepare_cpu_env, require_vllm, write_composite
 
@@ -104,6 +104,10 @@ def serve(*, teacher, proxy, grad, lam: float, eps: float, tau: float, differenc
 
     register()
     model_dir = write_composite(teacher, proxy, grad, settings, Path(workdir))
+    if kv_cache_memory_bytes == "auto":
+        from .setup import default_kv_bytes
+
+        kv_cache_memory_bytes = default_kv_bytes()
     os.environ[SERVE_TAU_ENV] = repr(float(tau))
     os.environ[KEY_ENV] = api_key
     argv = server_argv(model_dir, host=host, port=port, model_name=model_name, max_model_len=max_model_len,

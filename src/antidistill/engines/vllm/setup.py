@@ -42,6 +42,14 @@ def prepare_cpu_env(multiprocessing: bool = False) -> None:
     # fails); VLLM_CPU_KVCACHE_SPACE, if an operator sets it, overrides it.
 
 
+def default_kv_bytes() -> int | None:
+    """256 MiB of KV cache on a CPU (vLLM's CPU default reserves most of the NUMA node and fails on small
+    machines); None on a GPU, where vLLM sizes it from ``gpu_memory_utilization``."""
+    import torch
+
+    return None if torch.cuda.is_available() else 256 << 20
+
+
 @dataclass
 class VllmSettings:
     """Operator settings of the composite model."""
@@ -158,7 +166,7 @@ def engine_kwargs(
     model_dir,
     settings: VllmSettings,
     *,
-    kv_cache_memory_bytes: int | None = 256 << 20,
+    kv_cache_memory_bytes: int | str | None = "auto",
     max_model_len: int | None = None,
     max_num_seqs: int = 32,
     dtype: str = "float32",
@@ -182,6 +190,8 @@ def engine_kwargs(
         generation_config="vllm",
         **extra,
     )
+    if kv_cache_memory_bytes == "auto":
+        kv_cache_memory_bytes = default_kv_bytes()
     if kv_cache_memory_bytes is not None:
         kw["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
     if max_model_len is not None:
