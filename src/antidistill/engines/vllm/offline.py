@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from ...generation import answer_forcing_prefix
 from ...prompting import ANSWER_FORCING, prompt_text
 from ...scoring import forced_answer, is_correct
-from .processor import MODE_KEY
+from .policy import MODE_KEY
 from .setup import VllmSettings, build_llm
 
 

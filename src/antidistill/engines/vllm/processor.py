@@ -35,12 +35,9 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 from ...functional import antidistillation_logits, nonfinite_rows, permute_delta
 from . import composite
 
-SERVE_TAU_ENV = "ANTIDISTILL_VLLM_SERVE_TAU"
-OPERATOR_ONLY = frozenset(
-    {"lam", "lambda", "eps", "epsilon", "difference", "proxy", "grad", "gradient", "antidistill", "antidistillation"}
-)
-MODE_KEY = "antidistill_mode"
-MODES = ("antidistill", "permutation", "teacher")
+from .policy import MODE_KEY, MODES, OPERATOR_ONLY, SERVE_TAU_ENV
+
+__all__ = ["MODE_KEY", "MODES", "OPERATOR_ONLY", "SERVE_TAU_ENV", "OfflineLogitsProcessor", "ServeLogitsProcessor"]
 
 
 def _apply_batch_update(rows: dict, batch_update: BatchUpdate | None, new_state, stats: Counter) -> None:

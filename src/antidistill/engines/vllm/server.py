@@ -26,7 +26,7 @@ import json
 import os
 from pathlib import Path
 
-from .processor import MODE_KEY, OPERATOR_ONLY, SERVE_TAU_ENV
+from .policy import MODE_KEY, OPERATOR_ONLY, SERVE_TAU_ENV
 
 SERVED_PATHS = frozenset({"/health", "/v1/models", "/v1/completions", "/v1/chat/completions"})
 REJECTED_FIELDS = OPERATOR_ONLY | {"logit_bias", "prompt_logprobs", "use_beam_search", MODE_KEY}
@@ -97,8 +97,8 @@ def serve(*, teacher, proxy, grad, lam: float, eps: float, tau: float, differenc
     settings = VllmSettings(lam=lam, eps=eps, tau=tau, difference=difference, output="eq11")
     if lam != 0.0 and (proxy is None or grad is None):
         raise ValueError("lam != 0 needs --proxy and --grad")
-    check_models(teacher, proxy if lam != 0.0 else None)
     require_vllm()
+    check_models(teacher, proxy if lam != 0.0 else None)
     prepare_cpu_env(multiprocessing=False)
     from .composite import register
 

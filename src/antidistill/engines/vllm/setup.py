@@ -209,7 +209,9 @@ def build_llm(teacher, proxy=None, grad=None, *, settings: VllmSettings, workdir
     register()
     model_dir = write_composite(teacher, proxy, grad, settings, workdir)
     if settings.output == "eq11":
-        os.environ["ANTIDISTILL_VLLM_SERVE_TAU"] = repr(float(settings.tau))
+        from .policy import SERVE_TAU_ENV
+
+        os.environ[SERVE_TAU_ENV] = repr(float(settings.tau))
     from vllm import LLM
 
     return LLM(**engine_kwargs(model_dir, settings, **kwargs))
