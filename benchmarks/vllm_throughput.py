@@ -9,7 +9,7 @@ Each level submits ``c`` requests at once (prompt ``--prompt-len`` random ids, `
 new tokens each, EOS ignored, temperature τ) to one ``LLM.generate`` call and counts generated
 tokens over its wall time (prefill included). The overhead is plain tok/s ÷ antidistillation tok/s,
 reported against the FLOP bound 1 + 2·P_proxy/P_teacher (two proxy passes per teacher pass).
-"HF" is ``model.generate`` with :class:`AntidistillLogitsProcessor` on one static batch of ``c``:
+"HF" is ``model.generate`` with :class:`AntidistillationLogitsProcessor` on one static batch of ``c``:
 the per-round computation of ``antidistill serve``'s embedded engine.
 Prints a markdown table, the CPU model and the load average.
 """
@@ -96,6 +96,7 @@ def run_vllm(m: dict, lam: float, levels, prompt_len: int, max_tokens: int, shap
         outs = llm.generate(prompts, sp, use_tqdm=False)
         wall = time.perf_counter() - t
         res[c] = sum(len(o.outputs[0].token_ids) for o in outs) / wall
+        print(f"vllm lam={lam} c={c}: {res[c]:.1f} tok/s", flush=True)
     del llm
     gc.collect()
     return res
@@ -104,11 +105,11 @@ def run_vllm(m: dict, lam: float, levels, prompt_len: int, max_tokens: int, shap
 def run_hf(m: dict, levels, prompt_len: int, max_tokens: int) -> dict:
     import torch
 
-    from antidistill.processor import AntidistillLogitsProcessor
+    from antidistill.processor import AntidistillationLogitsProcessor
     from antidistill.proxy import load_causal_lm
 
     teacher = load_causal_lm(m["teacher"])
-    proc = AntidistillLogitsProcessor(m["proxy"], m["grad"], lam=LAM, eps=EPS, tau=TAU)
+    proc = AntidistillationLogitsProcessor(m["proxy"], m["grad"], lam=LAM, eps=EPS, tau=TAU)
     gen = torch.Generator().manual_seed(0)
     res = {}
     for c in levels:
@@ -121,6 +122,7 @@ def run_hf(m: dict, levels, prompt_len: int, max_tokens: int) -> dict:
                                    **proc.generate_kwargs())
         wall = time.perf_counter() - t
         res[c] = (out.shape[1] - prompt_len) * c / wall
+        print(f"hf c={c}: {res[c]:.1f} tok/s", flush=True)
     return res
 
 
