@@ -73,7 +73,8 @@ def params(c: dict) -> int:
     return n * (attn + 3 * h * i) + v * h  # tied embeddings counted once (the lm_head matmul)
 
 
-def run_vllm(m: dict, lam: float, levels, prompt_len: int, max_tokens: int, shape: str, workdir: Path) -> dict:
+def run_vllm(m: dict, lam: float, levels, prompt_len: int, max_tokens: int, shape: str, workdir: Path,
+             kv_bytes=None) -> dict:
     from vllm import SamplingParams, TokensPrompt
 
     from antidistill.engines.vllm import VllmSettings, build_llm
@@ -81,7 +82,7 @@ def run_vllm(m: dict, lam: float, levels, prompt_len: int, max_tokens: int, shap
     llm = build_llm(m["teacher"], m["proxy"] if lam else None, m["grad"] if lam else None,
                     settings=VllmSettings(lam=lam, eps=EPS, tau=TAU), workdir=workdir,
                     dtype=SHAPES[shape]["dtype"], max_num_seqs=max(levels), max_model_len=prompt_len + max_tokens + 8,
-                    skip_tokenizer_init=True, kv_cache_memory_bytes="auto")
+                    skip_tokenizer_init=True, kv_cache_memory_bytes=kv_bytes)
     import torch
 
     gen = torch.Generator().manual_seed(0)
@@ -144,13 +145,17 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--cache", type=Path, default=Path(".cache/antidistill/bench-vllm"))
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--kv-gib", type=float, default=2.0,
+                    help="KV cache on a CPU (enough that no level is KV-bound; 0: vLLM's GPU default)")
     args = ap.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     m = build(args.cache, args.shape)
     bound = 1 + 2 * m["P_proxy"] / m["P_teacher"]
+    kv = int(args.kv_gib * (1 << 30)) if args.kv_gib else None
     load0 = os.getloadavg()
-    plain = run_vllm(m, 0.0, args.concurrency, args.prompt_len, args.max_tokens, args.shape, args.cache / "plain")
-    ad = run_vllm(m, LAM, args.concurrency, args.prompt_len, args.max_tokens, args.shape, args.cache / "ad")
+    plain = run_vllm(m, 0.0, args.concurrency, args.prompt_len, args.max_tokens, args.shape, args.cache / "plain",
+                     kv)
+    ad = run_vllm(m, LAM, args.concurrency, args.prompt_len, args.max_tokens, args.shape, args.cache / "ad", kv)
     hf = {} if args.skip_hf else run_hf(m, args.concurrency, args.prompt_len, args.max_tokens)
     load1 = os.getloadavg()
     print(f"\nCPU: {cpu_name()}; torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}; "
