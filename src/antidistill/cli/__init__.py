@@ -50,6 +50,7 @@ def serve(
     port: Optional[int] = typer.Option(None),
     api_key: Optional[str] = typer.Option(None, envvar="ANTIDISTILL_API_KEY", help="require this bearer key"),
     set_: list[str] = typer.Option([], "--set", help="override: key=value"),
+    engine: str = typer.Option("hf", help="hf (the embedded engine) | vllm (vLLM's OpenAI server, docs/vllm.md)"),
 ):
     """Serve the teacher behind an OpenAI-compatible API with antidistillation sampling."""
     import uvicorn
@@ -61,10 +62,20 @@ def serve(
                     port=port, api_key=api_key)
     try:
         cfg = load_config(ServeConfig, config, list(set_), explicit)
-        application, engine = build_server(cfg)
-    except ValueError as e:
+        if engine == "vllm":
+            from ..engines.vllm.server import serve as serve_vllm
+
+            return serve_vllm(teacher=cfg.teacher, proxy=cfg.proxy, grad=cfg.grad, lam=cfg.lam, eps=cfg.eps,
+                              tau=cfg.tau, difference=cfg.difference, host=cfg.host, port=cfg.port,
+                              api_key=cfg.api_key, model_name=cfg.model_name, max_num_seqs=cfg.max_batch,
+                              max_model_len=cfg.max_prompt_tokens + cfg.max_tokens, allow_logprobs=cfg.allow_logprobs,
+                              workdir=Path(cfg.cache_dir) / "vllm-serve")
+        if engine != "hf":
+            raise ValueError(f"--engine must be hf or vllm, got {engine!r}")
+        application, batch_engine = build_server(cfg)
+    except (ValueError, ImportError) as e:
         fail(e)
     try:
         uvicorn.run(application, host=cfg.host, port=cfg.port, log_level="info")
     finally:
-        engine.stop()
+        batch_engine.stop()
