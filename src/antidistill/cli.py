@@ -278,30 +278,30 @@ def serve(
     grad: Optional[str] = typer.Option(None, help="proxy gradient .safetensors"),
     lam: Optional[float] = typer.Option(None, help="λ (operator-only; 0 serves the plain teacher)"),
     eps: Optional[float] = typer.Option(None),
-    difference: Optional[str] = typer.Option(None),
+    tau: Optional[float] = typer.Option(None, help="the operator's τ (requests can only flatten eq. 11)"),
+    difference: Optional[str] = typer.Option(None, help="central or forward (jvp cannot be served)"),
     host: Optional[str] = typer.Option(None),
     port: Optional[int] = typer.Option(None),
     api_key: Optional[str] = typer.Option(None, envvar="ANTIDISTILL_API_KEY", help="require this bearer key"),
+    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth",
+                                          help="allow serving without a key on a non-loopback host"),
     set_: list[str] = typer.Option([], "--set", help="override: key=value"),
 ):
     """Serve the teacher behind an OpenAI-compatible API with antidistillation sampling."""
-    import uvicorn
-
     from .config import load_config
-    from .serve.app import build_server
+    from .serve.app import serve_forever
     from .serve.config import ServeConfig
 
-    explicit = dict(teacher=teacher, proxy=proxy, grad=grad, lam=lam, eps=eps, difference=difference, host=host,
-                    port=port, api_key=api_key)
+    explicit = dict(teacher=teacher, proxy=proxy, grad=grad, lam=lam, eps=eps, tau=tau, difference=difference,
+                    host=host, port=port, api_key=api_key, insecure_no_auth=insecure_no_auth or None)
     try:
         cfg = load_config(ServeConfig, config, list(set_), explicit)
-        application, engine = build_server(cfg)
     except ValueError as e:
         _fail(e)
     try:
-        uvicorn.run(application, host=cfg.host, port=cfg.port, log_level="info")
-    finally:
-        engine.stop()
+        serve_forever(cfg)
+    except ValueError as e:
+        _fail(e)
 
 
 if __name__ == "__main__":  # pragma: no cover
