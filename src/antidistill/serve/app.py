@@ -66,7 +66,7 @@ def create_app(cfg: ServeConfig, engine: Engine, tokenizer, *, max_positions: in
         async def openapi():
             return app.openapi()
     app.add_middleware(RequestGuard, max_body_bytes=cfg.max_body_bytes)
-    app.state.engine = engine
+    app.state.engine, app.state.encoder = engine, ctx.encoder
     return app
 
 
