@@ -81,13 +81,14 @@ def test_two_temperatures_do_not_reveal_the_teacher(server, paths, t1, t2):
     """
     tok = load_tokenizer(paths["teacher"])
     teacher = tiny("llama", tok, seed=1)
-    enc = server.app.state.encoder
     by_text = {tok.decode([i]): i for i in range(len(tok))}
     for content in PROMPTS:
         q1, q2 = _top(server, content, t1), _top(server, content, t2)
         common = [s for s in q1 if s in q2]
         assert len(common) >= 10
-        ids = enc.chat_ids([{"role": "user", "content": content}])
+        prompt = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)  # plain text, no special tokens typed: as the server builds it
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             lp = torch.log_softmax(teacher(torch.tensor([ids])).logits[0, -1].double(), -1)
         ref, rest = common[0], common[1:]
