@@ -75,6 +75,10 @@ def build_server(cfg: ServeConfig, *, progress: bool = True):
     from ..proxy import load_causal_lm
     from ..tokenizers import check_same_tokenizer, check_vocab_sizes, load_tokenizer
 
+    if cfg.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
     paths = {"teacher": cfg.teacher, "proxy": cfg.proxy, "grad": cfg.grad}
     if cfg.teacher is None or (cfg.lam != 0 and (cfg.proxy is None or cfg.grad is None)):
         from ..toyworld.defaults import default_paths

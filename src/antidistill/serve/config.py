@@ -41,6 +41,7 @@ class ServeConfig:
     retry_after_s: int = 1
     allow_logprobs: bool = True
     tokenizer_threads: int = 2  # tokenization runs here, off the event loop
+    torch_threads: int | None = None  # torch.set_num_threads for the process (None: torch's default)
     drain_s: float = 3.0  # on SIGTERM: in-flight requests get this long, then are cancelled
     cache_dir: str = ".cache/antidistill"
     runs_dir: str = "runs"  # unused; kept for configs written for older versions
@@ -58,6 +59,8 @@ class ServeConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "port" else 1):
                 raise ValueError(f"{name} must be a positive integer, got {name}={v!r}")
+        if self.torch_threads is not None and (not isinstance(self.torch_threads, int) or self.torch_threads < 1):
+            raise ValueError(f"torch_threads must be a positive integer or None, got {self.torch_threads!r}")
         if not isinstance(self.drain_s, (int, float)) or not math.isfinite(self.drain_s) or self.drain_s < 0:
             raise ValueError(f"drain_s must be a finite number >= 0, got drain_s={self.drain_s!r}")
         if self.api_key is not None:
