@@ -138,24 +138,32 @@ def build_routers(ctx: Context, require_key) -> list[APIRouter]:
         except EngineDead:
             raise APIError(503, "the generation engine is not running", code="engine_dead") from None
 
+    async def next_event(req: GenRequest, request: Request):
+        """The request's next engine event, or None once its client has gone away."""
+        gone = request.scope.get(DISCONNECTED)
+        if gone is None:
+            return await req.out.get()
+        get, waiter = asyncio.ensure_future(req.out.get()), asyncio.ensure_future(gone.wait())
+        await asyncio.wait({get, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if get.done():
+            return get.result()
+        get.cancel()
+        return None
+
     async def collect(req: GenRequest, request: Request) -> list | None:
         """Every event of a non-streaming request, or None if the client went away first."""
-        disconnected = request.scope.get(DISCONNECTED) or asyncio.Event()
-        gone = asyncio.ensure_future(disconnected.wait())
         events, finished = [], False
         try:
             while True:
-                get = asyncio.ensure_future(req.out.get())
-                await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not get.done():
-                    get.cancel()
+                ev = await next_event(req, request)
+                if ev is None:
                     return None
-                events.append(get.result())
-                if isinstance(events[-1], DoneEvent):
+                events.append(ev)
+                if isinstance(ev, DoneEvent):
                     finished = True
                     return events
         finally:
-            gone.cancel()
             if not finished:
                 engine.cancel(req)
 
@@ -172,11 +180,11 @@ def build_routers(ctx: Context, require_key) -> list[APIRouter]:
         return S.TokenLogprob(token=t.text, logprob=t.logprob, bytes=list(t.text.encode()), top_logprobs=[
             S.TopLogprob(token=s, logprob=v, bytes=list(s.encode())) for s, v in (t.top_logprobs or [])])
 
-    async def stream(req: GenRequest, chunks):
+    async def stream(req: GenRequest, request: Request, chunks):
         """Server-sent events; an engine error is an ``error`` event (never a ``finish_reason``)."""
         finished = False
         try:
-            async for line in chunks(req):
+            async for line in chunks(req, request):
                 yield line
             finished = True
         finally:  # the client went away (or the server is shutting down): stop its generation
@@ -198,10 +206,12 @@ def build_routers(ctx: Context, require_key) -> list[APIRouter]:
                                       choices=[S.ChunkChoice(delta=delta, finish_reason=finish, logprobs=lp)])
             return f"data: {c.model_dump_json()}\n\n"
 
-        async def chunks(req):
+        async def chunks(req, request):
             yield chunk(S.ChunkDelta(role="assistant", content=""))
             while True:
-                ev = await req.out.get()
+                ev = await next_event(req, request)
+                if ev is None:
+                    return
                 if isinstance(ev, DoneEvent):
                     yield error_event(ev.error) if ev.finish_reason == "error" else chunk(S.ChunkDelta(), finish_reason(ev))
                     break
@@ -210,7 +220,7 @@ def build_routers(ctx: Context, require_key) -> list[APIRouter]:
             yield "data: [DONE]\n\n"
 
         if body.stream:
-            return StreamingResponse(stream(req, chunks), media_type="text/event-stream")
+            return StreamingResponse(stream(req, request, chunks), media_type="text/event-stream")
         events = await collect(req, request)
         if events is None:
             return error_response(400, "the client disconnected", code="client_disconnected")
@@ -234,9 +244,11 @@ def build_routers(ctx: Context, require_key) -> list[APIRouter]:
                              choices=[S.CompletionChoice(text=text, finish_reason=finish)])
             return f"data: {c.model_dump_json(exclude={'usage'})}\n\n"
 
-        async def chunks(req):
+        async def chunks(req, request):
             while True:
-                ev = await req.out.get()
+                ev = await next_event(req, request)
+                if ev is None:
+                    return
                 if isinstance(ev, DoneEvent):
                     yield error_event(ev.error) if ev.finish_reason == "error" else chunk("", finish_reason(ev))
                     break
@@ -244,7 +256,7 @@ def build_routers(ctx: Context, require_key) -> list[APIRouter]:
             yield "data: [DONE]\n\n"
 
         if body.stream:
-            return StreamingResponse(stream(req, chunks), media_type="text/event-stream")
+            return StreamingResponse(stream(req, request, chunks), media_type="text/event-stream")
         events = await collect(req, request)
         if events is None:
             return error_response(400, "the client disconnected", code="client_disconnected")
