@@ -9,7 +9,7 @@ the server's GIL. Each level runs ``c`` closed-loop clients, each sending ``--pe
 requests back to back; tokens/s counts completion tokens over the level's wall time, latency is
 per request. The mix runs ``c/2`` clients of long requests (``--long-tokens``) beside ``c/2`` of
 short ones (``--short-tokens``) and compares the short requests' p99 with that of short requests
-alone at the same client count.
+alone at the same client count (each short client sends 8 × ``--per-client`` requests, in both runs).
 
 Models: unless ``--teacher/--proxy/--grad`` are given, a Llama teacher and a Qwen2 proxy of the
 toy world's sizes (``ToyWorldConfig``: 128×3 and 64×2) with random weights and a random g, on the
@@ -35,7 +35,7 @@ QUESTION = "Ann has 7 apples . Ann buys 3 more . Ann gives away 2 apples . How m
 
 
 # --- the load generator (runs in its own process) ----------------------------------------------
-async def _drive(url: str, key: str, clients: list[int], per_client: int) -> dict:
+async def _drive(url: str, key: str, clients: list[int], per_client: int, per_short: int) -> dict:
     import httpx
 
     body = {"model": "antidistill-teacher", "messages": [{"role": "user", "content": QUESTION}], "temperature": 1.0}
@@ -43,7 +43,7 @@ async def _drive(url: str, key: str, clients: list[int], per_client: int) -> dic
 
     async def client(i: int, max_tokens: int):
         async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600) as c:
-            for j in range(per_client):
+            for j in range(per_short if max_tokens == min(clients) else per_client):
                 t = time.perf_counter()
                 r = await c.post("/v1/chat/completions", json={**body, "max_tokens": max_tokens, "seed": i * 1000 + j})
                 r.raise_for_status()
@@ -55,10 +55,12 @@ async def _drive(url: str, key: str, clients: list[int], per_client: int) -> dic
     return {"wall": wall, "results": results}
 
 
-def drive(url: str, key: str, clients: list[int], per_client: int) -> dict:
-    """Run one level in a fresh process; returns its raw results."""
+def drive(url: str, key: str, clients: list[int], per_client: int, per_short: int | None = None) -> dict:
+    """Run one level in a fresh process; returns its raw results. ``per_short``: requests per client
+    for the clients with the smallest ``max_tokens`` (the short ones of a mix)."""
     out = subprocess.run([sys.executable, __file__, "--drive", url, "--key", key, "--per-client", str(per_client),
-                          "--clients", *map(str, clients)], check=True, capture_output=True, text=True, timeout=1800)
+                          "--per-short", str(per_short or per_client), "--clients", *map(str, clients)],
+                         check=True, capture_output=True, text=True, timeout=1800)
     return json.loads(out.stdout)
 
 
@@ -112,9 +114,11 @@ def main():
     ap.add_argument("--teacher"), ap.add_argument("--proxy"), ap.add_argument("--grad")
     ap.add_argument("--drive"), ap.add_argument("--key", default="bench-key")
     ap.add_argument("--clients", nargs="+", type=int)
+    ap.add_argument("--per-short", type=int)
     args = ap.parse_args()
     if args.drive:
-        print(json.dumps(asyncio.run(_drive(args.drive, args.key, args.clients, args.per_client))))
+        print(json.dumps(asyncio.run(_drive(args.drive, args.key, args.clients, args.per_client,
+                                            args.per_short or args.per_client))))
         return
 
     from antidistill.serve.config import ServeConfig
@@ -137,8 +141,10 @@ def main():
                 table[(lam, c)] = summary(drive(server.url, args.key, [args.max_tokens] * c, args.per_client))
                 print(f"λ={lam:g} clients={c}: {table[(lam, c)]}", file=sys.stderr)
             half = args.mix_clients // 2
-            table[(lam, "short")] = summary(drive(server.url, args.key, [args.short_tokens] * half, 3 * args.per_client))
-            mixed = drive(server.url, args.key, [args.long_tokens] * half + [args.short_tokens] * half, args.per_client)
+            n_short = 8 * args.per_client  # per short client, alone and in the mix: enough samples for a p99
+            table[(lam, "short")] = summary(drive(server.url, args.key, [args.short_tokens] * half, n_short))
+            mixed = drive(server.url, args.key, [args.long_tokens] * half + [args.short_tokens] * half, args.per_client,
+                          n_short)
             table[(lam, "mix-short")] = summary(mixed, args.short_tokens)
             table[(lam, "mix-long")] = summary(mixed, args.long_tokens)
             print(f"λ={lam:g} mix: {table[(lam, 'short')]} {table[(lam, 'mix-short')]}", file=sys.stderr)
