@@ -175,3 +175,12 @@ def test_reused_key_after_free_is_a_new_slot(teacher):
     with torch.no_grad():
         ref0 = teacher(torch.tensor([p[1] + [7]])).logits[0, -1].float()
     torch.testing.assert_close(out[0], ref0, atol=1e-5, rtol=0)
+
+
+def test_sliding_window_models_are_refused():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    with pytest.raises(ValueError, match="sliding"):
+        SlotKV(Qwen2ForCausalLM(cfg))

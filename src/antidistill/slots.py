@@ -59,6 +59,10 @@ class SlotKV:
     """
 
     def __init__(self, model: torch.nn.Module, *, pad_token_id: int = 0):
+        cfg = model.config
+        if any("sliding" in str(t) for t in (getattr(cfg, "layer_types", None) or [])) or (
+                getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None)):
+            raise ValueError(f"{type(model).__name__} uses sliding-window attention, which KV slots do not support")
         self.model = model.eval()
         self.pad_token_id = int(pad_token_id)
         self._cache_kw = cache_kwarg(model)
