@@ -149,7 +149,7 @@ def http_server(world, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
     cmd = [sys.executable, "-m", "antidistill.cli", "serve", "--engine", "vllm", "--teacher", paths["teacher"],
            "--proxy", paths["proxy"], "--grad", paths["grad"], "--lam", str(LAM), "--eps", str(EPS),
-           "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--set", f"tau={TAU}",
+           "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--set", f"sampling.tau={TAU}",
            "--set", "max_tokens=64", "--set", "max_prompt_tokens=192",
            "--set", f"cache_dir={tmp_path_factory.mktemp('serve-cache')}"]
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1")
