@@ -9,8 +9,9 @@ Each level submits ``c`` requests at once (prompt ``--prompt-len`` random ids, `
 new tokens each, EOS ignored, temperature τ) to one ``LLM.generate`` call and counts generated
 tokens over its wall time (prefill included). The overhead is plain tok/s ÷ antidistillation tok/s,
 reported against the FLOP bound 1 + 2·P_proxy/P_teacher (two proxy passes per teacher pass).
-"HF" is ``model.generate`` with :class:`AntidistillationLogitsProcessor` on one static batch of ``c``:
-the per-round computation of ``antidistill serve``'s embedded engine.
+"HF" is ``model.generate`` with :class:`AntidistillationLogitsProcessor` on one static batch of ``c``.
+"serve engine" is ``antidistill serve``'s own continuous-batching engine (per-request KV slots for the
+teacher and the θ±εg proxies), driven in-process without HTTP: the same ``c`` requests submitted at once.
 Prints a markdown table, the CPU model and the load average.
 """
 
@@ -127,6 +128,57 @@ def run_hf(m: dict, levels, prompt_len: int, max_tokens: int) -> dict:
     return res
 
 
+class _NoText:
+    """The benchmark's models have no tokenizer: token ids only, no EOS (every request runs to its end)."""
+
+    eos_token_id = None
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return ""
+
+
+def run_serve_engine(m: dict, levels, prompt_len: int, max_tokens: int) -> dict:
+    import asyncio
+
+    import torch
+
+    from antidistill.proxy import load_causal_lm
+    from antidistill.serve.engine import DoneEvent, Engine, GenRequest
+    from antidistill.slots import SlotDelta
+
+    teacher = load_causal_lm(m["teacher"])
+    delta = SlotDelta(m["proxy"], m["grad"], eps=EPS, difference="central", pad_token_id=0)
+    engine = Engine(teacher, _NoText(), delta, lam=LAM, tau=TAU, max_batch=max(levels), max_queue=max(levels))
+    engine.start()
+    gen = torch.Generator().manual_seed(0)
+
+    async def level(c: int) -> float:
+        loop = asyncio.get_running_loop()
+        reqs = [GenRequest(prompt_ids=torch.randint(3, 1000, (prompt_len,), generator=gen).tolist(),
+                           max_tokens=max_tokens, temperature=TAU, top_p=1.0, seed=i, logprobs=False, top_logprobs=0,
+                           stop=[], loop=loop, out=asyncio.Queue()) for i in range(c)]
+        t = time.perf_counter()
+        for r in reqs:
+            engine.submit(r)
+        n = 0
+        for r in reqs:
+            while not isinstance(ev := await r.out.get(), DoneEvent):
+                pass
+            n += ev.completion_tokens
+        return n / (time.perf_counter() - t)
+
+    res = {}
+    try:
+        asyncio.run(level(1))  # warm-up
+        for c in levels:
+            res[c] = asyncio.run(level(c))
+            print(f"serve engine c={c}: {res[c]:.1f} tok/s", flush=True)
+    finally:
+        engine.stop()
+    return res
+
+
 def cpu_name() -> str:
     try:
         for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
@@ -145,6 +197,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--cache", type=Path, default=Path(".cache/antidistill/bench-vllm"))
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-serve-engine", action="store_true")
     ap.add_argument("--kv-gib", type=float, default=2.0,
                     help="KV cache on a CPU (enough that no level is KV-bound; 0: vLLM's GPU default)")
     args = ap.parse_args()
@@ -157,19 +210,22 @@ def main() -> None:
                      kv)
     ad = run_vllm(m, LAM, args.concurrency, args.prompt_len, args.max_tokens, args.shape, args.cache / "ad", kv)
     hf = {} if args.skip_hf else run_hf(m, args.concurrency, args.prompt_len, args.max_tokens)
+    own = {} if args.skip_serve_engine else run_serve_engine(m, args.concurrency, args.prompt_len, args.max_tokens)
     load1 = os.getloadavg()
     print(f"\nCPU: {cpu_name()}; torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}; "
           f"load average before {load0[0]:.2f}, after {load1[0]:.2f}")
     print(f"shape {args.shape}: teacher {m['P_teacher'] / 1e9:.3f}B, proxy {m['P_proxy'] / 1e9:.3f}B "
           f"({SHAPES[args.shape]['dtype']}); FLOP bound 1 + 2·P_proxy/P_teacher = {bound:.3f}; "
           f"prompt {args.prompt_len}, {args.max_tokens} new tokens per request\n")
-    print("| concurrent | vLLM plain tok/s | vLLM antidistill tok/s | overhead | overhead / FLOP bound | HF antidistill tok/s | vLLM / HF |")
-    print("|---|---|---|---|---|---|---|")
+    print("| concurrent | vLLM plain tok/s | vLLM antidistill tok/s | overhead | overhead / FLOP bound "
+          "| HF antidistill tok/s | serve engine antidistill tok/s | vLLM / serve engine |")
+    print("|---|---|---|---|---|---|---|---|")
     for c in args.concurrency:
         ov = plain[c] / ad[c]
-        h = hf.get(c)
+        h, e = hf.get(c), own.get(c)
         print(f"| {c} | {plain[c]:.1f} | {ad[c]:.1f} | {ov:.2f}× | {ov / bound:.2f} | "
-              f"{'-' if h is None else f'{h:.1f}'} | {'-' if h is None else f'{ad[c] / h:.2f}×'} |")
+              f"{'-' if h is None else f'{h:.1f}'} | {'-' if e is None else f'{e:.1f}'} | "
+              f"{'-' if e is None else f'{ad[c] / e:.2f}×'} |")
 
 
 if __name__ == "__main__":
