@@ -220,3 +220,37 @@ def test_http_logprobs_are_eq11_and_temperature_zero_is_q(http_server, world):
             i = tok.convert_tokens_to_ids(text)
         assert abs(lp - q[i].log().item()) < 1e-3, (text, lp, q[i].log().item())
     assert any(abs(lp - p_t[tok.convert_tokens_to_ids(t)].log().item()) > 1e-2 for t, lp in top.items())
+
+
+def test_http_deep_json_is_400_without_exception_text(http_server):
+    """Broke: the guard's json.loads raised RecursionError (not ValueError) on deeply nested JSON; vLLM
+    answered 500 with the exception's text ("maximum recursion depth exceeded ...")."""
+    import httpx
+
+    for raw in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000):
+        r = httpx.post(http_server + "/v1/completions", content=raw, timeout=60,
+                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        assert r.status_code == 400, r.text[:300]
+        assert "recursion" not in r.text.lower() and "Traceback" not in r.text
+    assert httpx.get(http_server + "/health", timeout=10).status_code == 200
+
+
+def test_http_body_over_the_cap_is_413(http_server):
+    """Broke: no body cap: the guard read any body into memory (and vLLM parsed it again), so one
+    client with a key could exhaust the server's memory. Now a body over 1 MiB is a 413, by
+    Content-Length before it is read, or as soon as a chunked body passes the cap."""
+    import httpx
+
+    big = b'{"model": "antidistill-teacher", "prompt": "' + b"a " * (1 << 20) + b'"}'
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(http_server + "/v1/completions", content=big, headers=h, timeout=60)
+    assert r.status_code == 413, r.text[:300]
+
+    def chunks():
+        for i in range(0, len(big), 1 << 16):
+            yield big[i:i + (1 << 16)]
+
+    r = httpx.post(http_server + "/v1/completions", content=chunks(), headers=h, timeout=60)
+    assert r.status_code == 413, r.text[:300]
+    ok = {"model": "antidistill-teacher", "prompt": "Ann has", "max_tokens": 1}
+    assert _post(http_server, "/v1/completions", ok).status_code == 200

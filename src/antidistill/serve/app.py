@@ -61,8 +61,9 @@ def create_app(cfg: ServeConfig, engine: Engine, tokenizer, *, max_positions: in
         engine.stop()
         pool.shutdown(wait=False, cancel_futures=True)
 
+    # redirect_slashes off: Starlette's 307 for "/v1/models/" would point at whatever Host the client sent
     app = FastAPI(title="antidistill", version="1", docs_url=None, redoc_url=None, openapi_url=None,
-                  lifespan=lifespan)
+                  lifespan=lifespan, redirect_slashes=False)
     install_errors(app)
     require_key = key_dependency(cfg)
     for router in build_routers(ctx, require_key):
@@ -71,7 +72,7 @@ def create_app(cfg: ServeConfig, engine: Engine, tokenizer, *, max_positions: in
         @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_key)])
         async def openapi():
             return app.openapi()
-    app.add_middleware(RequestGuard, max_body_bytes=cfg.max_body_bytes)
+    app.add_middleware(RequestGuard, max_body_bytes=cfg.max_body_bytes, body_timeout_s=cfg.body_timeout_s)
     app.state.engine, app.state.encoder = engine, ctx.encoder
     return app
 

@@ -42,6 +42,7 @@ class ServeConfig:
     max_tokens: int = Field(256, ge=1)  # cap on a request's max_tokens
     max_prompt_tokens: int = Field(1024, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1)  # larger bodies get 413 without being read
+    body_timeout_s: float = Field(10.0, gt=0.0, allow_inf_nan=False)  # a body not in by then gets 408 (slowloris)
     max_batch: int = Field(32, ge=1)  # requests decoding at once
     max_queue: int = Field(64, ge=1)  # waiting requests beyond this get 429
     retry_after_s: int = Field(1, ge=1)

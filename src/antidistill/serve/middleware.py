@@ -8,6 +8,9 @@ client left would run to the end.
 
 * answers 413 (OpenAI-format JSON) to a ``Content-Length`` above the cap before reading any of the
   body, and to a chunked body as soon as it passes the cap;
+* answers 408 to a body that has not fully arrived ``body_timeout_s`` after the request began (a
+  slowloris trickle would otherwise hold its connection, and a slot of uvicorn's connection limit,
+  forever; the body is read before auth, so this needs no key);
 * reads the (bounded) body once and replays it to the app;
 * then watches the connection: one task waits for ``http.disconnect`` and sets the
   ``asyncio.Event`` at ``scope["antidistill.disconnected"]``, which handlers await next to their
@@ -33,9 +36,10 @@ async def send_json(send, status: int, body: dict, headers: list | None = None) 
 
 
 class RequestGuard:
-    def __init__(self, app, max_body_bytes: int):
+    def __init__(self, app, max_body_bytes: int, body_timeout_s: float = 10.0):
         self.app = app
         self.max_body_bytes = int(max_body_bytes)
+        self.body_timeout_s = float(body_timeout_s)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -51,15 +55,20 @@ class RequestGuard:
             if n > self.max_body_bytes:
                 return await send_json(send, 413, too_big, close)
         body = bytearray()
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            body += msg.get("body", b"")
-            if len(body) > self.max_body_bytes:
-                return await send_json(send, 413, too_big, close)
-            if not msg.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                while True:
+                    msg = await receive()
+                    if msg["type"] == "http.disconnect":
+                        return
+                    body += msg.get("body", b"")
+                    if len(body) > self.max_body_bytes:
+                        return await send_json(send, 413, too_big, close)
+                    if not msg.get("more_body", False):
+                        break
+        except TimeoutError:
+            slow = error_body(408, f"the request body did not arrive within {self.body_timeout_s:g} s")
+            return await send_json(send, 408, slow, close)
 
         disconnected = asyncio.Event()
         scope[DISCONNECTED] = disconnected

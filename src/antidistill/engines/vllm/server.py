@@ -14,6 +14,8 @@ and the :func:`guard` middleware. How each rule of the security model is kept:
 - **The key is required**: the launcher refuses to start without one; :func:`guard` checks it on every
   path but ``/health`` (vLLM's own check covers only ``/v1``-like prefixes), and only
   ``/health``, ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions`` are served at all.
+  It also caps bodies at 1 MiB (413) and 10 s (408), which vLLM does not, and answers 400 to
+  deeply nested JSON (never the exception's text).
 - **A non-finite eq. 11 row never falls back to the teacher**: ``ServeLogitsProcessor`` lets that row
   emit only EOS, so the request ends. vLLM V1 has no per-request error path out of the sampler, so
   the client sees ``finish_reason="stop"`` rather than an HTTP error (docs/vllm.md, limits).
@@ -21,6 +23,7 @@ and the :func:`guard` middleware. How each rule of the security model is kept:
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import os
@@ -33,10 +36,34 @@ from .policy import MODE_KEY, OPERATOR_ONLY, SERVE_TAU_ENV
 SERVED_PATHS = frozenset({"/health", "/v1/models", "/v1/completions", "/v1/chat/completions"})
 REJECTED_FIELDS = OPERATOR_ONLY | {"logit_bias", "prompt_logprobs", "use_beam_search", MODE_KEY}
 KEY_ENV = "VLLM_API_KEY"  # vLLM reads it too
+MAX_BODY_BYTES = 1 << 20  # as the embedded server (ServeConfig.max_body_bytes); vLLM itself has no cap
+BODY_TIMEOUT_S = 10.0  # as ServeConfig.body_timeout_s: a body not in by then gets 408
 
 
 def _error(status: int, message: str, kind: str):
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+async def _read_body(request):
+    """The body, at most MAX_BODY_BYTES within BODY_TIMEOUT_S; else the 413/408 answer. Cached on the request
+    (as ``Request.body`` caches it) so vLLM's handler reads it again from memory."""
+    too_big = _error(413, f"request body is larger than {MAX_BODY_BYTES} bytes", "invalid_request_error")
+    try:
+        if int(request.headers.get("content-length", "0")) > MAX_BODY_BYTES:
+            return too_big
+    except ValueError:
+        return _error(400, "invalid Content-Length", "invalid_request_error")
+    body = bytearray()
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    return too_big
+    except TimeoutError:
+        return _error(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s", "invalid_request_error")
+    request._body = bytes(body)  # Starlette's own cache: BaseHTTPMiddleware replays it downstream
+    return request._body
 
 
 async def guard(request, call_next):
@@ -51,10 +78,12 @@ async def guard(request, call_next):
         if not key or not hmac.compare_digest(token.encode(), key.encode()):
             return _error(401, "a valid API key is required", "authentication_error")
     if request.method == "POST":
-        body = await request.body()
+        body = await _read_body(request)
+        if isinstance(body, JSONResponse):
+            return body
         try:
             data = json.loads(body) if body else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: deeply nested JSON
             return _error(400, "the body is not valid JSON", "invalid_request_error")
         if isinstance(data, dict):
             bad = sorted(k for k in data if str(k).lower() in REJECTED_FIELDS and data[k] is not None)
