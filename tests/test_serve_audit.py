@@ -113,3 +113,19 @@ def test_top_p_does_not_separate_the_teacher(server, paths):
     one = float((float(cols[:, 0] @ truth / (cols[:, 0] @ cols[:, 0])) * cols[:, 0] - truth).norm())
     coef = torch.linalg.lstsq(cols, truth[:, None], rcond=1e-4, driver="gelsd").solution
     assert float((cols @ coef[:, 0] - truth).norm()) >= one - 1e-4
+
+
+def test_tiny_top_p_is_not_greedy_decoding(server):
+    """A top_p of 1e-9 would keep only the argmax of q: greedy eq. 11, the near-clean trace that
+    temperature 0 is kept from giving. A request's top_p is raised to the operator's floor
+    (``min_top_p``, 1 by default), so the tiny nucleus samples q whole, with q's own logprobs."""
+    def top(top_p):
+        r = httpx.post(server.url + "/v1/completions", headers=H, timeout=60, json={
+            "model": MODEL, "prompt": PROMPT, "max_tokens": 1, "logprobs": 5, "temperature": 0, "top_p": top_p,
+            "seed": 0})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["logprobs"]["top_logprobs"][0]
+
+    tiny_p, whole = top(1e-9), top(1.0)
+    assert tiny_p == whole
+    assert sum(v > -9999 for v in tiny_p.values()) == 5  # five tokens with finite probability, not one

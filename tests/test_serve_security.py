@@ -28,8 +28,10 @@ PROMPTS = ["Ann has 3 apples . Ann buys 2 more . How many apples does Ann have n
 
 @pytest.fixture(scope="module")
 def server(paths):
-    s = LiveServer(ServeConfig(**paths, sampling=Eq11Settings(lam=LAM, eps=EPS, tau=TAU), api_key=KEY, max_tokens=64, max_prompt_tokens=200,
-                               max_batch=16, max_queue=64))
+    # min_top_p: this operator lets requests cut the nucleus (the default, 1, serves q whole), so the
+    # -inf logprobs of tokens outside it can be checked
+    s = LiveServer(ServeConfig(**paths, sampling=Eq11Settings(lam=LAM, eps=EPS, tau=TAU), api_key=KEY, max_tokens=64,
+                               max_prompt_tokens=200, max_batch=16, max_queue=64, min_top_p=1e-6))
     yield s
     s.close()
 

@@ -254,3 +254,31 @@ def test_http_body_over_the_cap_is_413(http_server):
     assert r.status_code == 413, r.text[:300]
     ok = {"model": "antidistill-teacher", "prompt": "Ann has", "max_tokens": 1}
     assert _post(http_server, "/v1/completions", ok).status_code == 200
+
+
+@pytest.mark.parametrize("extra", [{"top_k": 1}, {"min_p": 0.5}])
+def test_http_truncation_to_the_argmax_is_400(http_server, extra):
+    """top_k = 1 (or a large min_p) would be greedy eq. 11, the near-clean trace the defense keeps from clients."""
+    # (at temperature 0 or omitted, vLLM itself resets top_k and min_p before the guard sees them)
+    body = {"model": "antidistill-teacher", "prompt": "Ann has 3 apples .", "max_tokens": 2, "temperature": 1.0, **extra}
+    assert _post(http_server, "/v1/completions", body).status_code == 400
+
+
+def test_http_tiny_top_p_samples_q_whole(http_server):
+    def top(top_p):
+        body = {"model": "antidistill-teacher", "prompt": "Ann has 3 apples .", "max_tokens": 1, "logprobs": 5,
+                "temperature": 1.0, "top_p": top_p, "seed": 0}
+        r = _post(http_server, "/v1/completions", body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["logprobs"]["top_logprobs"][0]
+
+    tiny_p, whole = top(1e-9), top(1.0)
+    assert tiny_p.keys() == whole.keys() and all(abs(tiny_p[k] - whole[k]) < 1e-5 for k in whole)
+    assert sum(v > -9999 for v in tiny_p.values()) == 5
+
+
+def test_http_token_id_prompts_are_400(http_server):
+    """Token ids could carry control tokens, which the embedded server never lets a client type."""
+    for prompt in ([0, 1, 2, 3], [[2, 5, 7]]):
+        body = {"model": "antidistill-teacher", "prompt": prompt, "max_tokens": 2}
+        assert _post(http_server, "/v1/completions", body).status_code == 400

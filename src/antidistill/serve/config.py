@@ -33,6 +33,10 @@ class ServeConfig:
     proxy: str | None = Field(None, description="proxy path (default: the toy world's)")
     grad: str | None = Field(None, description="proxy gradient .safetensors (default: the toy world's)")
     sampling: Eq11Settings = field(default_factory=lambda: Eq11Settings(**SERVE_SAMPLING))
+    min_top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False,
+                             description="the smallest nucleus a request gets: a request's top_p is raised to it. "
+                                         "1 (the default) serves q whole: a tiny top_p would be greedy decoding "
+                                         "of eq. 11, the near-clean trace the defense keeps from clients")
     host: str = Field("127.0.0.1", description="interface to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     api_key: str | None = Field(None, description="required bearer key (None: loopback only, or --insecure-no-auth)")

@@ -126,7 +126,7 @@ def build_routers(ctx: Context, require_key) -> list[APIRouter]:
                 raise APIError(400, f"prompt has {len(ids)} tokens, which leaves no room in the model's "
                                     f"{ctx.max_positions} positions", code="context_length_exceeded")
         return GenRequest(prompt_ids=ids, max_tokens=limit, temperature=float(body.temperature or 0.0),
-                          top_p=float(body.top_p or 1.0), seed=body.seed, logprobs=logprobs,
+                          top_p=max(float(body.top_p or 1.0), cfg.min_top_p), seed=body.seed, logprobs=logprobs,
                           top_logprobs=top_logprobs, stop=body.stop_list(), loop=loop, out=asyncio.Queue())
 
     def submit(req: GenRequest) -> None:

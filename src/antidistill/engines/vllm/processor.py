@@ -35,7 +35,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 from ...functional import antidistillation_logits, nonfinite_rows, permute_delta
 from . import composite
 
-from .policy import MODE_KEY, MODES, OPERATOR_ONLY, SERVE_TAU_ENV
+from .policy import MODE_KEY, MODES, OPERATOR_ONLY, SERVE_MIN_TOP_P_ENV, SERVE_TAU_ENV
 
 __all__ = ["MODE_KEY", "MODES", "OPERATOR_ONLY", "SERVE_TAU_ENV", "OfflineLogitsProcessor", "ServeLogitsProcessor"]
 
@@ -105,6 +105,11 @@ class ServeLogitsProcessor(LogitsProcessor):
             raise ValueError("prompt_logprobs is not supported")
         if sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0 or sp.repetition_penalty != 1.0:
             raise ValueError("presence/frequency/repetition penalties are not supported")
+        # No truncation towards the argmax of q (greedy eq. 11 is the near-clean trace the defense keeps
+        # from clients): top_k and min_p are refused, and top_p is raised to the operator's floor.
+        if sp.top_k not in (0, -1) or sp.min_p > 0.0:
+            raise ValueError("top_k and min_p are not supported: they would truncate the distribution to its argmax")
+        sp.top_p = max(float(sp.top_p), float(os.environ.get(SERVE_MIN_TOP_P_ENV, "1")))
         # Temperature acts on the whole eq. 11 logit and never goes below τ: T < τ (0 and omitted
         # included) samples q itself; T >= τ samples q^(τ/T). See the module docstring.
         sp.temperature = max(float(sp.temperature), tau)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from starlette.responses import JSONResponse
 
-from .policy import MODE_KEY, OPERATOR_ONLY, SERVE_TAU_ENV
+from .policy import MODE_KEY, OPERATOR_ONLY, SERVE_MIN_TOP_P_ENV, SERVE_TAU_ENV
 
 SERVED_PATHS = frozenset({"/health", "/v1/models", "/v1/completions", "/v1/chat/completions"})
 REJECTED_FIELDS = OPERATOR_ONLY | {"logit_bias", "prompt_logprobs", "use_beam_search", MODE_KEY}
@@ -90,6 +90,11 @@ async def guard(request, call_next):
             if bad:
                 return _error(400, f"field(s) {bad} cannot be set by a request (operator-only or unsupported)",
                               "invalid_request_error")
+            prompt = data.get("prompt")
+            if prompt is not None and not (isinstance(prompt, str)
+                                           or (isinstance(prompt, list) and all(isinstance(x, str) for x in prompt))):
+                return _error(400, "prompt must be text: token-id prompts could carry control tokens",
+                              "invalid_request_error")
     return await call_next(request)
 
 
@@ -114,7 +119,8 @@ def server_argv(model_dir, *, host: str, port: int, model_name: str, max_model_l
 
 def serve(*, teacher, proxy, grad, lam: float, eps: float, tau: float, difference: str, host: str, port: int,
           api_key: str | None, model_name: str = "antidistill-teacher", max_model_len: int | None = None,
-          max_num_seqs: int = 32, allow_logprobs: bool = True, workdir=".cache/antidistill/vllm-serve",
+          max_num_seqs: int = 32, allow_logprobs: bool = True, min_top_p: float = 1.0,
+          workdir=".cache/antidistill/vllm-serve",
           kv_cache_memory_bytes: int | str | None = "auto", extra_args: list[str] | None = None) -> None:
     """Check everything, write the composite, and run vLLM's OpenAI server in this process (blocks)."""
     from .setup import VllmSettings, check_models, prepare_cpu_env, require_vllm, write_composite
@@ -138,6 +144,7 @@ def serve(*, teacher, proxy, grad, lam: float, eps: float, tau: float, differenc
 
         kv_cache_memory_bytes = default_kv_bytes()
     os.environ[SERVE_TAU_ENV] = repr(float(tau))
+    os.environ[SERVE_MIN_TOP_P_ENV] = repr(float(min_top_p))
     os.environ[KEY_ENV] = api_key
     argv = server_argv(model_dir, host=host, port=port, model_name=model_name, max_model_len=max_model_len,
                        max_num_seqs=max_num_seqs, kv_cache_memory_bytes=kv_cache_memory_bytes,
