@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from antidistill.processor import AntidistillationLogitsProcessor
 from antidistill.serve.config import ServeConfig
+from antidistill.settings import Eq11Settings
 from antidistill.serve.live import LiveServer as _LiveServer
 from antidistill.tokenizers import load_tokenizer
 
@@ -44,7 +45,7 @@ def paths(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(paths):
-    s = LiveServer(ServeConfig(**paths, lam=LAM, eps=EPS, tau=TAU, api_key=KEY, max_tokens=64, max_prompt_tokens=200,
+    s = LiveServer(ServeConfig(**paths, sampling=Eq11Settings(lam=LAM, eps=EPS, tau=TAU), api_key=KEY, max_tokens=64, max_prompt_tokens=200,
                                max_batch=16, max_queue=64))
     yield s
     s.close()
@@ -62,11 +63,11 @@ def test_health_and_models(server):
 
 def test_chat_nonstreaming_and_streaming_agree(server):
     c = server.client()
-    r = chat(c, max_tokens=12, temperature=0)
+    r = chat(c, max_tokens=12, temperature=0, seed=3)  # temperature 0 samples q (seeded), it is not greedy
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     assert r.usage.completion_tokens <= 12 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     assert r.choices[0].finish_reason in ("stop", "length")
-    stream = chat(c, max_tokens=12, temperature=0, stream=True)
+    stream = chat(c, max_tokens=12, temperature=0, seed=3, stream=True)
     pieces, finish = [], None
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
@@ -137,7 +138,7 @@ def test_logprobs_come_from_the_adjusted_distribution(server, paths):
     """Returned logprobs equal log softmax of eq. 11 as the processor computes it, never the raw teacher."""
     c = server.client()
     content = "Bob has 7 pens . Bob loses 2 pens . How many pens does Bob have now ?"
-    r = chat(c, content=content, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    r = chat(c, content=content, max_tokens=6, temperature=0, seed=5, logprobs=True, top_logprobs=3)
     lps = r.choices[0].logprobs.content
     assert lps
     tok = load_tokenizer(paths["teacher"])
@@ -146,13 +147,14 @@ def test_logprobs_come_from_the_adjusted_distribution(server, paths):
     proc = AntidistillationLogitsProcessor(proxy, paths["grad"], lam=LAM, eps=EPS, tau=TAU, pad_token_id=tok.pad_token_id)
     prompt = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
     ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+    by_text = {tok.decode([i]): i for i in range(len(tok))}
     differs = False
     for entry in lps:
         with torch.no_grad():
             logits = teacher(ids).logits[:, -1].float()
             adjusted = torch.log_softmax(proc.adjusted_logits(ids, logits), -1)[0]
         raw = torch.log_softmax(logits, -1)[0]
-        t = int(torch.argmax(adjusted))  # greedy: the argmax of eq. 11
+        t = by_text[entry.token]  # temperature 0 samples q (eq. 11 at the operator's τ): the token it drew
         assert entry.logprob == pytest.approx(float(adjusted[t]), abs=1e-4)
         top = torch.topk(adjusted, 3).values.tolist()
         assert [x.logprob for x in entry.top_logprobs] == pytest.approx(top, abs=1e-4)
@@ -162,11 +164,11 @@ def test_logprobs_come_from_the_adjusted_distribution(server, paths):
 
 
 def test_temperature_zero_does_not_disable_the_defense(server, paths):
-    """Greedy output is the argmax of eq. 11, which differs from the plain teacher's greedy here."""
+    """temperature 0 samples q (eq. 11), whose output differs from the plain teacher's greedy here."""
     tok = load_tokenizer(paths["teacher"])
     teacher = tiny("llama", tok, seed=1)
     content = "Eve has 9 coins . Eve finds 3 more . How many coins does Eve have now ?"
-    r = chat(server.client(), content=content, max_tokens=8, temperature=0)
+    r = chat(server.client(), content=content, max_tokens=8, temperature=0, seed=0)
     prompt = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
     ids = tok(prompt, add_special_tokens=False, return_tensors="pt")
     plain = teacher.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -191,7 +193,7 @@ def test_concurrent_clients_all_succeed_or_get_429(server):
 
 
 def test_full_queue_gives_429_with_retry_after(paths):
-    s = LiveServer(ServeConfig(**paths, lam=LAM, eps=EPS, tau=TAU, max_tokens=64, max_batch=1, max_queue=1))
+    s = LiveServer(ServeConfig(**paths, sampling=Eq11Settings(lam=LAM, eps=EPS, tau=TAU), max_tokens=64, max_batch=1, max_queue=1))
     try:
         body = {"model": "antidistill-teacher", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64}
 
@@ -209,7 +211,7 @@ def test_full_queue_gives_429_with_retry_after(paths):
 
 
 def test_disconnect_stops_generation(paths):
-    s = LiveServer(ServeConfig(**paths, lam=LAM, eps=EPS, tau=TAU, max_tokens=256, max_batch=1))
+    s = LiveServer(ServeConfig(**paths, sampling=Eq11Settings(lam=LAM, eps=EPS, tau=TAU), max_tokens=256, max_batch=1))
     try:
         body = {"model": "antidistill-teacher", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 256,
                 "stream": True, "temperature": 1.0, "seed": 1}

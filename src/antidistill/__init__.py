@@ -7,6 +7,7 @@ from .gradient import ProxyGradient, compute_proxy_gradient, load_gradient, save
 from .processor import AntidistillationLogitsProcessor, PermutationLogitsProcessor, generate  # noqa: E402
 from .proxy import ProxyDelta  # noqa: E402
 from .settings import Eq11Settings, SamplingSettings  # noqa: E402
+from .slots import SlotDelta, SlotKV  # noqa: E402
 
 __all__ = [
     "AntidistillationLogitsProcessor",
@@ -15,6 +16,8 @@ __all__ = [
     "ProxyGradient",
     "Eq11Settings",
     "SamplingSettings",
+    "SlotDelta",
+    "SlotKV",
     "antidistillation_logits",
     "compute_proxy_gradient",
     "finite_difference_delta",

@@ -6,15 +6,11 @@ classes; the server is imported only when ``serve`` runs.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
-
 import typer
 
-from ..config import load_config
 from ..io_utils import close_distributed
 from ..progress import quiet_libraries
-from . import experiment
+from . import experiment, serve
 from .common import fail
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -36,36 +32,4 @@ app.command()(experiment.demo)
 app.command("build-world")(experiment.build_world_cmd)
 app.command()(experiment.report)
 app.command("calibrate")(experiment.calibrate_cmd)
-
-
-@app.command()
-def serve(
-    config: Optional[Path] = typer.Option(None, help="ServeConfig YAML"),
-    teacher: Optional[str] = typer.Option(None, help="teacher path (default: the toy world's)"),
-    proxy: Optional[str] = typer.Option(None),
-    grad: Optional[str] = typer.Option(None, help="proxy gradient .safetensors"),
-    lam: Optional[float] = typer.Option(None, help="λ (operator-only; 0 serves the plain teacher)"),
-    eps: Optional[float] = typer.Option(None),
-    difference: Optional[str] = typer.Option(None),
-    host: Optional[str] = typer.Option(None),
-    port: Optional[int] = typer.Option(None),
-    api_key: Optional[str] = typer.Option(None, envvar="ANTIDISTILL_API_KEY", help="require this bearer key"),
-    set_: list[str] = typer.Option([], "--set", help="override: key=value"),
-):
-    """Serve the teacher behind an OpenAI-compatible API with antidistillation sampling."""
-    import uvicorn
-
-    from ..serve.app import build_server
-    from ..serve.config import ServeConfig
-
-    explicit = dict(teacher=teacher, proxy=proxy, grad=grad, lam=lam, eps=eps, difference=difference, host=host,
-                    port=port, api_key=api_key)
-    try:
-        cfg = load_config(ServeConfig, config, list(set_), explicit)
-        application, engine = build_server(cfg)
-    except ValueError as e:
-        fail(e)
-    try:
-        uvicorn.run(application, host=cfg.host, port=cfg.port, log_level="info")
-    finally:
-        engine.stop()
+app.command()(serve.serve)

@@ -27,7 +27,7 @@ from ..io_utils import atomic_dir, distributed_state, provenance, write_json_ato
 from ..prompting import prompt_text
 from ..proxy import load_causal_lm
 from ..settings import SamplingSettings
-from ..tokenizers import load_tokenizer
+from ..tokenizers import check_same_tokenizer, load_tokenizer
 from ..toyworld.build import build_world
 from ..toyworld.defaults import default_artifacts
 from .common import PACKAGE_CONFIGS, fail
@@ -46,6 +46,7 @@ def generate(
     limit: Optional[int] = typer.Option(None, help="only the first N problems"),
     config: Optional[Path] = typer.Option(None, help="SamplingSettings YAML"),
     set_: list[str] = typer.Option([], "--set", help="override a setting: key=value"),
+    engine: str = typer.Option("hf", help="hf (transformers) | vllm (vLLM's offline engine, docs/vllm.md)"),
     *,
     values: dict[str, Any],
 ):
@@ -61,16 +62,26 @@ def generate(
         for i, r in enumerate(rows_in, 1):
             r.setdefault("id", f"row-{i}")
         tok = load_tokenizer(teacher)
-        proc = None
-        if s.uses_proxy:
-            proc = build_processor(s, load_causal_lm(proxy), grad, tok, load_tokenizer(proxy))
-        rows = generate_traces(load_causal_lm(teacher), tok, rows_in, s, processor=proc)
-    except ValueError as e:
+        if engine == "vllm":
+            from ..engines.vllm import offline  # an optional extra: imported only when asked for
+
+            if s.uses_proxy:
+                check_same_tokenizer(tok, load_tokenizer(proxy))
+            llm = offline.build_offline_llm(teacher, proxy, grad, s, workdir=Path(out).with_suffix(".vllm-model"))
+            rows = offline.generate_traces(llm, tok, rows_in, s)
+        elif engine == "hf":
+            proc = None
+            if s.uses_proxy:
+                proc = build_processor(s, load_causal_lm(proxy), grad, tok, load_tokenizer(proxy))
+            rows = generate_traces(load_causal_lm(teacher), tok, rows_in, s, processor=proc)
+        else:
+            raise ValueError(f"--engine must be hf or vllm, got {engine!r}")
+    except (ValueError, ImportError) as e:
         fail(e)
     state = distributed_state()
     if not state.is_main_process:
         return
-    meta = {"settings": dataclasses.asdict(s), "teacher": teacher, "proxy": proxy, "grad": str(grad) if grad else None,
+    meta = {"settings": dataclasses.asdict(s), "engine": engine, "teacher": teacher, "proxy": proxy, "grad": str(grad) if grad else None,
             "n_processes": state.num_processes, **provenance()}
     write_jsonl(out, [r | {"meta": meta} for r in rows])
     typer.echo(json.dumps({"out": str(out), "n": len(rows), "accuracy": accuracy_summary(rows)["accuracy"]}))

@@ -52,7 +52,9 @@ def config_options(cls, fields: list[str]):
         for dotted in fields:
             field, tp = _field(cls, dotted)
             name = dotted.rsplit(".", 1)[-1]
-            option = typer.Option(None, f"--{name.replace('_', '-')}", help=_help(field, tp))
+            flag = name.replace("_", "-")
+            decl = f"--{flag}/--no-{flag}" if _scalar(tp) is bool else f"--{flag}"  # booleans are flags
+            option = typer.Option(None, decl, help=_help(field, tp))
             added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                            annotation=Optional[_scalar(tp)]))
 

@@ -1,41 +1,75 @@
-"""Operator settings of the server."""
+"""Operator settings of the server, validated when built (a bad setting is a startup error)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ipaddress
+from dataclasses import field
 
-from ..functional import check_difference, check_eps, check_lam, check_tau
+from pydantic import Field, field_validator
+from pydantic.dataclasses import dataclass
+
+from ..settings import CONFIG, Eq11Settings
+
+# eq. 11's parameters unless the config says otherwise: the toy world's mid-grid λ (configs/demo.yaml);
+# calibrate λ per model. A partial ``sampling`` mapping fills in from these, so λ is never 0 by omission.
+SERVE_SAMPLING = {"lam": 0.008}
 
 
-@dataclass
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(config=CONFIG)
 class ServeConfig:
-    teacher: str | None = None  # None: the toy world's teacher (built if missing)
-    proxy: str | None = None
-    grad: str | None = None
-    lam: float = 0.008  # the toy world's mid-grid λ (see configs/demo.yaml); calibrate per model
-    eps: float = 1e-2
-    tau: float = 0.9  # the operator's τ; requests can raise it, never lower it
-    difference: str = "central"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
+    """The operator's settings. λ, ε, τ and the difference mode (``sampling``) are never a request's:
+    requests with T > τ sample q^(τ/T); T ≤ τ samples q itself."""
+
+    teacher: str | None = Field(None, description="teacher path (default: the toy world's, built if missing)")
+    proxy: str | None = Field(None, description="proxy path (default: the toy world's)")
+    grad: str | None = Field(None, description="proxy gradient .safetensors (default: the toy world's)")
+    sampling: Eq11Settings = field(default_factory=lambda: Eq11Settings(**SERVE_SAMPLING))
+    min_top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False,
+                             description="the smallest nucleus a request gets: a request's top_p is raised to it. "
+                                         "1 (the default) serves q whole: a tiny top_p would be greedy decoding "
+                                         "of eq. 11, the near-clean trace the defense keeps from clients")
+    host: str = Field("127.0.0.1", description="interface to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    api_key: str | None = Field(None, description="required bearer key (None: loopback only, or --insecure-no-auth)")
+    insecure_no_auth: bool = Field(False, description="allow serving without a key on a non-loopback host")
+    docs: bool = False  # serve /openapi.json (behind the key); off by default
     model_name: str = "antidistill-teacher"
-    max_tokens: int = 256  # cap on max_tokens
-    max_prompt_tokens: int = 1024
-    max_batch: int = 32
-    max_queue: int = 64  # waiting requests beyond this get 429
-    retry_after_s: int = 1
-    batch_wait_ms: float = 10.0
+    max_tokens: int = Field(256, ge=1)  # cap on a request's max_tokens
+    max_prompt_tokens: int = Field(1024, ge=1)
+    max_body_bytes: int = Field(1 << 20, ge=1)  # larger bodies get 413 without being read
+    body_timeout_s: float = Field(10.0, gt=0.0, allow_inf_nan=False)  # a body not in by then gets 408 (slowloris)
+    max_batch: int = Field(32, ge=1)  # requests decoding at once
+    max_queue: int = Field(64, ge=1)  # waiting requests beyond this get 429
+    retry_after_s: int = Field(1, ge=1)
     allow_logprobs: bool = True
+    tokenizer_threads: int = Field(2, ge=1)  # tokenization runs here, off the event loop
+    torch_threads: int | None = Field(None, ge=1)  # torch.set_num_threads for the process (None: torch's)
+    drain_s: float = Field(3.0, ge=0.0, allow_inf_nan=False)  # on SIGTERM: in-flight requests get this long
     cache_dir: str = ".cache/antidistill"
-    runs_dir: str = "runs"
+
+    @field_validator("sampling", mode="before")
+    @classmethod
+    def _sampling_defaults(cls, v):
+        return SERVE_SAMPLING | v if isinstance(v, dict) else v
 
     def __post_init__(self):
-        check_lam(self.lam)
-        check_eps(self.eps)
-        check_tau(self.tau)
-        check_difference(self.difference)
-        for name in ("port", "max_tokens", "max_prompt_tokens", "max_batch", "max_queue"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < (0 if name == "port" else 1):
-                raise ValueError(f"{name} must be a positive integer, got {name}={v!r}")
+        if self.sampling.difference == "jvp" and self.sampling.lam != 0:
+            raise ValueError("difference='jvp' cannot be served: per-request KV slots hold no dual (tangent) "
+                             "caches; use difference='central' or 'forward'")
+        if self.api_key is not None:
+            if not self.api_key.strip():
+                raise ValueError("api_key is empty: give a real key, or omit it (loopback only)")
+            if not self.api_key.isascii() or not self.api_key.isprintable():
+                raise ValueError("api_key must be printable ASCII (it travels in an HTTP header)")
+        elif not is_loopback(self.host) and not self.insecure_no_auth:
+            raise ValueError(f"no api_key while serving on non-loopback host {self.host!r}: set api_key "
+                             "(or ANTIDISTILL_API_KEY), or pass --insecure-no-auth to serve without one")

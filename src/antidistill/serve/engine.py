@@ -1,29 +1,43 @@
-"""A batching decode engine: concurrent requests share teacher and proxy forward passes.
+"""A continuous-batching decode engine: requests join and leave the running batch between steps.
 
-One worker thread owns the models. It takes up to ``max_batch`` waiting requests, left-pads them
-into one batch, and decodes them together with the teacher's KV cache. Every step it samples from
-eq. 11 through :meth:`AntidistillationLogitsProcessor.adjusted_logits`, whose proxy keeps its own KV
-caches. Requests that arrive mid-round wait for the next round: this is static batching per round.
-Tokens go back to each request's asyncio queue as they are made.
-A cancelled request (a client that went away) is finished at the next step, and the round stops
-when every row is finished.
+One worker thread owns the models. Each step it admits waiting requests (up to ``max_batch``
+running), feeds every running request its next token (a new one its prompt) through the teacher
+and the two perturbed proxies, each holding one KV slot per request (:mod:`antidistill.slots`),
+and samples each row from :func:`antidistill.functional.sampling_logprobs` (eq. 11 with the
+operator's λ and τ, the request's flattening min(1, τ/T) and top-p). A request that ends leaves at
+once; a short request never waits for a long one.
+
+Isolation: a request that fails, fails alone. A bad seed fails at admission; a row whose eq. 11
+scores are not finite ends its own request with an error (never a teacher fallback); a forward
+that raises is rolled back and retried row by row, so only the rows that fail alone are ended.
+An exception outside those guards kills the worker: every waiting and running request then gets
+an error, ``alive`` turns False (``/health`` answers 503) and ``submit`` refuses new work.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
+import collections
+import itertools
+import logging
 import threading
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from ..proxy import cache_kwarg, left_padding_mask
+from ..functional import row_generator, sample_rows, sampling_logprobs
+from ..slots import SlotKV, forward_all
+
+log = logging.getLogger("antidistill.serve")
+_ids = itertools.count()
 
 
 class QueueFull(Exception):
     """The bounded request queue is full: answer 429."""
+
+
+class EngineDead(Exception):
+    """The worker thread is not running: answer 503."""
 
 
 @dataclass
@@ -39,15 +53,14 @@ class DoneEvent:
     finish_reason: str  # "stop" | "length" | "cancelled" | "error"
     prompt_tokens: int
     completion_tokens: int
-    error: str | None = None
+    error: str | None = None  # a public error code, never an exception's text
 
 
-@dataclass
+@dataclass(eq=False)
 class GenRequest:
     prompt_ids: list[int]
     max_tokens: int
-    greedy: bool
-    tau: float
+    temperature: float
     top_p: float
     seed: int | None
     logprobs: bool
@@ -56,152 +69,229 @@ class GenRequest:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     cancelled: threading.Event = field(default_factory=threading.Event)
+    rid: int = field(default_factory=lambda: next(_ids))
 
     def emit(self, event) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
 
 
-def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """``(B, V)`` logits with tokens outside each row's nucleus set to −inf (``top_p``: ``(B,)``)."""
-    if bool((top_p >= 1.0).all()):
-        return logits
-    sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-    cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-    remove = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p[:, None]
-    remove[:, 0] = False
-    mask = torch.zeros_like(remove).scatter(-1, idx, remove)
-    return logits.masked_fill(mask, float("-inf"))
+@dataclass(eq=False)
+class _Live:
+    req: GenRequest
+    gen: torch.Generator | None
+    out_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    feed: list[int] | None = None  # tokens to run next step
 
 
-class BatchEngine:
-    """Owns teacher, tokenizer and (optionally) the antidistillation processor; serves GenRequests."""
+class Engine:
+    """Owns the teacher's and proxies' slots; serves :class:`GenRequest`.
 
-    def __init__(self, teacher, tokenizer, processor=None, *, max_batch: int = 32, max_queue: int = 64,
-                 batch_wait_s: float = 0.01):
-        self.teacher = teacher.eval()
-        self.tok = tokenizer
-        self.processor = processor
-        self.max_batch = max_batch
-        self.batch_wait_s = batch_wait_s
-        self._queue: queue.Queue[GenRequest] = queue.Queue(maxsize=max_queue)
-        self._cache_kw = cache_kwarg(teacher)
+    Args:
+        teacher: causal LM. tokenizer: its tokenizer.
+        delta: a :class:`~antidistill.slots.SlotDelta`, or None for λ = 0 (plain temperature sampling).
+        lam, tau: the operator's λ and τ.
+    """
+
+    def __init__(self, teacher, tokenizer, delta=None, *, lam: float = 0.0, tau: float = 1.0, max_batch: int = 32,
+                 max_queue: int = 64):
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.tok, self.delta = tokenizer, delta
+        self.lam, self.tau = float(lam if delta is not None else 0.0), float(tau)
+        self.kvs = [SlotKV(teacher, pad_token_id=pad)] + (list(delta.kvs) if delta is not None else [])
+        self.device = self.kvs[0].device
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self._waiting: collections.deque[GenRequest] = collections.deque()
+        self._running: dict[int, _Live] = {}
+        self._cv = threading.Condition()
         self._stop = threading.Event()
+        self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._worker, name="antidistill-engine", daemon=True)
-        self.stats = {"rounds": 0, "rows": 0, "tokens": 0, "cancelled": 0}
+        self.stats = {"steps": 0, "rows": 0, "tokens": 0, "cancelled": 0, "errors": 0, "max_running": 0}
+
+    # --- the API the server uses ---------------------------------------------------------------
+    @property
+    def defended(self) -> bool:
+        return self.delta is not None
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None and self._thread.is_alive() and not self._stop.is_set()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
     def submit(self, req: GenRequest) -> None:
-        try:
-            self._queue.put_nowait(req)
-        except queue.Full as e:
-            raise QueueFull from e
+        with self._cv:
+            if not self.alive:
+                raise EngineDead
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull
+            self._waiting.append(req)
+            self._cv.notify()
 
-    @property
-    def queued(self) -> int:
-        return self._queue.qsize()
+    def cancel(self, req: GenRequest) -> None:
+        """The client went away: a waiting request leaves the queue now, a running one at the next step."""
+        req.cancelled.set()
+        with self._cv:
+            try:
+                self._waiting.remove(req)
+            except ValueError:
+                return
+        self.stats["cancelled"] += 1
+        req.emit(DoneEvent("cancelled", len(req.prompt_ids), 0))
 
-    # --- worker ------------------------------------------------------------------------
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the worker and end every outstanding request with an error."""
+        self._stop.set()
+        with self._cv:
+            self._cv.notify_all()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=timeout)
+        self._fail_all("server_shutting_down")
+
+    # --- the worker ----------------------------------------------------------------------------
     def _worker(self) -> None:
         torch.set_grad_enabled(False)
-        while not self._stop.is_set():
-            try:
-                first = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            batch = [first]
-            deadline = time.monotonic() + self.batch_wait_s
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
-            batch = [r for r in batch if not r.cancelled.is_set()] or []
-            if not batch:
-                continue
-            try:
-                self._round(batch)
-            except Exception as e:  # a failed round must not take the server down or leave a request hanging
-                for r in batch:
-                    r.emit(DoneEvent("error", len(r.prompt_ids), 0, error=f"{type(e).__name__}: {e}"))
+        try:
+            while not self._stop.is_set():
+                self._iteration()
+        except BaseException as e:  # a bug, or the process is failing: do not leave anyone waiting
+            self._dead = e
+            log.exception("engine worker died")
+            self._fail_all("engine_dead")
 
-    def _round(self, batch: list[GenRequest]) -> None:
-        tok, teacher = self.tok, self.teacher
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        device = next(teacher.parameters()).device
-        width = max(len(r.prompt_ids) for r in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(batch):
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        from transformers import DynamicCache
+    def _fail_all(self, code: str) -> None:
+        with self._cv:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+            running, self._running = list(self._running.values()), {}
+        for r in waiting:
+            r.emit(DoneEvent("error", len(r.prompt_ids), 0, error=code))
+        for lv in running:
+            lv.req.emit(DoneEvent("error", len(lv.req.prompt_ids), len(lv.out_ids), error=code))
 
-        cache = DynamicCache(config=teacher.config)
-        taus = torch.tensor([r.tau for r in batch], dtype=torch.float32, device=device)
-        top_ps = torch.tensor([r.top_p for r in batch], dtype=torch.float32, device=device)
-        gens = [torch.Generator(device=device).manual_seed(r.seed) if r.seed is not None else None for r in batch]
-        done = [False] * len(batch)
-        n_out = [0] * len(batch)
-        texts = [""] * len(batch)
-        new = ids
-        if self.processor is not None:
-            self.processor.reset()
-        self.stats["rounds"] += 1
-        self.stats["rows"] += len(batch)
-        for _step in range(max(r.max_tokens for r in batch)):
-            pos = (mask.cumsum(-1) - 1).clamp_min(0)[:, -new.shape[1]:]
-            logits = teacher(input_ids=new, attention_mask=mask, position_ids=pos, use_cache=True,
-                             logits_to_keep=1, **{self._cache_kw: cache}).logits[:, -1].float()
-            if self.processor is not None:
-                adjusted = self.processor.adjusted_logits(ids, logits, tau=taus)  # eq. 11
-            else:
-                adjusted = torch.log_softmax(logits, -1) / taus[:, None]  # eq. 1
-            adjusted = top_p_filter(adjusted, top_ps)
-            logp = torch.log_softmax(adjusted, dim=-1)  # the distribution actually sampled
-            next_ids = torch.full((len(batch),), pad, dtype=torch.long, device=device)
-            for i, r in enumerate(batch):
-                if done[i]:
-                    continue
-                if r.cancelled.is_set():
-                    done[i] = True
-                    self.stats["cancelled"] += 1
-                    r.emit(DoneEvent("cancelled", len(r.prompt_ids), n_out[i]))
-                    continue
-                if r.greedy:
-                    t = int(torch.argmax(logp[i]))
-                else:
-                    t = int(torch.multinomial(logp[i].exp(), 1, generator=gens[i]))
-                next_ids[i] = t
-                n_out[i] += 1
-                self.stats["tokens"] += 1
-                if t == tok.eos_token_id:
-                    done[i] = True
-                    r.emit(DoneEvent("stop", len(r.prompt_ids), n_out[i]))
-                    continue
-                piece = tok.decode([t], skip_special_tokens=True)
-                texts[i] += piece
-                ev = TokenEvent(t, piece)
-                if r.logprobs:
-                    ev.logprob = float(logp[i, t])
-                    if r.top_logprobs:
-                        vals, idx = torch.topk(logp[i], r.top_logprobs)
-                        ev.top_logprobs = [(tok.decode([int(j)]), float(v)) for v, j in zip(vals, idx)]
-                r.emit(ev)
-                if any(s in texts[i] for s in r.stop):
-                    done[i] = True
-                    r.emit(DoneEvent("stop", len(r.prompt_ids), n_out[i]))
-                elif n_out[i] >= r.max_tokens:
-                    done[i] = True
-                    r.emit(DoneEvent("length", len(r.prompt_ids), n_out[i]))
-            if all(done):
-                return
-            new = next_ids[:, None]
-            ids = torch.cat([ids, new], dim=1)
-            mask = torch.cat([mask, torch.ones_like(new)], dim=1)
+    def _iteration(self) -> None:
+        self._admit()
+        for lv in [lv for lv in self._running.values() if lv.req.cancelled.is_set()]:
+            self.stats["cancelled"] += 1
+            self._finish(lv, "cancelled")
+        if not self._running:
+            return
+        lives = list(self._running.values())
+        results = self._forward(lives)
+        lives = [lv for lv in lives if lv.req.rid in results]
+        if not lives:
+            return
+        self.stats["steps"] += 1
+        teacher = torch.stack([results[lv.req.rid][0] for lv in lives])
+        delta = torch.stack([results[lv.req.rid][1] for lv in lives]) if self.defended else None
+        temps = torch.tensor([lv.req.temperature for lv in lives], dtype=torch.float32, device=teacher.device)
+        top_ps = torch.tensor([lv.req.top_p for lv in lives], dtype=torch.float32, device=teacher.device)
+        logprobs, ok = sampling_logprobs(teacher, delta, self.lam, self.tau, temps, top_ps)
+        good = [i for i in range(len(lives)) if bool(ok[i])]
+        for i in range(len(lives)):
+            if not bool(ok[i]):
+                self._error(lives[i], "nonfinite_scores")
+        if not good:
+            return
+        tokens = sample_rows(logprobs[good], [lives[i].gen for i in good]).tolist()
+        for i, t in zip(good, tokens):
+            try:
+                self._emit_token(lives[i], int(t), logprobs[i])
+            except Exception:
+                log.exception("request %d failed while emitting a token", lives[i].req.rid)
+                self._error(lives[i], "generation_failed")
+
+    def _admit(self) -> None:
+        with self._cv:
+            if not self._running and not self._waiting:
+                self._cv.wait(timeout=0.1)
+            admitted = []
+            while self._waiting and len(self._running) + len(admitted) < self.max_batch:
+                admitted.append(self._waiting.popleft())
+        for r in admitted:
+            if r.cancelled.is_set():
+                self.stats["cancelled"] += 1
+                r.emit(DoneEvent("cancelled", len(r.prompt_ids), 0))
+                continue
+            try:
+                gen = row_generator(r.seed, self.device)
+            except Exception:
+                self.stats["errors"] += 1
+                r.emit(DoneEvent("error", len(r.prompt_ids), 0, error="invalid_seed"))
+                continue
+            self._running[r.rid] = _Live(r, gen, feed=list(r.prompt_ids))
+            self.stats["rows"] += 1
+        self.stats["max_running"] = max(self.stats["max_running"], len(self._running))
+
+    def _forward(self, lives: list[_Live]) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Teacher logits and Δ̂ for each live request; a request whose forward fails alone is ended."""
+        try:
+            return self._forward_rows(lives)
+        except Exception:
+            if len(lives) == 1:
+                log.exception("request %d failed in the forward pass", lives[0].req.rid)
+                self._error(lives[0], "generation_failed")
+                return {}
+        out = {}  # the batch failed: find the culprit(s) row by row; the rest go on
+        for lv in lives:
+            try:
+                out.update(self._forward_rows([lv]))
+            except Exception:
+                log.exception("request %d failed in the forward pass", lv.req.rid)
+                self._error(lv, "generation_failed")
+        return out
+
+    def _forward_rows(self, lives: list[_Live]) -> dict:
+        feeds = [(lv.req.rid, lv.feed) for lv in lives]
+        outs = forward_all(self.kvs, feeds)  # transactional: on failure no slot moved
+        delta = self.delta.delta(outs[1], outs[2]) if self.defended else None
+        return {lv.req.rid: (outs[0][i], None if delta is None else delta[i]) for i, lv in enumerate(lives)}
+
+    def _emit_token(self, lv: _Live, t: int, logprobs: torch.Tensor) -> None:
+        r = lv.req
+        lv.out_ids.append(t)
+        self.stats["tokens"] += 1
+        if t == self.tok.eos_token_id:
+            return self._finish(lv, "stop")
+        text = self.tok.decode(lv.out_ids, skip_special_tokens=True)
+        piece = "" if text.endswith("\ufffd") else text[len(lv.text):]  # hold back a partial character
+        lv.text += piece
+        ev = TokenEvent(t, piece)
+        if r.logprobs:
+            ev.logprob = float(logprobs[t])
+            if r.top_logprobs:
+                vals, idx = torch.topk(logprobs, r.top_logprobs)
+                ev.top_logprobs = [(self.tok.decode([int(j)]), float(v)) for v, j in zip(vals, idx)]
+        r.emit(ev)
+        tail = lv.text[-(max(map(len, r.stop), default=0) + len(piece)):]
+        if r.stop and any(s in tail for s in r.stop):
+            return self._finish(lv, "stop")
+        if len(lv.out_ids) >= r.max_tokens:
+            return self._finish(lv, "length")
+        lv.feed = [t]
+
+    def _free(self, rid: int) -> None:
+        self._running.pop(rid, None)
+        for kv in self.kvs:
+            kv.free(rid)
+
+    def _finish(self, lv: _Live, reason: str) -> None:
+        self._free(lv.req.rid)
+        lv.req.emit(DoneEvent(reason, len(lv.req.prompt_ids), len(lv.out_ids)))
+
+    def _error(self, lv: _Live, code: str) -> None:
+        self.stats["errors"] += 1
+        self._free(lv.req.rid)
+        lv.req.emit(DoneEvent("error", len(lv.req.prompt_ids), len(lv.out_ids), error=code))

@@ -1,0 +1,120 @@
+"""The sweep's config: data and models, the grid of sampling points and arms, distillation, calibration
+and workers.
+
+Apart from the sweep runner (``sweep``), so that what only needs a config (the toy world's default
+artifacts, say) can read one without importing the runner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+from pathlib import Path
+
+from pydantic import field_validator
+from pydantic.dataclasses import dataclass
+
+from ..functional import check_lam, check_tau
+from ..settings import CONFIG, METHODS, SamplingSettings
+from ..toyworld.build import ToyWorldConfig
+from .arms import ARMS, EXTRA_ARMS
+from .calibration import CalibrationConfig
+from .data import DATASETS
+from .distill import DistillConfig
+
+# what the sweep's points start from unless its config says otherwise
+SWEEP_SAMPLING = {"tau": 0.9, "top_p": 0.95, "max_new_tokens": 80, "batch_size": 64}
+
+
+@dataclass(config=CONFIG)
+class SweepConfig:
+    """The whole experiment: data and models, the grid of sampling points, distillation, and workers.
+
+    ``sampling`` holds the settings every point starts from; a point then sets the method, its seed,
+    τ (temperature points: the grid value; the others keep ``sampling.tau``) and λ (antidistillation
+    and permutation points: the grid value).
+    """
+
+    name: str = "demo"
+    runs_dir: str = "runs"
+    cache_dir: str = ".cache/antidistill"
+    # data and models: "toy" builds the offline toy world; otherwise gsm8k | math | mmlu with HF model paths
+    dataset: str = "toy"
+    data_path: str | None = None
+    teacher: str | None = None
+    proxy: str | None = None
+    student: str | None = None
+    world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+    limit_train: int | None = None
+    limit_test: int | None = None
+    # the sweep (defaults: the demo's calibrated grid, configs/demo.yaml)
+    temperatures: list[float] = field(default_factory=lambda: [0.7, 1.0, 1.3, 1.6])
+    ad_lambdas: list[float] = field(default_factory=lambda: [0.003, 0.008, 0.013, 0.018])
+    perm_lambdas: list[float] = field(default_factory=lambda: [0.008, 0.018])
+    # further arms and their λ grids: reasoning_only, whitebox, whitebox_permutation (see experiment.arms)
+    arms: dict[str, list[float]] = field(default_factory=dict)
+    include_greedy: bool = True
+    sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(**SWEEP_SAMPLING))
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # antidistill calibrate
+    n_eval_traces: int = 100  # clean holdout traces for the student's loss-dynamics record (Fig. 5)
+    # sweep points run in this many processes at once, each with cores // workers torch threads. On a
+    # CPU the toy models are too small to keep two cores busy from one process, so 2 workers on 2 cores
+    # finish the points sooner. Results depend on the seeds, not on the worker that ran a point.
+    workers: int = 1
+
+    @field_validator("sampling", mode="before")
+    @classmethod
+    def _sampling_defaults(cls, v):
+        """A partial ``sampling`` mapping fills in from the sweep's defaults, not the library's."""
+        return SWEEP_SAMPLING | v if isinstance(v, dict) else v
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name must be a plain directory name, got name={self.name!r}")
+        if self.dataset != "toy":
+            if self.dataset not in DATASETS:
+                raise ValueError(f"dataset must be 'toy' or one of {sorted(DATASETS)}, got dataset={self.dataset!r}")
+            missing = [r for r in ("teacher", "proxy", "student") if getattr(self, r) is None]
+            if missing:
+                raise ValueError(f"dataset={self.dataset!r} needs model paths for {missing}")
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed")
+        if self.workers < 1:
+            raise ValueError(f"workers must be an integer ≥ 1, got workers={self.workers!r}")
+        for t in self.temperatures:
+            check_tau(t)
+        for lam in self.ad_lambdas + self.perm_lambdas + [x for grid in self.arms.values() for x in grid]:
+            check_lam(lam)
+        unknown = sorted(set(self.arms) - set(EXTRA_ARMS))
+        if unknown:
+            raise ValueError(f"unknown arms {unknown}; arms may list {list(EXTRA_ARMS)}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def points(self) -> list[tuple[str, float, int]]:
+        """(method, parameter, seed): the parameter is τ for temperature and λ otherwise."""
+        pts = []
+        for s in self.seeds:
+            if self.include_greedy:
+                pts.append(("greedy", 0.0, s))
+            pts += [("temperature", t, s) for t in self.temperatures]
+            pts += [("antidistill", lam, s) for lam in self.ad_lambdas]
+            pts += [("permutation", lam, s) for lam in self.perm_lambdas]
+            pts += [(arm, lam, s) for arm in EXTRA_ARMS for lam in self.arms.get(arm, [])]
+        return pts
+
+    def settings_for(self, method: str, param: float, seed: int) -> SamplingSettings:
+        """The sampling settings of a point; ``method`` is a core method or an arm (``experiment.arms``)."""
+        if method not in METHODS and method not in ARMS:
+            raise ValueError(f"unknown method {method!r}; use one of {sorted(set(METHODS) | set(ARMS))}")
+        method = ARMS[method].method if method in ARMS else method
+        base = dataclasses.asdict(self.sampling) | {"method": method, "seed": seed, "lam": 0.0}
+        if method == "temperature":
+            base["tau"] = param
+        elif method != "greedy":
+            base["lam"] = param
+        return SamplingSettings(**base)

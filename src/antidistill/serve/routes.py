@@ -1,0 +1,277 @@
+"""The HTTP routes: ``/health`` (open), ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``.
+
+Each generation request is validated in full, then tokenized on a small thread pool (never on the
+event loop), then queued. Its handler waits for the engine's events and for the client's
+disconnect (set by :class:`~.middleware.RequestGuard`): a client that leaves, streaming or not,
+is cancelled at once (a queued request leaves the queue, a running one frees its slots at the
+next step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from . import schemas as S
+from .config import ServeConfig
+from .engine import DoneEvent, Engine, EngineDead, GenRequest, QueueFull, TokenEvent
+from .errors import APIError, engine_error, error_event, error_response, validation_error
+from .middleware import DISCONNECTED
+from .prompt import PromptEncoder
+
+FORBIDDEN_FIELDS = {"lam", "lambda", "eps", "epsilon", "difference", "proxy", "grad", "gradient",
+                    "antidistill", "antidistillation", "logit_bias", "tau"}
+
+
+class _BadBody(Exception):
+    pass
+
+
+def _no_constants(name: str):
+    raise _BadBody(f"{name} is not valid JSON")
+
+
+def _check_strings(obj, depth: int = 0) -> None:
+    """400 for lone surrogates anywhere in the body (they cannot be encoded as UTF-8)."""
+    if depth > 32:
+        raise _BadBody("the body is nested too deeply")
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _BadBody("the body holds a lone surrogate (\\ud800-\\udfff escape); text must be valid Unicode") from None
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_strings(k, depth + 1)
+            _check_strings(v, depth + 1)
+    elif isinstance(obj, list):
+        for v in obj:
+            _check_strings(v, depth + 1)
+
+
+async def parse_body(request: Request, model: type[BaseModel]):
+    raw = await request.body()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise APIError(400, "the body is not valid UTF-8") from None
+    try:
+        data = json.loads(text, parse_constant=_no_constants)
+        _check_strings(data)
+    except _BadBody as e:
+        raise APIError(400, str(e)) from None
+    except (ValueError, RecursionError):
+        raise APIError(400, "the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e.errors()) from None
+
+
+@dataclass
+class Context:
+    cfg: ServeConfig
+    engine: Engine
+    encoder: PromptEncoder
+    pool: ThreadPoolExecutor
+    max_positions: int | None
+    created: int
+
+
+def build_routers(ctx: Context, require_key) -> list[APIRouter]:
+    cfg, engine = ctx.cfg, ctx.engine
+    open_router = APIRouter()
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+
+    @open_router.get("/health", response_model=S.Health)
+    async def health():
+        if not engine.alive:
+            return error_response(503, "the generation engine is not running", code="engine_dead")
+        return S.Health(queued=engine.queued, running=engine.running, antidistillation=engine.defended)
+
+    @v1.get("/models", response_model=S.ModelList)
+    async def models():
+        return S.ModelList(data=[S.Model(id=cfg.model_name, created=ctx.created)])
+
+    def check(body: S._Common) -> None:
+        bad = sorted(set((body.model_extra or {}).keys()) & FORBIDDEN_FIELDS)
+        if bad:
+            raise APIError(400, f"field {bad[0]!r} is operator-only: the antidistillation defense cannot be set "
+                                "per request", param=bad[0])
+        if body.model != cfg.model_name:
+            raise APIError(400, f"model {body.model!r} does not exist; this server has {cfg.model_name!r}",
+                           param="model", code="model_not_found")
+        if body.n not in (None, 1):
+            raise APIError(400, f"n={body.n} is not supported; use n=1", param="n")
+
+    async def gen_request(body, encode, arg, max_tokens, logprobs: bool, top_logprobs: int) -> GenRequest:
+        if logprobs and not cfg.allow_logprobs:
+            raise APIError(400, "logprobs are disabled by the operator", param="logprobs")
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(ctx.pool, encode, arg)  # off the event loop
+        limit = min(max_tokens or cfg.max_tokens, cfg.max_tokens)
+        if ctx.max_positions is not None:
+            limit = min(limit, ctx.max_positions - len(ids))
+            if limit < 1:
+                raise APIError(400, f"prompt has {len(ids)} tokens, which leaves no room in the model's "
+                                    f"{ctx.max_positions} positions", code="context_length_exceeded")
+        return GenRequest(prompt_ids=ids, max_tokens=limit, temperature=float(body.temperature or 0.0),
+                          top_p=max(float(body.top_p or 1.0), cfg.min_top_p), seed=body.seed, logprobs=logprobs,
+                          top_logprobs=top_logprobs, stop=body.stop_list(), loop=loop, out=asyncio.Queue())
+
+    def submit(req: GenRequest) -> None:
+        try:
+            engine.submit(req)
+        except QueueFull:
+            raise APIError(429, "the server is at capacity; retry later", code="queue_full",
+                           headers={"Retry-After": str(cfg.retry_after_s)}) from None
+        except EngineDead:
+            raise APIError(503, "the generation engine is not running", code="engine_dead") from None
+
+    async def next_event(req: GenRequest, request: Request):
+        """The request's next engine event, or None once its client has gone away."""
+        gone = request.scope.get(DISCONNECTED)
+        if gone is None:
+            return await req.out.get()
+        get, waiter = asyncio.ensure_future(req.out.get()), asyncio.ensure_future(gone.wait())
+        await asyncio.wait({get, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if get.done():
+            return get.result()
+        get.cancel()
+        return None
+
+    async def collect(req: GenRequest, request: Request) -> list | None:
+        """Every event of a non-streaming request, or None if the client went away first."""
+        events, finished = [], False
+        try:
+            while True:
+                ev = await next_event(req, request)
+                if ev is None:
+                    return None
+                events.append(ev)
+                if isinstance(ev, DoneEvent):
+                    finished = True
+                    return events
+        finally:
+            if not finished:
+                engine.cancel(req)
+
+    def finish_reason(done: DoneEvent) -> str:
+        if done.finish_reason == "error":
+            raise engine_error(done.error)
+        return "length" if done.finish_reason == "length" else "stop"
+
+    def usage(done: DoneEvent) -> S.Usage:
+        return S.Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+                       total_tokens=done.prompt_tokens + done.completion_tokens)
+
+    def chat_lp(t: TokenEvent) -> S.TokenLogprob:
+        return S.TokenLogprob(token=t.text, logprob=t.logprob, bytes=list(t.text.encode()), top_logprobs=[
+            S.TopLogprob(token=s, logprob=v, bytes=list(s.encode())) for s, v in (t.top_logprobs or [])])
+
+    async def stream(req: GenRequest, request: Request, chunks):
+        """Server-sent events; an engine error is an ``error`` event (never a ``finish_reason``)."""
+        finished = False
+        try:
+            async for line in chunks(req, request):
+                yield line
+            finished = True
+        finally:  # the client went away (or the server is shutting down): stop its generation
+            if not finished:
+                engine.cancel(req)
+
+    @v1.post("/chat/completions", response_model=S.ChatCompletion)
+    async def chat(request: Request):
+        body = await parse_body(request, S.ChatRequest)
+        check(body)
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        req = await gen_request(body, ctx.encoder.chat_ids, msgs, body.max_completion_tokens or body.max_tokens,
+                                bool(body.logprobs or body.top_logprobs), int(body.top_logprobs or 0))
+        submit(req)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(delta, finish=None, lp=None) -> str:
+            c = S.ChatCompletionChunk(id=rid, created=now, model=cfg.model_name,
+                                      choices=[S.ChunkChoice(delta=delta, finish_reason=finish, logprobs=lp)])
+            return f"data: {c.model_dump_json()}\n\n"
+
+        async def chunks(req, request):
+            yield chunk(S.ChunkDelta(role="assistant", content=""))
+            while True:
+                ev = await next_event(req, request)
+                if ev is None:
+                    return
+                if isinstance(ev, DoneEvent):
+                    yield error_event(ev.error) if ev.finish_reason == "error" else chunk(S.ChunkDelta(), finish_reason(ev))
+                    break
+                lp = S.ChoiceLogprobs(content=[chat_lp(ev)]) if req.logprobs else None
+                yield chunk(S.ChunkDelta(content=ev.text), lp=lp)
+            yield "data: [DONE]\n\n"
+
+        if body.stream:
+            return StreamingResponse(stream(req, request, chunks), media_type="text/event-stream")
+        events = await collect(req, request)
+        if events is None:
+            return error_response(400, "the client disconnected", code="client_disconnected")
+        done, toks = events[-1], [e for e in events if isinstance(e, TokenEvent)]
+        choice = S.ChatChoice(message=S.AssistantMessage(content="".join(t.text for t in toks)),
+                              finish_reason=finish_reason(done),
+                              logprobs=S.ChoiceLogprobs(content=[chat_lp(t) for t in toks]) if req.logprobs else None)
+        return S.ChatCompletion(id=rid, created=now, model=cfg.model_name, choices=[choice], usage=usage(done))
+
+    @v1.post("/completions", response_model=S.Completion)
+    async def completions(request: Request):
+        body = await parse_body(request, S.CompletionRequest)
+        check(body)
+        req = await gen_request(body, ctx.encoder.completion_ids, body.prompt, body.max_tokens or 16,
+                                body.logprobs is not None, int(body.logprobs or 0))
+        submit(req)
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(text, finish=None) -> str:
+            c = S.Completion(id=rid, created=now, model=cfg.model_name,
+                             choices=[S.CompletionChoice(text=text, finish_reason=finish)])
+            return f"data: {c.model_dump_json(exclude={'usage'})}\n\n"
+
+        async def chunks(req, request):
+            while True:
+                ev = await next_event(req, request)
+                if ev is None:
+                    return
+                if isinstance(ev, DoneEvent):
+                    yield error_event(ev.error) if ev.finish_reason == "error" else chunk("", finish_reason(ev))
+                    break
+                yield chunk(ev.text)
+            yield "data: [DONE]\n\n"
+
+        if body.stream:
+            return StreamingResponse(stream(req, request, chunks), media_type="text/event-stream")
+        events = await collect(req, request)
+        if events is None:
+            return error_response(400, "the client disconnected", code="client_disconnected")
+        done, toks = events[-1], [e for e in events if isinstance(e, TokenEvent)]
+        text = "".join(t.text for t in toks)
+        lp = None
+        if req.logprobs:
+            offsets, pos = [], len(body.prompt) if body.echo else 0
+            for t in toks:
+                offsets.append(pos)
+                pos += len(t.text)
+            lp = S.CompletionLogprobs(tokens=[t.text for t in toks], token_logprobs=[t.logprob for t in toks],
+                                      top_logprobs=[dict(t.top_logprobs or []) for t in toks], text_offset=offsets)
+        choice = S.CompletionChoice(text=(body.prompt + text) if body.echo else text, finish_reason=finish_reason(done),
+                                    logprobs=lp)
+        return S.Completion(id=rid, created=now, model=cfg.model_name, choices=[choice], usage=usage(done))
+
+    return [open_router, v1]

@@ -1,0 +1,117 @@
+"""The package's layers: core ← experiment ← apps, imports one way, no cycles, imports at module top."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "src" / "antidistill"
+LAYERS = {"core": 0, "experiment": 1, "apps": 2}
+# the optional heavy extras a module may import inside a function (the server, vLLM)
+# (and openai, a test-only dependency that the LiveServer test helper hands out)
+LAZY_OK = ("antidistill.serve", "antidistill.engines", "vllm", "uvicorn", "uvloop", "openai")
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1 or parts[1] in ("cli", "serve", "engines"):
+        return "apps" if len(parts) > 1 else "core"
+    if parts[1] in ("experiment", "toyworld"):
+        return "experiment"
+    return "core"
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for p in PKG.rglob("*.py"):
+        parts = ["antidistill", *p.relative_to(PKG).with_suffix("").parts]
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = p
+    return out
+
+
+def imports(module: str, path: Path) -> list[tuple[str, bool]]:
+    """(imported antidistill module, inside a function?) for every import statement of ``module``."""
+    tree = ast.parse(path.read_text())
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = []
+
+    def visit(node, in_function: bool):
+        for child in ast.iter_child_nodes(node):
+            nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = package.split(".")[: len(package.split(".")) - (child.level - 1)]
+                    target = ".".join(base + ([child.module] if child.module else []))
+                else:
+                    target = child.module or ""
+                names = [f"{target}.{a.name}" for a in child.names]
+                found.extend((n if n in mods else target, in_function) for n in names)
+            elif isinstance(child, ast.Import):
+                found.extend((a.name, in_function) for a in child.names)
+            visit(child, nested)
+
+    mods = modules()
+    visit(tree, False)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {m: {t for t, _ in imports(m, p) if t in mods and t != m} for m, p in mods.items()}
+
+
+def test_imports_run_one_way():
+    bad = [f"{m} ({layer(m)}) imports {t} ({layer(t)})" for m, ts in graph().items() for t in ts
+           if LAYERS[layer(t)] > LAYERS[layer(m)]]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_cycles():
+    g = graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def dfs(m, stack):
+        state[m] = 1
+        for t in sorted(g[m]):
+            if t == "antidistill" or m == "antidistill":
+                continue  # the package's __init__ re-exports the core; submodules import its __version__
+            if state.get(t) == 1:
+                cycles.append(" -> ".join(stack[stack.index(t):] + [t]))
+            elif t not in state:
+                dfs(t, stack + [t])
+        state[m] = 2
+
+    for m in sorted(g):
+        if m not in state:
+            dfs(m, [m])
+    assert not cycles, "\n".join(cycles)
+
+
+@pytest.mark.parametrize("reader", ["antidistill.experiment.report", "antidistill.serve.app"])
+def test_report_and_server_never_import_the_sweep(reader):
+    seen, todo = set(), [reader]
+    g = graph()
+    while todo:
+        m = todo.pop()
+        if m in seen or m not in g:
+            continue
+        seen.add(m)
+        todo.extend(g[m])
+    assert "antidistill.experiment.sweep" not in seen
+
+
+def test_imports_sit_at_module_top():
+    """Function-level imports hide the dependency graph; only the optional heavy extras may be lazy."""
+    late = [f"{m}: {t}" for m, p in modules().items() for t, in_function in imports(m, p)
+            if in_function and not t.startswith(LAZY_OK)]
+    assert not late, "\n".join(late)
+
+
+def test_no_module_over_400_lines():
+    long = {m: n for m, p in modules().items() if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long
