@@ -180,8 +180,16 @@ def sweep(
 ):
     """Run (or resume) a sweep; writes results.parquet, plots and report.md under runs/<name>/."""
     try:
-        out = Run(load_config(SweepConfig, config, list(set_))).run()
-    except ValueError as e:
+        cfg = load_config(SweepConfig, config, list(set_))
+        factory = None
+        if cfg.engine == "vllm":
+            from ..engines.vllm.offline import sweep_completer  # an optional extra: imported only when asked for
+            from ..engines.vllm.setup import require_vllm
+
+            require_vllm()
+            factory = sweep_completer
+        out = Run(cfg, completer_factory=factory).run()
+    except (ValueError, ImportError) as e:
         fail(e)
     typer.echo(f"report: {out / 'report.md'}")
 

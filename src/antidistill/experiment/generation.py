@@ -13,6 +13,7 @@ Two ways to score a trace (``scoring``):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 from accelerate.utils import gather_object
@@ -67,8 +68,28 @@ def answer_forcing_prefix(completion: str) -> str:
     return completion if i < 0 else completion[:i].rstrip()
 
 
+@runtime_checkable
+class TextCompleter(Protocol):
+    """A generation backend other than a transformers model, built for one :class:`SamplingSettings`
+    (vLLM's: ``antidistill.engines.vllm.offline.VllmCompleter``). :func:`generate_traces` accepts one
+    in place of the model; it then runs the same prompts, answer forcing and scoring."""
+
+    def complete(self, prompts: list[str], max_new_tokens: int, *, sampled: bool, seeds: list[int]) -> list[str]:
+        """Continuations of ``prompts``: with the settings' sampler (``sampled``, one seed per prompt) or
+        greedily from the plain teacher (the paper's answer forcing)."""
+        ...
+
+    def close(self) -> None:
+        """Release the backend (a sweep point closes its completer when its teacher stages are done)."""
+        ...
+
+
 @torch.no_grad()
-def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, gen_kwargs: dict, processor) -> list[str]:
+def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, gen_kwargs: dict, processor,
+              seeds: list[int] | None = None) -> list[str]:
+    if isinstance(model, TextCompleter):
+        return model.complete(prompts, max_new_tokens, sampled=bool(gen_kwargs.get("do_sample")),
+                              seeds=seeds or [0] * len(prompts))
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                   eos_token_id=tokenizer.eos_token_id, **gen_kwargs)
@@ -117,18 +138,21 @@ def generate_traces(
 def _generate_rows(model, tokenizer, problems, settings, processor, few_shot, progress, description,
                    scoring) -> list[dict]:
     tokenizer.padding_side = "left"
-    model.eval()
+    if not isinstance(model, TextCompleter):
+        model.eval()
     gen_kwargs = settings.generate_kwargs()
     rows = []
     batches = [problems[i : i + settings.batch_size] for i in range(0, len(problems), settings.batch_size)]
     for b, batch in enumerate(track(batches, description, enabled=progress)):
         prompts = [prompt_text(tokenizer, p["question"], settings.system_prompt, few_shot) for p in batch]
         torch.manual_seed(settings.seed + b)
-        completions = _generate(model, tokenizer, prompts, settings.max_new_tokens, gen_kwargs, processor)
+        seeds = [settings.seed + b * settings.batch_size + i for i in range(len(batch))]  # backends seeding per row
+        completions = _generate(model, tokenizer, prompts, settings.max_new_tokens, gen_kwargs, processor, seeds)
         if scoring == "forced":
             rows += _forced_rows(model, tokenizer, batch, prompts, completions, settings)
         else:
-            rows += _delivered_rows(model, tokenizer, batch, prompts, completions, settings, gen_kwargs, processor)
+            rows += _delivered_rows(model, tokenizer, batch, prompts, completions, settings, gen_kwargs, processor,
+                                    seeds)
     return rows
 
 
@@ -145,7 +169,8 @@ def _forced_rows(model, tokenizer, batch, prompts, completions, settings) -> lis
     return [_row(p, c, forced_answer(f), "forced") for p, c, f in zip(batch, completions, forced)]
 
 
-def _delivered_rows(model, tokenizer, batch, prompts, completions, settings, gen_kwargs, processor) -> list[dict]:
+def _delivered_rows(model, tokenizer, batch, prompts, completions, settings, gen_kwargs, processor,
+                    seeds) -> list[dict]:
     """Score each trace on its own final block; traces without one get a *sampled* forced answer."""
     written = [written_answer(c) for c in completions]
     missing = [i for i, w in enumerate(written) if w is None]
@@ -154,7 +179,7 @@ def _delivered_rows(model, tokenizer, batch, prompts, completions, settings, gen
         if processor is not None and hasattr(processor, "reset"):
             processor.reset()
         texts = _generate(model, tokenizer, [prompts[i] + completions[i] + ANSWER_FORCING for i in missing],
-                          settings.answer_tokens, gen_kwargs, processor)
+                          settings.answer_tokens, gen_kwargs, processor, [seeds[i] for i in missing])
         forced = dict(zip(missing, texts))
     rows = []
     for i, (p, c) in enumerate(zip(batch, completions)):

@@ -57,9 +57,17 @@ def _point_line(i: int, n: int, pt: tuple, row: dict, seconds: float) -> str:
 class Run:
     """One sweep: loads models and data once, then runs each stage whose artifact is missing."""
 
-    def __init__(self, cfg: SweepConfig, progress: bool = True, *, worker: bool = False):
+    def __init__(self, cfg: SweepConfig, progress: bool = True, *, worker: bool = False, completer_factory=None):
         """``worker=True``: a helper process of a parallel sweep; the parent owns the run directory
-        (config file, stale-temporary cleanup) and has already built the world."""
+        (config file, stale-temporary cleanup) and has already built the world.
+
+        ``completer_factory`` (``cfg.engine != "hf"``): ``(teacher, proxy, grad, tokenizer, settings, workdir)``
+        → a :class:`~antidistill.experiment.generation.TextCompleter` that generates each point's teacher
+        traces (the apps layer passes vLLM's, ``antidistill.engines.vllm.offline.sweep_completer``).
+        """
+        if cfg.engine != "hf" and completer_factory is None:
+            raise ValueError(f"engine={cfg.engine!r} needs its completer: run the sweep with `antidistill sweep`")
+        self.completer_factory = completer_factory
         self.cfg, self.progress = cfg, progress
         self.dir = cfg.run_dir
         self.files = RunDir(self.dir)
@@ -147,12 +155,20 @@ class Run:
         if files.result.is_file():
             return json.loads(files.result.read_text())
         settings = self.cfg.settings_for(method, param, seed)
-        proc = self.processor_for(method, settings)
         label = f"{method} {param:g} seed {seed}"
         teacher, tok = self.teacher, self.tok["teacher"]
+        engine = self.completer_factory is not None and not (files.traces.exists() and files.teacher_test.exists())
+        # another engine, if any, generates the teacher's traces (built only if one is missing); students stay HF
+        proc = self.processor_for(method, settings) if self.completer_factory is None else None
+        if engine:
+            grad = str(self.gradient_path()) if settings.uses_proxy else None
+            teacher = self.completer_factory(self.paths["teacher"], self.paths["proxy"], grad, tok, settings,
+                                             files.root / "engine")
         stage(files.traces, self._traces(teacher, tok, "train", settings, f"traces [{label}]", processor=proc))
         stage(files.teacher_test, self._traces(teacher, tok, "test", settings, f"teacher on test [{label}]",
                                                processor=proc))
+        if engine:
+            teacher.close()
         stage(files.history, lambda path: self._distill(read_jsonl(files.traces), seed, files.student, path))
         student = load_causal_lm(str(files.student))
         greedy = self.cfg.settings_for("greedy", 0.0, seed)
@@ -245,7 +261,7 @@ class Run:
         if todo:
             n = min(self.cfg.workers, len(todo))
             with worker_pool(n) as pool:
-                futures = {pool.submit(_run_point_in_worker, self.cfg, pt): pt for pt in todo}
+                futures = {pool.submit(_run_point_in_worker, self.cfg, pt, self.completer_factory): pt for pt in todo}
                 try:
                     for fut in track(as_completed(futures), f"sweep points ({n} workers)", enabled=self.progress,
                                      total=len(futures)):
@@ -268,8 +284,8 @@ class Run:
         return df
 
 
-def _run_point_in_worker(cfg: SweepConfig, pt: tuple[str, float, int]) -> tuple[dict, float]:
+def _run_point_in_worker(cfg: SweepConfig, pt: tuple[str, float, int], completer_factory=None) -> tuple[dict, float]:
     """One point in a pool worker; the worker loads the run's (cached) world and models for it."""
     t0 = time.perf_counter()
-    row = Run(cfg, progress=False, worker=True).point(*pt)
+    row = Run(cfg, progress=False, worker=True, completer_factory=completer_factory).point(*pt)
     return row, time.perf_counter() - t0

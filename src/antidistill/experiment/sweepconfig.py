@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import field
 from pathlib import Path
+from typing import Literal
 
 from pydantic import field_validator
 from pydantic.dataclasses import dataclass
@@ -63,6 +64,9 @@ class SweepConfig:
     # CPU the toy models are too small to keep two cores busy from one process, so 2 workers on 2 cores
     # finish the points sooner. Results depend on the seeds, not on the worker that ran a point.
     workers: int = 1
+    # what generates the teacher's traces: transformers (hf), or vLLM (the `vllm` extra; one engine per
+    # point, greedy/temperature/antidistill/permutation points only). Students are always transformers.
+    engine: Literal["hf", "vllm"] = "hf"
 
     @field_validator("sampling", mode="before")
     @classmethod
@@ -87,6 +91,9 @@ class SweepConfig:
             check_tau(t)
         for lam in self.ad_lambdas + self.perm_lambdas + [x for grid in self.arms.values() for x in grid]:
             check_lam(lam)
+        if self.engine != "hf" and any(self.arms.values()):
+            raise ValueError(f"engine={self.engine!r} runs greedy, temperature, antidistill and permutation points; "
+                             f"the arms {sorted(k for k, v in self.arms.items() if v)} run on engine='hf'")
         unknown = sorted(set(self.arms) - set(EXTRA_ARMS))
         if unknown:
             raise ValueError(f"unknown arms {unknown}; arms may list {list(EXTRA_ARMS)}")

@@ -1,28 +1,28 @@
-"""Offline trace generation on vLLM: the rows of :func:`antidistill.generation.generate_traces`.
+"""Offline trace generation on vLLM for the experiment: a backend for its own trace generation.
 
-``generate_traces(llm, tokenizer, problems, settings)`` returns, per problem, ``id, question, answer,
-completion, forced_answer, correct``, built the same way as the transformers path: the same prompt
-(:func:`~antidistill.prompting.prompt_text`, tokenized without special tokens), the same answer
-forcing (the trace cut at its own ``**Final Answer**``, then ``\\n\\n**Final Answer**\\n\\boxed{``
-decoded greedily from the plain teacher for ``settings.answer_tokens`` tokens) and the same scoring.
+:class:`VllmCompleter` implements :class:`antidistill.experiment.generation.TextCompleter`, so
+:func:`generate_traces` here is the transformers path's ``generate_traces`` with vLLM doing the
+decoding: the same prompts (:func:`~antidistill.prompting.prompt_text`, tokenized without special
+tokens), the same answer forcing and the same scoring (``delivered`` for teachers, ``forced`` for
+the paper's student evaluation).
 
 Differences from the transformers path, by design:
 
-- All problems go to vLLM at once (continuous batching); ``batch_size`` is not used.
-- Sampling randomness: request ``i`` (0-based problem index) gets ``seed = settings.seed + i``,
-  where the transformers path seeds the global RNG once per batch. Sampled traces are therefore
-  reproducible but not the same tokens as the transformers path; greedy rows (``method="greedy"``,
-  and every forced answer) are the same up to fp32 argmax ties.
+- Each batch goes to vLLM at once and vLLM batches it continuously.
+- Sampling randomness: each request gets its own seed (``settings.seed`` + its index), where the
+  transformers path seeds the global RNG once per batch. Sampled traces are therefore reproducible
+  but not the same tokens as the transformers path; greedy rows (``method="greedy"``, and every
+  greedy forced answer) are the same up to fp32 argmax ties.
+- λ, ε, τ and the difference are fixed per engine: a sweep builds one engine per point.
 - Multi-process sharding (``accelerate launch``) does not apply; vLLM parallelises itself.
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 
-from ...experiment.generation import answer_forcing_prefix
-from ...prompting import ANSWER_FORCING, prompt_text
-from ...experiment.scoring import forced_answer, is_correct
+from ...experiment.generation import generate_traces as experiment_traces
 from .policy import MODE_KEY
 from .setup import VllmSettings, build_llm
 
@@ -40,47 +40,50 @@ def build_offline_llm(teacher, proxy, grad, settings, *, workdir, **kwargs):
                      workdir=workdir, **kwargs)
 
 
-def _params(settings, max_tokens: int, mode: str, seed: int | None, eos: int | None, greedy: bool):
-    from vllm import SamplingParams
+class VllmCompleter:
+    """The experiment's :class:`~antidistill.experiment.generation.TextCompleter` on a ``vllm.LLM`` from
+    :func:`build_offline_llm`: one engine, one :class:`~antidistill.SamplingSettings` (its method picks
+    eq. 11, the permutation baseline or the plain teacher for every sampled request)."""
 
-    extra = {MODE_KEY: mode}
-    if mode == "permutation":
-        extra["permutation_seed"] = seed
-    if greedy:
-        return SamplingParams(temperature=0.0, max_tokens=max_tokens, stop_token_ids=[eos] if eos is not None else None,
-                              extra_args=extra, skip_special_tokens=True)
-    return SamplingParams(temperature=settings.tau, top_p=settings.top_p, top_k=settings.top_k or -1, seed=seed,
-                          max_tokens=max_tokens, stop_token_ids=[eos] if eos is not None else None, extra_args=extra,
-                          skip_special_tokens=True)
+    def __init__(self, llm, tokenizer, settings):
+        self.llm, self.tokenizer, self.settings = llm, tokenizer, settings
+        mode = {"greedy": "teacher", "temperature": "teacher", "antidistill": "antidistill",
+                "permutation": "permutation"}[settings.method]
+        self.mode = "teacher" if mode != "teacher" and settings.lam == 0.0 else mode  # λ = 0 is eq. 1
+
+    def complete(self, prompts: list[str], max_new_tokens: int, *, sampled: bool, seeds: list[int]) -> list[str]:
+        from vllm import SamplingParams, TokensPrompt
+
+        s, eos = self.settings, self.tokenizer.eos_token_id
+        common = dict(max_tokens=max_new_tokens, stop_token_ids=[eos] if eos is not None else None,
+                      skip_special_tokens=True)
+        if sampled and s.method != "greedy":
+            params = [SamplingParams(temperature=s.tau, top_p=s.top_p, top_k=s.top_k or -1, seed=seed,
+                                     extra_args={MODE_KEY: self.mode, "permutation_seed": seed}, **common)
+                      for seed in seeds]
+        else:  # greedy decoding of the plain teacher: the greedy method, and the paper's answer forcing
+            params = [SamplingParams(temperature=0.0, extra_args={MODE_KEY: "teacher"}, **common)] * len(prompts)
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids], params, use_tqdm=False)
+        # decode ourselves, as the transformers path does, so the text is byte-identical for the same ids
+        return [self.tokenizer.decode(list(o.outputs[0].token_ids), skip_special_tokens=True) for o in outs]
 
 
-def _run(llm, tokenizer, prompts: list[str], params: list) -> list[str]:
-    from vllm import TokensPrompt
-
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    outs = llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids], params, use_tqdm=False)
-    # decode ourselves, as the transformers path does, so the text is byte-identical for the same ids
-    return [tokenizer.decode(list(o.outputs[0].token_ids), skip_special_tokens=True) for o in outs]
+    def close(self) -> None:
+        """Shut the engine down now: the next point's engine needs vLLM's process-wide state, which a
+        previous engine tears down whenever the garbage collector happens to reach it."""
+        self.llm = None
+        gc.collect()
 
 
-def generate_traces(llm, tokenizer, problems: Sequence[dict], settings, *, few_shot: list[dict] | None = None) -> list[dict]:
-    """Sample a trace for each problem on vLLM, force an answer, and score it (see the module docstring)."""
-    mode = {"greedy": "teacher", "temperature": "teacher", "antidistill": "antidistill",
-            "permutation": "permutation"}[settings.method]
-    if mode != "teacher" and settings.lam == 0.0:
-        mode = "teacher"  # λ = 0 is eq. 1, temperature sampling
-    eos = tokenizer.eos_token_id
-    prompts = [prompt_text(tokenizer, p["question"], settings.system_prompt, few_shot) for p in problems]
-    greedy = settings.method == "greedy"
-    params = [_params(settings, settings.max_new_tokens, mode, settings.seed + i, eos, greedy)
-              for i in range(len(prompts))]
-    completions = _run(llm, tokenizer, prompts, params)
-    forced_prompts = [p + answer_forcing_prefix(c) + ANSWER_FORCING for p, c in zip(prompts, completions)]
-    forced = _run(llm, tokenizer, forced_prompts,
-                  [_params(settings, settings.answer_tokens, "teacher", None, eos, True)] * len(prompts))
-    rows = []
-    for p, c, f in zip(problems, completions, forced):
-        ans = forced_answer(f)
-        rows.append({"id": p["id"], "question": p["question"], "answer": str(p["answer"]), "completion": c,
-                     "forced_answer": ans, "correct": is_correct(ans, str(p["answer"]))})
-    return rows
+def generate_traces(llm, tokenizer, problems: Sequence[dict], settings, *, few_shot: list[dict] | None = None,
+                    scoring: str = "delivered") -> list[dict]:
+    """:func:`antidistill.experiment.generation.generate_traces` on vLLM: the same prompts, answer
+    forcing and scoring, with each request seeded by ``settings.seed`` + its index."""
+    return experiment_traces(VllmCompleter(llm, tokenizer, settings), tokenizer, problems, settings,
+                             few_shot=few_shot, progress=False, scoring=scoring)
+
+
+def sweep_completer(teacher: str, proxy: str, grad: str, tokenizer, settings, workdir) -> VllmCompleter:
+    """The sweep's completer factory (``SweepConfig.engine: vllm``): one engine per sweep point."""
+    return VllmCompleter(build_offline_llm(teacher, proxy, grad, settings, workdir=workdir), tokenizer, settings)
