@@ -30,7 +30,7 @@ def _fake_generate(outputs):
     """A stand-in for ``_generate`` returning canned texts: first the traces, then the forced continuations."""
     calls = []
 
-    def fake(model, tokenizer, prompts, max_new_tokens, gen_kwargs, processor):
+    def fake(model, tokenizer, prompts, max_new_tokens, gen_kwargs, processor, seeds=None):
         calls.append({"prompts": prompts, "gen_kwargs": gen_kwargs, "processor": processor})
         return outputs[len(calls) - 1][: len(prompts)]
     return fake, calls
