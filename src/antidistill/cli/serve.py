@@ -15,18 +15,8 @@ from ..serve.config import ServeConfig
 from .common import fail
 from .options import config_options
 
-SERVE_OPTIONS = [
-    "teacher",
-    "proxy",
-    "grad",
-    "sampling.lam",
-    "sampling.eps",
-    "sampling.tau",
-    "sampling.difference",
-    "host",
-    "port",
-    "insecure_no_auth",
-]
+SERVE_OPTIONS = ["teacher", "proxy", "grad", "sampling.lam", "sampling.eps", "sampling.tau", "sampling.difference",
+                 "host", "port", "insecure_no_auth"]
 
 
 @config_options(ServeConfig, SERVE_OPTIONS)
