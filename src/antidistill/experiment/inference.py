@@ -1,15 +1,15 @@
 """The primary estimate: a pooled model over all runs, with an interval that stays sound with few seeds.
 
-For an arm A against temperature, every run of the two methods whose teacher accuracy lies in the
-range *both* methods cover is one observation, and statsmodels fits
+For an arm A against temperature, every run of A whose teacher accuracy lies inside temperature's
+range, and every temperature run, is one observation, and statsmodels fits
 
     student_acc ~ teacher_acc + teacher_acc² + [method = A] + C(cluster)
 
 by OLS. The coefficient of ``[method = A]`` is the arm's effect at matched teacher accuracy (one
 number, from all runs; no level rests on one run). ``cluster`` is a (world build, seed) pair: runs
 of one seed share their distillation seed, and runs of one world share its weights, so the cluster
-fixed effect takes out what they share. teacher_acc² lets the shared curve bend; the overlap
-restriction keeps the fit from extrapolating past either method's range.
+fixed effect takes out what they share. teacher_acc² lets the shared curve bend; the range
+restriction keeps the fit from extrapolating temperature's curve to any run of A.
 
 The 95% interval is the *union* of two intervals, so it is never narrower than either:
 
@@ -38,46 +38,61 @@ def _cluster(df: pd.DataFrame) -> pd.Series:
 
 
 def overlap(df: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
-    """The runs of methods ``a`` and ``b`` whose teacher accuracy lies in the range both cover."""
+    """The runs of arm ``a`` inside the teacher-accuracy range of baseline ``b``, and every run of ``b``.
+
+    The baseline's curve is only interpolated, never extrapolated, at the arm's runs; baseline runs
+    beyond the arm's range still inform the shared curve (an arm whose runs sit in a narrow band
+    inside the baseline's range, as the white-box arms do, is compared there).
+    """
     ra, rb = df[df.method == a], df[df.method == b]
     if ra.empty or rb.empty:
         return df.iloc[:0]
-    lo = max(ra.teacher_acc.min(), rb.teacher_acc.min())
-    hi = min(ra.teacher_acc.max(), rb.teacher_acc.max())
-    sub = pd.concat([ra, rb])
-    return sub[(sub.teacher_acc >= lo - 1e-12) & (sub.teacher_acc <= hi + 1e-12)]
+    lo, hi = rb.teacher_acc.min(), rb.teacher_acc.max()
+    return pd.concat([ra[(ra.teacher_acc >= lo - 1e-12) & (ra.teacher_acc <= hi + 1e-12)], rb])
 
 
-def _design(is_arm: np.ndarray, x: np.ndarray, clusters: np.ndarray) -> np.ndarray:
+def _design(is_arm: np.ndarray, x: np.ndarray, clusters: np.ndarray, is_other: np.ndarray | None = None) -> np.ndarray:
     xc = x - x.mean()
-    cols = [is_arm.astype(float), xc, xc**2]
+    cols = [is_arm.astype(float)] + ([] if is_other is None else [is_other.astype(float)]) + [xc, xc**2]
     levels = np.unique(clusters)
     cols += [(clusters == c).astype(float) for c in levels]  # one intercept per cluster
     return np.column_stack(cols)
 
 
 def pooled_effect(df: pd.DataFrame, arm: str, baseline: str = "temperature", *, y: str = "student_acc",
-                  n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL) -> dict | None:
+                  n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL, via: str | None = None) -> dict | None:
     """``arm − baseline`` in ``y`` at matched teacher accuracy: estimate, interval and how it was made.
 
-    Returns None if the two methods do not overlap in enough runs to fit (fewer than 2 runs of
-    either, or no residual degrees of freedom).
+    ``via``: compare two arms through a reference curve (e.g. white-box − its permutation, both
+    against temperature's curve): runs of both arms inside ``via``'s range and every ``via`` run
+    enter one fit, and the estimate is the difference of the two arms' coefficients.
+    Returns None if there are too few runs to fit (fewer than 2 runs of either side, or no
+    residual degrees of freedom).
     """
-    sub = overlap(df, arm, baseline)
+    ref = via or baseline
+    sub = overlap(df, arm, ref)
+    if via is not None:
+        sub = pd.concat([sub, overlap(df, baseline, ref)[lambda d: d.method == baseline]])
     sub = sub[np.isfinite(sub[y].to_numpy(float))]
     n_arm, n_base = int((sub.method == arm).sum()), int((sub.method == baseline).sum())
     if n_arm < 2 or n_base < 2:
         return None
     clusters = _cluster(sub).to_numpy()
     is_arm, x, yv = (sub.method == arm).to_numpy(), sub.teacher_acc.to_numpy(float), sub[y].to_numpy(float)
-    X = _design(is_arm, x, clusters)
+    is_other = (sub.method == baseline).to_numpy() if via is not None else None
+    X = _design(is_arm, x, clusters, is_other)
     if np.linalg.matrix_rank(X) < X.shape[1] or len(yv) - X.shape[1] < 2:
         return None
     fit = sm.OLS(yv, X).fit(cov_type="HC3")
-    est, se = float(fit.params[0]), float(fit.bse[0])
+    c = np.zeros(X.shape[1])
+    c[0] = 1.0
+    if via is not None:
+        c[1] = -1.0
+    est = float(c @ fit.params)
+    se = float(np.sqrt(c @ np.asarray(fit.cov_params()) @ c))
     q = stats.t.ppf(0.5 + level / 2, fit.df_resid)
     lo_t, hi_t = est - q * se, est + q * se
-    boot = _cluster_bootstrap(is_arm, x, yv, clusters, n_boot, seed)
+    boot = _cluster_bootstrap(is_arm, x, yv, clusters, n_boot, seed, is_other)
     if boot.size >= max(20, n_boot // 4):
         lo_b, hi_b = (float(v) for v in np.percentile(boot, [50 - 50 * level, 50 + 50 * level]))
     else:
@@ -90,7 +105,7 @@ def pooled_effect(df: pd.DataFrame, arm: str, baseline: str = "temperature", *, 
             "significant": bool(hi_ci < 0 or lo_ci > 0)}
 
 
-def _cluster_bootstrap(is_arm, x, yv, clusters, n_boot, seed) -> np.ndarray:
+def _cluster_bootstrap(is_arm, x, yv, clusters, n_boot, seed, is_other=None) -> np.ndarray:
     """The method coefficient over resamples of whole clusters (a drawn cluster twice counts as two)."""
     rng = np.random.default_rng(seed)
     levels = np.unique(clusters)
@@ -100,10 +115,11 @@ def _cluster_bootstrap(is_arm, x, yv, clusters, n_boot, seed) -> np.ndarray:
         draw = rng.choice(levels, size=levels.size, replace=True)
         idx = np.concatenate([index[c] for c in draw])
         labels = np.concatenate([np.full(index[c].size, k) for k, c in enumerate(draw)])
-        X = _design(is_arm[idx], x[idx], labels)
+        X = _design(is_arm[idx], x[idx], labels, None if is_other is None else is_other[idx])
         if np.linalg.matrix_rank(X) < X.shape[1]:
             continue  # one method missing from the draw, or too few distinct teacher accuracies
-        out.append(np.linalg.lstsq(X, yv[idx], rcond=None)[0][0])
+        beta = np.linalg.lstsq(X, yv[idx], rcond=None)[0]
+        out.append(beta[0] - (beta[1] if is_other is not None else 0.0))
     return np.asarray(out)
 
 
@@ -137,7 +153,8 @@ def ladder_effects(df: pd.DataFrame, *, n_boot: int = N_BOOT) -> dict[str, dict 
            ("antidistill", "permutation", "reasoning_only", "whitebox", "whitebox_permutation")
            if (df.method == a).any()}
     if (df.method == "whitebox").any() and (df.method == "whitebox_permutation").any():
-        out["whitebox_vs_permutation"] = pooled_effect(df, "whitebox", "whitebox_permutation", n_boot=n_boot)
+        out["whitebox_vs_permutation"] = pooled_effect(df, "whitebox", "whitebox_permutation", n_boot=n_boot,
+                                                       via="temperature")
     return out
 
 
@@ -162,8 +179,10 @@ def ladder_reading(effects: dict[str, dict | None]) -> str:
         return ("**The mechanism works and transfers.** White-box antidistillation hurts students more than its "
                 "permutation and than temperature, and so does the cross-family proxy's.")
     if _alike(wb) and _alike(wbp_t) and _alike(wbp):
+        width = max(100 * (e["ci_high"] - e["ci_low"]) / 2 for e in (wb, wbp_t, wbp))
         return ("**The mechanism does not work in this world.** White-box antidistillation, its permutation and "
-                "temperature give students alike (every interval includes zero).")
+                f"temperature give students alike (every interval includes zero; half-widths up to {width:.1f} "
+                "points, so only effects larger than that are ruled out).")
     if _alike(wbp) and _worse(wb) and _worse(wbp_t):
         return ("**The damage is noise.** White-box antidistillation and its permutation are alike, and both are "
                 "worse than temperature: any perturbation of this size hurts, not the direction Δ̂.")

@@ -180,8 +180,8 @@ def _effect_cells(e: dict | None, scale: float = 100.0, fmt: str = "{:+.1f}") ->
 
 def _ladder_lines(df, effects: dict) -> list[str]:
     out = ["## Transfer ladder", "",
-           "Each arm against temperature at matched teacher accuracy (pooled model over all runs in the teacher-"
-           "accuracy range both cover; 95% CI; see `antidistill.experiment.inference`). Negative = students learn "
+           "Each arm against temperature at matched teacher accuracy (pooled model over the arm's runs inside "
+           "temperature's teacher-accuracy range and all temperature runs; 95% CI; see `antidistill.experiment.inference`). Negative = students learn "
            "less from that arm's traces.", "",
            "| arm | student acc − temperature (points) | 95% CI | runs |", "|---|---|---|---|"]
     for m, label in LADDER:
@@ -192,7 +192,8 @@ def _ladder_lines(df, effects: dict) -> list[str]:
         if (df.method == m).any():
             out.append(f"| {label} | {_effect_cells(effects.get(m))} |")
     if "whitebox_vs_permutation" in effects:
-        out.append(f"| white-box − its permutation | {_effect_cells(effects['whitebox_vs_permutation'])} |")
+        out.append(f"| white-box − its permutation (both against temperature's curve) | "
+                   f"{_effect_cells(effects['whitebox_vs_permutation'])} |")
     out += ["", "Reading: " + ladder_reading(effects), "",
             "(If white-box is worse than both its permutation and temperature while the cross-family proxy is not, "
             "the mechanism works but does not transfer here; if white-box, its permutation and temperature are all "
