@@ -180,13 +180,20 @@ def build_routers(ctx: Context, require_key) -> list[APIRouter]:
         return S.TokenLogprob(token=t.text, logprob=t.logprob, bytes=list(t.text.encode()), top_logprobs=[
             S.TopLogprob(token=s, logprob=v, bytes=list(s.encode())) for s, v in (t.top_logprobs or [])])
 
-    async def stream(req: GenRequest, request: Request, chunks):
-        """Server-sent events; an engine error is an ``error`` event (never a ``finish_reason``)."""
+    async def stream(req: GenRequest, request: Request, on_token, on_done, first: str | None = None):
+        """Server-sent events: ``first``, a line per token, ``on_done``'s line and ``[DONE]``. An engine
+        error is an ``error`` event (never a ``finish_reason``); a client that goes away is cancelled."""
         finished = False
         try:
-            async for line in chunks(req, request):
-                yield line
-            finished = True
+            if first is not None:
+                yield first
+            while (ev := await next_event(req, request)) is not None:
+                if isinstance(ev, DoneEvent):
+                    yield error_event(ev.error) if ev.finish_reason == "error" else on_done(ev)
+                    yield "data: [DONE]\n\n"
+                    finished = True
+                    return
+                yield on_token(ev)
         finally:  # the client went away (or the server is shutting down): stop its generation
             if not finished:
                 engine.cancel(req)
@@ -206,21 +213,15 @@ def build_routers(ctx: Context, require_key) -> list[APIRouter]:
                                       choices=[S.ChunkChoice(delta=delta, finish_reason=finish, logprobs=lp)])
             return f"data: {c.model_dump_json()}\n\n"
 
-        async def chunks(req, request):
-            yield chunk(S.ChunkDelta(role="assistant", content=""))
-            while True:
-                ev = await next_event(req, request)
-                if ev is None:
-                    return
-                if isinstance(ev, DoneEvent):
-                    yield error_event(ev.error) if ev.finish_reason == "error" else chunk(S.ChunkDelta(), finish_reason(ev))
-                    break
-                lp = S.ChoiceLogprobs(content=[chat_lp(ev)]) if req.logprobs else None
-                yield chunk(S.ChunkDelta(content=ev.text), lp=lp)
-            yield "data: [DONE]\n\n"
-
         if body.stream:
-            return StreamingResponse(stream(req, request, chunks), media_type="text/event-stream")
+            def token_line(ev: TokenEvent) -> str:
+                lp = S.ChoiceLogprobs(content=[chat_lp(ev)]) if req.logprobs else None
+                return chunk(S.ChunkDelta(content=ev.text), lp=lp)
+
+            return StreamingResponse(
+                stream(req, request, token_line, lambda done: chunk(S.ChunkDelta(), finish_reason(done)),
+                       first=chunk(S.ChunkDelta(role="assistant", content=""))),
+                media_type="text/event-stream")
         events = await collect(req, request)
         if events is None:
             return error_response(400, "the client disconnected", code="client_disconnected")
@@ -244,19 +245,10 @@ def build_routers(ctx: Context, require_key) -> list[APIRouter]:
                              choices=[S.CompletionChoice(text=text, finish_reason=finish)])
             return f"data: {c.model_dump_json(exclude={'usage'})}\n\n"
 
-        async def chunks(req, request):
-            while True:
-                ev = await next_event(req, request)
-                if ev is None:
-                    return
-                if isinstance(ev, DoneEvent):
-                    yield error_event(ev.error) if ev.finish_reason == "error" else chunk("", finish_reason(ev))
-                    break
-                yield chunk(ev.text)
-            yield "data: [DONE]\n\n"
-
         if body.stream:
-            return StreamingResponse(stream(req, request, chunks), media_type="text/event-stream")
+            return StreamingResponse(stream(req, request, lambda ev: chunk(ev.text),
+                                            lambda done: chunk("", finish_reason(done))),
+                                     media_type="text/event-stream")
         events = await collect(req, request)
         if events is None:
             return error_response(400, "the client disconnected", code="client_disconnected")
