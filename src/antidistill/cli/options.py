@@ -12,8 +12,8 @@ from typing import Any, Literal, Optional
 import typer
 
 
-def _field(cls, dotted: str) -> dataclasses.Field:
-    """The dataclass field at ``dotted`` (``"sampling.lam"``) below config class ``cls``."""
+def _field(cls, dotted: str) -> tuple[dataclasses.Field, object]:
+    """The dataclass field at ``dotted`` (``"sampling.lam"``) below config class ``cls``, and its type."""
     *parents, leaf = dotted.split(".")
     for name in parents:
         cls = typing.get_type_hints(cls)[name]

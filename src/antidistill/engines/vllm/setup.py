@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic.dataclasses import dataclass
 
-from ...functional import check_difference, check_eps, check_lam, check_tau
+from ...settings import CONFIG, Eq11Settings
 from .. import MissingExtraError
 
 INSTALL_HINT = (
@@ -50,28 +52,18 @@ def default_kv_bytes() -> int | None:
     return None if torch.cuda.is_available() else 256 << 20
 
 
-@dataclass
-class VllmSettings:
-    """Operator settings of the composite model."""
+@dataclass(config=CONFIG)
+class VllmSettings(Eq11Settings):
+    """Operator settings of the composite model: eq. 11's parameters and what the model emits."""
 
-    lam: float
-    eps: float = 1e-2
-    tau: float = 0.9
-    difference: str = "central"
-    output: str = "eq11"  # "eq11" (serving) | "teacher" (offline: raw teacher + Δ̂ for the processor)
+    output: Literal["eq11", "teacher"] = "eq11"  # serving: τ·eq. 11 | offline: raw teacher + Δ̂ for the processor
 
     def __post_init__(self):
-        check_lam(self.lam)
-        check_eps(self.eps)
-        check_tau(self.tau)
-        check_difference(self.difference)
         if self.difference == "jvp":
             raise ValueError(
                 "difference='jvp' is not available with --engine vllm (forward-mode AD does not run through vLLM's "
                 "kernels); use 'central' or 'forward', or --engine hf"
             )
-        if self.output not in ("eq11", "teacher"):
-            raise ValueError(f"output must be 'eq11' or 'teacher', got {self.output!r}")
 
 
 def _config(path) -> dict:
