@@ -56,7 +56,7 @@ def test_quick_demo_writes_everything(quick_run):
         assert section in report
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*.tmp"))
     # the loss-dynamics record: train loss and clean-holdout loss over steps
-    hist = json.loads((out / "points" / "antidistill_0.2_s0" / "history.json").read_text())
+    hist = json.loads((out / "points" / "antidistill_0.2_s0" / "student" / "history.json").read_text())
     assert any("eval_loss" in h for h in hist) and any("loss" in h for h in hist)
 
 

@@ -57,6 +57,6 @@ class PointDir:
     traces = property(lambda self: self.root / "traces.jsonl")  # teacher traces on train
     teacher_test = property(lambda self: self.root / "teacher_test.jsonl")
     student = property(lambda self: self.root / "student")  # the distilled student (a model folder)
-    history = property(lambda self: self.root / "history.json")  # its loss history, written after it
+    history = property(lambda self: self.root / "student" / "history.json")  # its loss history, in one rename
     student_test = property(lambda self: self.root / "student_test.jsonl")
     result = property(lambda self: self.root / "result.json")  # the point's row, written last

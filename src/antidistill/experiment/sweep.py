@@ -169,7 +169,7 @@ class Run:
                                                processor=proc))
         if engine:
             teacher.close()
-        stage(files.history, lambda path: self._distill(read_jsonl(files.traces), seed, files.student, path))
+        stage(files.student, lambda path: self._distill(read_jsonl(files.traces), seed, path))
         student = load_causal_lm(str(files.student))
         greedy = self.cfg.settings_for("greedy", 0.0, seed)
         stage(files.student_test, self._traces(student, self.tok["student"], "test", greedy,
@@ -178,8 +178,11 @@ class Run:
         write_json_atomic(files.result, row)
         return row
 
-    def _distill(self, traces, seed, student_dir: Path, history_path: Path) -> None:
-        """Distil the base student on ``traces`` into ``student_dir``, then write its loss history."""
+    def _distill(self, traces, seed, student_dir: Path) -> None:
+        """Distil the base student on ``traces`` into ``student_dir``, with its loss history inside.
+
+        Model and ``history.json`` land in one rename, so a kill at any moment leaves both or neither.
+        """
         torch.manual_seed(seed)
         base = load_causal_lm(self.paths["student"])
         holdout = [{"question": r["question"], "completion": r["completion"]}
@@ -189,7 +192,7 @@ class Run:
                                      eval_traces=holdout, seed=seed, progress=False)
             shutil.rmtree(tmp / "_trainer", ignore_errors=True)
             model.save_pretrained(tmp)
-        write_json_atomic(history_path, history)
+            (tmp / "history.json").write_text(json.dumps(history))
 
     def _result_row(self, method, param, seed, settings, files, student) -> dict:
         teacher = accuracy_summary(read_jsonl(files.teacher_test))
