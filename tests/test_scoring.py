@@ -31,3 +31,20 @@ def test_wilson_interval_by_hand():
     lo, hi = wilson_interval(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
     assert wilson_interval(0, 10)[0] == 0.0
+
+
+def test_the_integer_shortcut_agrees_with_math_verify():
+    """Every pair of canonical integers, and near-misses around them, scores as math-verify alone scores it."""
+    import random
+
+    from antidistill.experiment import scoring
+
+    rng = random.Random(0)
+    ints = ["0", "7", "-7", "10", "100", "12345678901234567890"] + [str(rng.randint(-999, 999)) for _ in range(40)]
+    near = ["007", "+7", "-0", "7.0", "1e2", "7 "]  # not canonical: these go to math-verify
+    pairs = [(a, b) for a in ints + near for b in ints[:12]] + [(a, a) for a in ints]
+    for a, b in pairs:
+        pred = scoring.parse(f"\\boxed{{{a}}}", parsing_timeout=None)
+        ref = scoring.parse(f"\\boxed{{{b}}}", parsing_timeout=None)
+        expect = bool(pred) and bool(ref) and bool(scoring.verify(ref, pred, timeout_seconds=None))
+        assert is_correct(a, b) is expect, (a, b)

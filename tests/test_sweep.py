@@ -162,6 +162,23 @@ def test_parallel_world_build_equals_the_serial_one(quick_run, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_a_calibrated_grid_runs_the_points_its_calibration_chose(quick_run):
+    """grid=calibrated: the calibration is the run's first stage, and the points are exactly what it chose."""
+    tmp, _, _, _ = quick_run
+    cfg = quick_cfg(tmp, name="calibrated", grid="calibrated", arms="{}",
+                    **{"calibration.grids": "{temperature: [0.5, 2.0], antidistill: [0.05, 0.4]}",
+                       "calibration.targets": "[0.5]", "calibration.arm_targets": "{temperature: [0.9, 0.5, 0.01]}",
+                       "calibration.n_holdout": "16"})
+    out = Run(cfg, progress=False).run()
+    info = json.loads((out / "calibration.json").read_text())
+    assert info["split"] == "holdout" and info["n_holdout"] == 16
+    assert [c["target"] for c in info["chosen"]["temperature"]] == [0.9, 0.5, 0.01]
+    chosen = {arm: sorted({c["param"] for c in picks}) for arm, picks in info["chosen"].items()}
+    df = pd.read_parquet(out / "results.parquet")
+    assert sorted(zip(df.method, df.param)) == sorted((arm, x) for arm, xs in chosen.items() for x in xs)
+    assert set(df.method) == {"temperature", "antidistill"}
+
+
 def test_config_mismatch_on_resume_is_an_error(quick_run):
     tmp, cfg, out, _ = quick_run
     other = quick_cfg(tmp, **{"sampling.eps": 0.5})
@@ -179,6 +196,9 @@ def test_config_mismatch_on_resume_is_an_error(quick_run):
         ({"sampling.difference": "sideways"}, "difference='sideways'"),
         ({"workers": "0"}, "workers=0"),
         ({"arms": "{blackbox: [0.1]}"}, "unknown arms"),
+        ({"grid": "guess"}, "grid"),
+        ({"calibration.arm_targets": "{blackbox: [0.5]}"}, "calibration.arm_targets: unknown arms"),
+        ({"calibration.targets": "[1.2]"}, "must be accuracies in"),
     ],
 )
 def test_bad_config_is_rejected_before_anything_is_written(tmp_path, over, needle):

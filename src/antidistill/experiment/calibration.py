@@ -6,13 +6,15 @@ sweep scores it. Each arm's parameters for the target teacher accuracies are the
 measured curve by linear interpolation (accuracy falls as τ or λ grows; a target outside the
 measured range gets the nearest measured end, flagged). No student is trained or looked at.
 
-``antidistill calibrate`` runs it and writes ``runs/<name>-calibration/calibration.json``; a config's
-grids are then copied from its ``chosen`` section (configs/demo.yaml cites the file it came from).
+``antidistill calibrate`` runs it and writes ``runs/<name>-calibration/calibration.json``. A sweep
+with ``grid: calibrated`` runs it as its own first stage and takes its points from the ``chosen``
+section (:func:`chosen_grid`); a config with ``grid: config`` lists values copied from such a file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import field
 from pathlib import Path
@@ -39,13 +41,21 @@ class CalibrationConfig:
         "whitebox": [0.002, 0.004, 0.006, 0.008, 0.010, 0.013],
     })
     targets: list[float] = field(default_factory=lambda: [0.8, 0.7, 0.6])
+    arm_targets: dict[str, list[float]] = field(default_factory=dict)  # an arm's own targets, in place of ``targets``
     n_holdout: int | None = 150  # the first N holdout problems (None: all)
     seed: int = 0
 
     def __post_init__(self):
-        unknown = sorted(set(self.grids) - set(ARMS))
-        if unknown:
-            raise ValueError(f"calibration.grids: unknown arms {unknown}; use {sorted(ARMS)}")
+        for key in ("grids", "arm_targets"):
+            unknown = sorted(set(getattr(self, key)) - set(ARMS))
+            if unknown:
+                raise ValueError(f"calibration.{key}: unknown arms {unknown}; use {sorted(ARMS)}")
+        for arm, ts in {"targets": self.targets, **self.arm_targets}.items():
+            if not ts or not all(0.0 < t < 1.0 for t in ts):
+                raise ValueError(f"calibration targets of {arm!r} must be accuracies in (0, 1), got {ts!r}")
+
+    def targets_for(self, arm: str) -> list[float]:
+        return self.arm_targets.get(arm, self.targets)
 
 
 def interpolate_params(params: list[float], accs: list[float], targets: list[float]) -> list[dict]:
@@ -82,8 +92,16 @@ def calibrate(run, cfg: CalibrationConfig, progress: bool = True) -> Path:
                     {"param": param, "teacher_acc": acc["accuracy"], "ci_low": acc["ci_low"], "ci_high": acc["ci_high"],
                      "forced_frac": sum(r["answer_source"] == "forced" for r in rows) / len(rows),
                      "seconds": round(time.perf_counter() - t0, 1)})
-        chosen = {arm: interpolate_params([m["param"] for m in ms], [m["teacher_acc"] for m in ms], cfg.targets)
+        chosen = {arm: interpolate_params([m["param"] for m in ms], [m["teacher_acc"] for m in ms],
+                                          cfg.targets_for(arm))
                   for arm, ms in measured.items()}
         write_json_atomic(path, {"config": dataclasses.asdict(cfg), "n_holdout": len(holdout), "split": "holdout",
                                  "scoring": "delivered", "measured": measured, "chosen": chosen, **provenance()})
     return stage(run.files.calibration, make)
+
+
+def chosen_grid(path: Path) -> dict[str, list[float]]:
+    """Each calibrated arm's chosen τ or λ values from ``calibration.json`` (sorted, duplicates merged:
+    two targets past the same end of the measured range choose the same value)."""
+    info = json.loads(Path(path).read_text())
+    return {arm: sorted({p["param"] for p in picks}) for arm, picks in info["chosen"].items()}

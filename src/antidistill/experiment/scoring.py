@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import re
+
 from math_verify import parse, verify
+
+# a canonical integer: no sign on 0, no leading zeros, no "+"; two of them are math-verify-equal iff
+# they are the same string (tests/test_scoring.py checks this against math-verify itself)
+_CANONICAL_INT = re.compile(r"-?[1-9][0-9]*|0")
 
 
 def forced_answer(continuation: str) -> str:
@@ -19,10 +26,17 @@ def forced_answer(continuation: str) -> str:
     return "".join(out).strip()
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def is_correct(answer: str, gold: str) -> bool:
-    """math-verify equivalence of ``\\boxed{answer}`` and the gold answer."""
+    """math-verify equivalence of ``\\boxed{answer}`` and the gold answer.
+
+    Memoised, with a shortcut for two canonical integers (the toy task's answers): scoring was
+    two thirds of a sweep point's generation time, each call parsing with sympy.
+    """
     if not answer.strip():
         return False
+    if _CANONICAL_INT.fullmatch(answer) and _CANONICAL_INT.fullmatch(gold):
+        return answer == gold
     try:
         pred = parse(f"\\boxed{{{answer}}}", parsing_timeout=None)
         ref = parse(f"\\boxed{{{gold}}}", parsing_timeout=None)

@@ -36,6 +36,7 @@ from ..prompting import prompt_text
 from ..proxy import load_causal_lm
 from ..settings import SamplingSettings
 from .arms import ARMS
+from .calibration import calibrate, chosen_grid
 from .data import read_jsonl, write_jsonl
 from .distill import distill
 from .evaluate import accuracy_summary, mean_completion_nll, nll_by_token_class
@@ -226,11 +227,17 @@ class Run:
                                      "best_eps_bfloat16": res.best_eps("bfloat16")})
         return stage(self.files.fd_check, make)
 
+    def points(self) -> list[tuple[str, float, int]]:
+        """The sweep's points: from the config, or (``grid="calibrated"``) from this run's calibration stage."""
+        if self.cfg.grid == "config":
+            return self.cfg.points()
+        return self.cfg.points(chosen_grid(calibrate(self, self.cfg.calibration, progress=self.progress)))
+
     def run(self) -> Path:
         """All stages, then the results table and the report."""
         self.gradient_path()
         self.holdout_traces()
-        points = self.cfg.points()
+        points = self.points()
         if any(ARMS[m].proxy == "student" for m, _, _ in points):
             self.whitebox_gradient_path()
         if self.cfg.workers > 1:

@@ -48,6 +48,12 @@ class SweepConfig:
     world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
     limit_train: int | None = None
     limit_test: int | None = None
+    # where each arm's τ or λ values come from: "config" (the lists below) or "calibrated" (the run's
+    # first stage is the holdout-only calibration, `calibration` below, and every arm it calibrates
+    # takes the values it chose for its target teacher accuracies; the lists below are then unused).
+    # "calibrated" re-fits the grid to the world at hand: toy weights differ by CPU, and so do the λ
+    # that reach a given teacher accuracy.
+    grid: Literal["config", "calibrated"] = "config"
     # the sweep (defaults: the demo's calibrated grid, configs/demo.yaml)
     temperatures: list[float] = field(default_factory=lambda: [0.7, 1.0, 1.3, 1.6])
     ad_lambdas: list[float] = field(default_factory=lambda: [0.003, 0.008, 0.013, 0.018])
@@ -91,6 +97,8 @@ class SweepConfig:
             check_tau(t)
         for lam in self.ad_lambdas + self.perm_lambdas + [x for grid in self.arms.values() for x in grid]:
             check_lam(lam)
+        if self.grid == "calibrated" and self.engine != "hf":
+            raise ValueError(f"grid='calibrated' runs its calibration on engine='hf', got engine={self.engine!r}")
         if self.engine != "hf" and any(self.arms.values()):
             raise ValueError(f"engine={self.engine!r} runs greedy, temperature, antidistill and permutation points; "
                              f"the arms {sorted(k for k, v in self.arms.items() if v)} run on engine='hf'")
@@ -102,16 +110,23 @@ class SweepConfig:
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
 
-    def points(self) -> list[tuple[str, float, int]]:
-        """(method, parameter, seed): the parameter is τ for temperature and λ otherwise."""
+    def config_grid(self) -> dict[str, list[float]]:
+        """Each arm's τ or λ values as this config lists them (``grid="config"``)."""
+        return {"temperature": self.temperatures, "antidistill": self.ad_lambdas, "permutation": self.perm_lambdas,
+                **self.arms}
+
+    def points(self, grid: dict[str, list[float]] | None = None) -> list[tuple[str, float, int]]:
+        """(method, parameter, seed): the parameter is τ for temperature and λ otherwise.
+
+        ``grid`` (arm → values, e.g. from a calibration) replaces :meth:`config_grid`.
+        """
+        grid = self.config_grid() if grid is None else grid
         pts = []
         for s in self.seeds:
             if self.include_greedy:
                 pts.append(("greedy", 0.0, s))
-            pts += [("temperature", t, s) for t in self.temperatures]
-            pts += [("antidistill", lam, s) for lam in self.ad_lambdas]
-            pts += [("permutation", lam, s) for lam in self.perm_lambdas]
-            pts += [(arm, lam, s) for arm in EXTRA_ARMS for lam in self.arms.get(arm, [])]
+            pts += [(arm, x, s) for arm in ("temperature", "antidistill", "permutation", *EXTRA_ARMS)
+                    for x in grid.get(arm, [])]
         return pts
 
     def settings_for(self, method: str, param: float, seed: int) -> SamplingSettings:
