@@ -83,6 +83,18 @@ def test_generate_command_writes_traces_scores_and_settings(world):
         assert row["meta"]["torch_version"]
 
 
+def test_generate_command_reasoning_only(world):
+    """--reasoning-only: λ stops at the answer header; the rows say so, and the sampler is the processor's."""
+    out = world / "ro.jsonl"
+    r = runner.invoke(app, ["generate", "--teacher", str(world / "teacher"), "--problems", str(world / "p.jsonl"),
+                            "--out", str(out), "--method", "antidistill", "--proxy", str(world / "proxy"),
+                            "--grad", str(world / "g.safetensors"), "--lam", "0.3", "--max-new-tokens", "6",
+                            "--reasoning-only"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 5 and all(row["meta"]["reasoning_only"] is True for row in rows)
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -91,6 +103,9 @@ def test_generate_command_writes_traces_scores_and_settings(world):
         (["--method", "temperature", "--tau", "0"], "tau=0.0"),
         (["--method", "antidistill", "--lam", "nan", "--proxy", "P", "--grad", "G"], "lam=nan"),
         (["--method", "antidistill", "--eps", "-1", "--proxy", "P", "--grad", "G"], "eps=-1.0"),
+        (["--method", "temperature", "--reasoning-only"], "--reasoning-only needs method antidistill"),
+        (["--method", "antidistill", "--proxy", "P", "--grad", "G", "--reasoning-only", "--engine", "vllm"],
+         "engine='vllm'"),
     ],
 )
 def test_generate_command_bad_input_writes_nothing(world, args, needle):

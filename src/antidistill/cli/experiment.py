@@ -47,6 +47,8 @@ def generate(
     config: Optional[Path] = typer.Option(None, help="SamplingSettings YAML"),
     set_: list[str] = typer.Option([], "--set", help="override a setting: key=value"),
     engine: str = typer.Option("hf", help="hf (transformers) | vllm (vLLM's offline engine, docs/vllm.md)"),
+    reasoning_only: bool = typer.Option(False, help="antidistill/permutation on the reasoning only: λ switches off "
+                                        "once the trace has written its **Final Answer** header (engine hf)"),
     *,
     values: dict[str, Any],
 ):
@@ -55,6 +57,9 @@ def generate(
         s = load_config(SamplingSettings, config, list(set_), values)
         if s.uses_proxy and (proxy is None or grad is None):
             raise ValueError(f"method={s.method!r} needs --proxy and --grad")
+        if reasoning_only and (not s.uses_proxy or engine != "hf"):
+            raise ValueError(f"--reasoning-only needs method antidistill or permutation on engine hf, "
+                             f"got method={s.method!r}, engine={engine!r}")
         rows_in = read_jsonl(problems)[:limit]
         if not rows_in:
             raise ValueError(f"{problems}: no problems")
@@ -72,7 +77,8 @@ def generate(
         elif engine == "hf":
             proc = None
             if s.uses_proxy:
-                proc = build_processor(s, load_causal_lm(proxy), grad, tok, load_tokenizer(proxy))
+                proc = build_processor(s, load_causal_lm(proxy), grad, tok, load_tokenizer(proxy),
+                                       reasoning_only=reasoning_only)
             rows = generate_traces(load_causal_lm(teacher), tok, rows_in, s, processor=proc)
         else:
             raise ValueError(f"--engine must be hf or vllm, got {engine!r}")
@@ -81,7 +87,7 @@ def generate(
     state = distributed_state()
     if not state.is_main_process:
         return
-    meta = {"settings": dataclasses.asdict(s), "engine": engine, "teacher": teacher, "proxy": proxy, "grad": str(grad) if grad else None,
+    meta = {"settings": dataclasses.asdict(s), "reasoning_only": reasoning_only, "engine": engine, "teacher": teacher, "proxy": proxy, "grad": str(grad) if grad else None,
             "n_processes": state.num_processes, **provenance()}
     write_jsonl(out, [r | {"meta": meta} for r in rows])
     typer.echo(json.dumps({"out": str(out), "n": len(rows), "accuracy": accuracy_summary(rows)["accuracy"]}))
