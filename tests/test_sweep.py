@@ -177,6 +177,7 @@ def test_a_calibrated_grid_runs_the_points_its_calibration_chose(quick_run):
     df = pd.read_parquet(out / "results.parquet")
     assert sorted(zip(df.method, df.param)) == sorted((arm, x) for arm, xs in chosen.items() for x in xs)
     assert set(df.method) == {"temperature", "antidistill"}
+    assert "## Calibration (holdout only)" in (out / "report.md").read_text()
 
 
 def test_config_mismatch_on_resume_is_an_error(quick_run):

@@ -283,6 +283,8 @@ def write_report(run_dir: str | Path, pool: tuple[str | Path, ...] = ()) -> Path
                      f"{_fmt(r.student_acc)} ({_fmt(r.student_sd)}) | {_fmt(r.student_nll, False)} | {r.seeds} |")
     lines += ["", f"Test problems per evaluation: {int(df.n_test.iloc[0])}. Every run is in `results.parquet`.", "",
               "## Plots", "", "![trade-off](tradeoff.png)", "", "![loss dynamics](loss_dynamics.png)", ""]
+    if files.calibration.is_file():
+        lines += _calibration_section(json.loads(files.calibration.read_text()))
     if files.fd_check.is_file():
         lines += _fd_section(json.loads(files.fd_check.read_text()), cfg["sampling"])
     lines += ["## Settings", "", "```yaml", files.config.read_text().rstrip(), "```", ""]
@@ -301,4 +303,19 @@ def _fd_section(info: dict, sampling: dict) -> list[str]:
                    f"{at[0]['mean_sine_error']:.2e}.")
     if jvp:
         out.append(f"JVP vs autograd: mean sine error {jvp[0]['mean_sine_error']:.2e}.")
+    return out + [""]
+
+
+def _calibration_section(info: dict) -> list[str]:
+    """The holdout-only calibration (a ``grid: calibrated`` run's first stage): each arm's measured curve
+    and the values chosen for its target teacher accuracies."""
+    out = ["## Calibration (holdout only)", "",
+           f"Teacher accuracy on {info['n_holdout']} holdout problems ({info['scoring']} scoring) over each arm's "
+           "grid; each target's τ or λ is read off the curve by linear interpolation. No student is involved.", "",
+           "| arm | measured: param → teacher acc % | chosen: target → param |", "|---|---|---|"]
+    for arm, ms in info["measured"].items():
+        curve = ", ".join(f"{m['param']:g} → {_fmt(m['teacher_acc'])}" for m in ms)
+        picks = ", ".join(f"{c['target']:.2f} → {c['param']:g}" + ("" if c["inside_measured_range"] else " (outside)")
+                          for c in info["chosen"].get(arm, []))
+        out.append(f"| {arm} | {curve} | {picks} |")
     return out + [""]
