@@ -54,7 +54,7 @@ class SweepConfig:
     # "calibrated" re-fits the grid to the world at hand: toy weights differ by CPU, and so do the λ
     # that reach a given teacher accuracy.
     grid: Literal["config", "calibrated"] = "config"
-    # the sweep (defaults: the demo's calibrated grid, configs/demo.yaml)
+    # the sweep's grid when grid="config" (the defaults are illustrative; the shipped configs calibrate theirs)
     temperatures: list[float] = field(default_factory=lambda: [0.7, 1.0, 1.3, 1.6])
     ad_lambdas: list[float] = field(default_factory=lambda: [0.003, 0.008, 0.013, 0.018])
     perm_lambdas: list[float] = field(default_factory=lambda: [0.008, 0.018])
