@@ -165,7 +165,7 @@ def test_parallel_world_build_equals_the_serial_one(quick_run, tmp_path):
 def test_a_calibrated_grid_runs_the_points_its_calibration_chose(quick_run):
     """grid=calibrated: the calibration is the run's first stage, and the points are exactly what it chose."""
     tmp, _, _, _ = quick_run
-    cfg = quick_cfg(tmp, name="calibrated", grid="calibrated", arms="{}",
+    cfg = quick_cfg(tmp, name="calibrated", grid="calibrated",  # quick.yaml's own lists and arms must not leak in
                     **{"calibration.grids": "{temperature: [0.5, 2.0], antidistill: [0.05, 0.4]}",
                        "calibration.targets": "[0.5]", "calibration.arm_targets": "{temperature: [0.9, 0.5, 0.01]}",
                        "calibration.n_holdout": "16"})
@@ -178,6 +178,12 @@ def test_a_calibrated_grid_runs_the_points_its_calibration_chose(quick_run):
     assert sorted(zip(df.method, df.param)) == sorted((arm, x) for arm, xs in chosen.items() for x in xs)
     assert set(df.method) == {"temperature", "antidistill"}
     assert "## Calibration (holdout only)" in (out / "report.md").read_text()
+    with pytest.raises(ValueError, match="points come from the run's calibration"):
+        cfg.points()
+    # resumed: the calibration and every point are reused, not redone
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in (".json", ".jsonl", ".safetensors")}
+    Run(cfg, progress=False).run()
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 
 def test_config_mismatch_on_resume_is_an_error(quick_run):
@@ -198,8 +204,16 @@ def test_config_mismatch_on_resume_is_an_error(quick_run):
         ({"workers": "0"}, "workers=0"),
         ({"arms": "{blackbox: [0.1]}"}, "unknown arms"),
         ({"grid": "guess"}, "grid"),
-        ({"calibration.arm_targets": "{blackbox: [0.5]}"}, "calibration.arm_targets: unknown arms"),
+        ({"calibration.arm_targets": "{blackbox: [0.5]}"}, "have no grid"),
         ({"calibration.targets": "[1.2]"}, "must be accuracies in"),
+        ({"calibration.grids": "{temperature: [0.0]}"}, "tau=0.0"),
+        ({"calibration.grids": "{greedy: [0.1]}"}, "calibration.grids: unknown arms"),
+        ({"calibration.grids": "{antidistill: []}"}, "calibration.grids.antidistill is empty"),
+        ({"calibration.arm_targets": "{whitebox: [0.5]}", "calibration.grids": "{antidistill: [0.1]}"},
+         "have no grid"),
+        ({"calibration.n_holdout": "0"}, "n_holdout must be"),
+        ({"grid": "calibrated", "calibration.grids": "{}"}, "at least one arm"),
+        ({"world.format": "1"}, "format"),
     ],
 )
 def test_bad_config_is_rejected_before_anything_is_written(tmp_path, over, needle):

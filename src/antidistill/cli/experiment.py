@@ -134,10 +134,10 @@ def distill_cmd(
         fail(e)
     if distributed_state().is_main_process:
         shutil.rmtree(trainer_dir, ignore_errors=True)
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out) as tmp:  # model, tokenizer and history land in one rename
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-        write_json_atomic(out / "history.json", history)
+            (tmp / "history.json").write_text(json.dumps(history))
         typer.echo(json.dumps({"out": str(out), "steps": max((h["step"] for h in history), default=0)}))
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from pydantic.dataclasses import dataclass
 
+from ..functional import check_lam, check_tau
 from ..io_utils import provenance, write_json_atomic
 from ..settings import CONFIG
 from .arms import ARMS
@@ -46,13 +47,25 @@ class CalibrationConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for key in ("grids", "arm_targets"):
-            unknown = sorted(set(getattr(self, key)) - set(ARMS))
-            if unknown:
-                raise ValueError(f"calibration.{key}: unknown arms {unknown}; use {sorted(ARMS)}")
+        unknown = sorted(set(self.grids) - (set(ARMS) - {"greedy"}))
+        if unknown:
+            raise ValueError(f"calibration.grids: unknown arms {unknown}; use {sorted(set(ARMS) - {'greedy'})}")
+        stray = sorted(set(self.arm_targets) - set(self.grids))
+        if stray:
+            raise ValueError(f"calibration.arm_targets: {stray} have no grid in calibration.grids")
+        for arm, grid in self.grids.items():
+            if not grid:
+                raise ValueError(f"calibration.grids.{arm} is empty")
+            for x in grid:  # checked now, not when the calibration stage reaches them
+                if arm == "temperature":
+                    check_tau(x)
+                else:
+                    check_lam(x)
         for arm, ts in {"targets": self.targets, **self.arm_targets}.items():
             if not ts or not all(0.0 < t < 1.0 for t in ts):
                 raise ValueError(f"calibration targets of {arm!r} must be accuracies in (0, 1), got {ts!r}")
+        if self.n_holdout is not None and self.n_holdout < 1:
+            raise ValueError(f"calibration.n_holdout must be ≥ 1 or null (all), got {self.n_holdout!r}")
 
     def targets_for(self, arm: str) -> list[float]:
         return self.arm_targets.get(arm, self.targets)
@@ -68,7 +81,8 @@ def interpolate_params(params: list[float], accs: list[float], targets: list[flo
         inside = a.min() <= t <= a.max()
         # np.interp needs increasing x: interpolate the parameter over the reversed accuracy curve
         value = float(np.interp(t, a[::-1], p[::-1]))
-        out.append({"target": t, "param": round(value, 5), "inside_measured_range": bool(inside)})
+        # six significant digits: what a point's directory name (``f"{param:g}"``) shows
+        out.append({"target": t, "param": float(f"{value:.6g}"), "inside_measured_range": bool(inside)})
     return out
 
 
@@ -98,6 +112,14 @@ def calibrate(run, cfg: CalibrationConfig, progress: bool = True) -> Path:
         write_json_atomic(path, {"config": dataclasses.asdict(cfg), "n_holdout": len(holdout), "split": "holdout",
                                  "scoring": "delivered", "measured": measured, "chosen": chosen, **provenance()})
     return stage(run.files.calibration, make)
+
+
+def outside_picks(path: Path) -> list[str]:
+    """``"arm target → param"`` for every chosen value whose target lies outside the measured curve
+    (the value is then the grid's end, not the target's)."""
+    info = json.loads(Path(path).read_text())
+    return [f"{arm} {c['target']:g} → {c['param']:g}" for arm, picks in info["chosen"].items() for c in picks
+            if not c["inside_measured_range"]]
 
 
 def chosen_grid(path: Path) -> dict[str, list[float]]:

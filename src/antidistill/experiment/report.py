@@ -239,7 +239,8 @@ def write_report(run_dir: str | Path, pool: tuple[str | Path, ...] = ()) -> Path
     plot_tradeoff(df, files.tradeoff_plot)
     histories: dict[str, list] = {}
     for r in df.itertuples():
-        h = files.point(r.method, r.param, r.seed).history  # the loss plot: this run directory's students
+        pd_ = files.point(r.method, r.param, r.seed)  # the loss plot: this run directory's students
+        h = pd_.history if pd_.history.is_file() else pd_.root / "history.json"  # older runs kept it beside the folder
         if h.is_file():
             histories.setdefault(r.method, []).append(json.loads(h.read_text()))
     plot_loss_dynamics(histories, files.loss_plot)

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import shutil
 import time
+import warnings
 from concurrent.futures import as_completed
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from ..prompting import prompt_text
 from ..proxy import load_causal_lm
 from ..settings import SamplingSettings
 from .arms import ARMS
-from .calibration import calibrate, chosen_grid
+from .calibration import calibrate, chosen_grid, outside_picks
 from .data import read_jsonl, write_jsonl
 from .distill import distill
 from .evaluate import accuracy_summary, mean_completion_nll, nll_by_token_class
@@ -231,7 +232,12 @@ class Run:
         """The sweep's points: from the config, or (``grid="calibrated"``) from this run's calibration stage."""
         if self.cfg.grid == "config":
             return self.cfg.points()
-        return self.cfg.points(chosen_grid(calibrate(self, self.cfg.calibration, progress=self.progress)))
+        path = calibrate(self, self.cfg.calibration, progress=self.progress)
+        outside = outside_picks(path)
+        if outside:
+            warnings.warn(f"calibration targets outside the measured curves, run at the grid's end instead: "
+                          f"{'; '.join(outside)} (widen calibration.grids; {path})", RuntimeWarning, stacklevel=2)
+        return self.cfg.points(chosen_grid(path))
 
     def run(self) -> Path:
         """All stages, then the results table and the report."""

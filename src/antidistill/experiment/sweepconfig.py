@@ -22,6 +22,7 @@ from .arms import ARMS, EXTRA_ARMS
 from .calibration import CalibrationConfig
 from .data import DATASETS
 from .distill import DistillConfig
+from .rundir import point_name
 
 # what the sweep's points start from unless its config says otherwise
 SWEEP_SAMPLING = {"tau": 0.9, "top_p": 0.95, "max_new_tokens": 80, "batch_size": 64}
@@ -98,7 +99,10 @@ class SweepConfig:
         for lam in self.ad_lambdas + self.perm_lambdas + [x for grid in self.arms.values() for x in grid]:
             check_lam(lam)
         if self.grid == "calibrated" and self.engine != "hf":
-            raise ValueError(f"grid='calibrated' runs its calibration on engine='hf', got engine={self.engine!r}")
+            raise ValueError(f"grid='calibrated' needs engine='hf' (the calibration runs on transformers), "
+                             f"got engine={self.engine!r}")
+        if self.grid == "calibrated" and not set(self.calibration.grids) - {"greedy"}:
+            raise ValueError("grid='calibrated' needs at least one arm in calibration.grids")
         if self.engine != "hf" and any(self.arms.values()):
             raise ValueError(f"engine={self.engine!r} runs greedy, temperature, antidistill and permutation points; "
                              f"the arms {sorted(k for k, v in self.arms.items() if v)} run on engine='hf'")
@@ -118,15 +122,23 @@ class SweepConfig:
     def points(self, grid: dict[str, list[float]] | None = None) -> list[tuple[str, float, int]]:
         """(method, parameter, seed): the parameter is τ for temperature and λ otherwise.
 
-        ``grid`` (arm → values, e.g. from a calibration) replaces :meth:`config_grid`.
+        ``grid`` (arm → values, e.g. from a calibration) replaces :meth:`config_grid`; a config with
+        ``grid="calibrated"`` needs it (its points come from the run's calibration stage).
         """
-        grid = self.config_grid() if grid is None else grid
+        if grid is None:
+            if self.grid == "calibrated":
+                raise ValueError("grid='calibrated': the points come from the run's calibration (Run.points())")
+            grid = self.config_grid()
         pts = []
         for s in self.seeds:
             if self.include_greedy:
                 pts.append(("greedy", 0.0, s))
             pts += [(arm, x, s) for arm in ("temperature", "antidistill", "permutation", *EXTRA_ARMS)
                     for x in grid.get(arm, [])]
+        names = [point_name(*pt) for pt in pts]
+        if len(set(names)) < len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"two points share a directory name {dup}: their parameters differ past 6 significant digits")
         return pts
 
     def settings_for(self, method: str, param: float, seed: int) -> SamplingSettings:

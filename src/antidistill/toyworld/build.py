@@ -13,6 +13,7 @@ import random
 from concurrent.futures import as_completed
 from dataclasses import asdict, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic.dataclasses import dataclass
@@ -44,7 +45,7 @@ class TrainSpec:
 class ToyWorldConfig:
     # the build recipe's version: part of the cache key, raised whenever the same config would build
     # different weights (2: transformers' cosine schedule, fewer steps for the 20-minute demo)
-    format: int = 2
+    format: Literal[2] = 2  # only the current recipe can be built
     seed: int = 0
     n_train_pool: int = 1000  # split 70/30 into train (traces to distill) and holdout (for g)
     n_test: int = 300
