@@ -118,3 +118,12 @@ def proxy():
 @pytest.fixture(scope="session")
 def grad(proxy):
     return random_grad(proxy)
+
+
+@pytest.fixture(scope="session")
+def vllm_world(tmp_path_factory):
+    """The vLLM tests' tiny teacher, proxy and g, saved once: (paths, tokenizer, teacher, proxy, g)."""
+    from vllm_helpers import require_vllm_or_skip, save_tiny_models
+
+    require_vllm_or_skip()
+    return save_tiny_models(tmp_path_factory.mktemp("vllm-world"))

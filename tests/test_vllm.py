@@ -11,23 +11,17 @@ import pytest
 import torch
 
 from conftest import reference_eq11
-from vllm_helpers import eq11_tolerance, full_logprobs, require_vllm_or_skip, save_tiny_models
+from vllm_helpers import eq11_tolerance, full_logprobs
 
 LAM, EPS, TAU = 0.5, 1e-2, 0.9
 BYTES_PER_TOKEN = 6 * 2 * 2 * 32 * 4  # (2 teacher + 2×2 proxy layers) × (K, V) × 2 kv heads × head_dim 32 × fp32
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    require_vllm_or_skip()
-    return save_tiny_models(tmp_path_factory.mktemp("vllm"))
-
-
-@pytest.fixture(scope="module")
-def llm(world, tmp_path_factory):
+def llm(vllm_world, tmp_path_factory):
     from antidistill.engines.vllm import VllmSettings, build_llm
 
-    paths = world[0]
+    paths = vllm_world[0]
     engine = build_llm(
         paths["teacher"], paths["proxy"], paths["grad"], settings=VllmSettings(lam=LAM, eps=EPS, tau=TAU),
         workdir=tmp_path_factory.mktemp("composite"),
@@ -38,8 +32,8 @@ def llm(world, tmp_path_factory):
     del engine
 
 
-def _check_request(world, prompt, out, temperature):
-    _, tok, teacher, proxy, g = world
+def _check_request(vllm_world, prompt, out, temperature):
+    _, tok, teacher, proxy, g = vllm_world
     vocab = len(tok)
     toks = list(prompt)
     worst = 0.0
@@ -59,7 +53,7 @@ def _check_request(world, prompt, out, temperature):
     return worst
 
 
-def test_eq11_exact_under_continuous_batching_and_preemption(world, llm):
+def test_eq11_exact_under_continuous_batching_and_preemption(vllm_world, llm):
     from vllm import SamplingParams, TokensPrompt
 
     from antidistill.engines.vllm.processor import ServeLogitsProcessor
@@ -70,11 +64,11 @@ def test_eq11_exact_under_continuous_batching_and_preemption(world, llm):
     max_tokens = [40, 8, 45, 30, 3, 48, 20, 35, 12, 44]
     temps = [TAU, 0.0, TAU, 2.0, TAU, 0.3, TAU, TAU, 1.5, TAU]
     prompts = [[2] + p[1:] for p in random_prompts(lengths, seed=5)]
-    prompts = [[min(t, len(world[1]) - 1) for t in p] for p in prompts]
+    prompts = [[min(t, len(vllm_world[1]) - 1) for t in p] for p in prompts]
     params = [SamplingParams(temperature=t, max_tokens=m, logprobs=-1, seed=i, ignore_eos=True)
               for i, (t, m) in enumerate(zip(temps, max_tokens))]
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-    worst = max(_check_request(world, p, o.outputs[0], t) for p, o, t in zip(prompts, outs, temps))
+    worst = max(_check_request(vllm_world, p, o.outputs[0], t) for p, o, t in zip(prompts, outs, temps))
     assert [len(o.outputs[0].token_ids) for o in outs] == max_tokens
     stats = {k: ServeLogitsProcessor.stats[k] - stats0.get(k, 0) for k in ServeLogitsProcessor.stats}
     assert stats["implicit_removals"] > 0, stats  # finished rows overwritten without a `removed` entry
@@ -84,7 +78,7 @@ def test_eq11_exact_under_continuous_batching_and_preemption(world, llm):
     print(f"worst |Δp| {worst:.3g}, preemptions {preemptions}, processor {stats}")
 
 
-def test_temperature_zero_samples_q_not_argmax(world, llm):
+def test_temperature_zero_samples_q_not_argmax(vllm_world, llm):
     """T = 0 and T < τ return q's logprobs (not a one-hot), and seeded requests repeat."""
     from vllm import SamplingParams, TokensPrompt
 
@@ -94,8 +88,8 @@ def test_temperature_zero_samples_q_not_argmax(world, llm):
                         use_tqdm=False)
     a, b = outs[0].outputs[0], outs[1].outputs[0]
     assert a.token_ids == b.token_ids
-    _check_request(world, prompt, a, 0.0)
-    probs = full_logprobs(a.logprobs[0], len(world[1])).exp()
+    _check_request(vllm_world, prompt, a, 0.0)
+    probs = full_logprobs(a.logprobs[0], len(vllm_world[1])).exp()
     assert probs.max().item() < 0.999  # a real distribution, not argmax
 
 

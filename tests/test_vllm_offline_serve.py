@@ -12,24 +12,18 @@ import pytest
 import torch
 
 from conftest import reference_eq11
-from vllm_helpers import eq11_tolerance, full_logprobs, require_vllm_or_skip, save_tiny_models
+from vllm_helpers import eq11_tolerance, full_logprobs
 
 LAM, EPS, TAU = 0.5, 1e-2, 0.9
 KEY = "test-key"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    require_vllm_or_skip()
-    return save_tiny_models(tmp_path_factory.mktemp("vllm-offline"))
-
-
-@pytest.fixture(scope="module")
-def offline_llm(world, tmp_path_factory):
+def offline_llm(vllm_world, tmp_path_factory):
     from antidistill.engines.vllm.offline import build_offline_llm
     from antidistill.settings import SamplingSettings
 
-    paths = world[0]
+    paths = vllm_world[0]
     s = SamplingSettings(method="antidistill", lam=LAM, eps=EPS, tau=TAU)
     llm = build_offline_llm(paths["teacher"], paths["proxy"], paths["grad"], s,
                             workdir=tmp_path_factory.mktemp("offline-composite"), max_logprobs=-1, max_model_len=256)
@@ -37,14 +31,14 @@ def offline_llm(world, tmp_path_factory):
     del llm
 
 
-def test_greedy_rows_match_the_transformers_path(world, offline_llm):
+def test_greedy_rows_match_the_transformers_path(vllm_world, offline_llm):
     """method=greedy: same prompts, same greedy traces, same forced answers and scores as generate_traces."""
     from antidistill.engines.vllm.offline import generate_traces as vllm_traces
     from antidistill.experiment.generation import generate_traces
     from antidistill.settings import SamplingSettings
     from helpers_world import toy_splits
 
-    _, tok, teacher, _, _ = world
+    _, tok, teacher, _, _ = vllm_world
     problems = toy_splits()["test"][:6]
     s = SamplingSettings(method="greedy", max_new_tokens=24, answer_tokens=6, batch_size=3)
     hf = generate_traces(teacher, tok, problems, s, progress=False)
@@ -52,11 +46,11 @@ def test_greedy_rows_match_the_transformers_path(world, offline_llm):
     assert vl == hf
 
 
-def test_offline_modes_per_request(world, offline_llm):
+def test_offline_modes_per_request(vllm_world, offline_llm):
     """antidistill: eq. 11; teacher: log p_T/τ; permutation: Δ̂ permuted (same |Δ̂| multiset, so a different q)."""
     from vllm import SamplingParams, TokensPrompt
 
-    _, tok, teacher, proxy, g = world
+    _, tok, teacher, proxy, g = vllm_world
     prompt = [2, 20, 30, 40, 50]
     modes = ["antidistill", "teacher", "permutation"]
     outs = offline_llm.generate(
@@ -141,10 +135,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def http_server(world, tmp_path_factory):
+def http_server(vllm_world, tmp_path_factory):
     import httpx
 
-    paths = world[0]
+    paths = vllm_world[0]
     port = _free_port()
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
     cmd = [sys.executable, "-m", "antidistill.cli", "serve", "--engine", "vllm", "--teacher", paths["teacher"],
@@ -200,9 +194,9 @@ def test_http_operator_only_fields_are_400(http_server, extra):
     assert r.status_code == 400, r.text
 
 
-def test_http_logprobs_are_eq11_and_temperature_zero_is_q(http_server, world):
+def test_http_logprobs_are_eq11_and_temperature_zero_is_q(http_server, vllm_world):
     """Chat at T=0: the returned top logprobs are eq. 11's q (processed), never the raw teacher."""
-    _, tok, teacher, proxy, g = world
+    _, tok, teacher, proxy, g = vllm_world
     prompt = "Ann has 3 apples"
     body = {"model": "antidistill-teacher", "prompt": prompt, "max_tokens": 1, "temperature": 0,
             "logprobs": 5, "seed": 3}

@@ -101,7 +101,7 @@ class SweepConfig:
         if self.grid == "calibrated" and self.engine != "hf":
             raise ValueError(f"grid='calibrated' needs engine='hf' (the calibration runs on transformers), "
                              f"got engine={self.engine!r}")
-        if self.grid == "calibrated" and not set(self.calibration.grids) - {"greedy"}:
+        if self.grid == "calibrated" and not self.calibration.grids:  # (CalibrationConfig refuses greedy)
             raise ValueError("grid='calibrated' needs at least one arm in calibration.grids")
         if self.engine != "hf" and any(self.arms.values()):
             raise ValueError(f"engine={self.engine!r} runs greedy, temperature, antidistill and permutation points; "
