@@ -211,18 +211,22 @@ def test_full_queue_gives_429_with_retry_after(paths):
 
 
 def test_disconnect_stops_generation(paths):
+    from stepper import Stepper, client_left, wait_for
+
     s = LiveServer(ServeConfig(**paths, sampling=Eq11Settings(lam=LAM, eps=EPS, tau=TAU), max_tokens=256, max_batch=1))
     try:
         body = {"model": "antidistill-teacher", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 256,
                 "stream": True, "temperature": 1.0, "seed": 1}
-        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as r:
-            for i, _line in enumerate(r.iter_lines()):
-                if i > 3:
-                    break
-        time.sleep(1.0)
+        with Stepper(s.engine, budget=5) as st:
+            with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as r:
+                for i, _line in enumerate(r.iter_lines()):
+                    if i > 3:
+                        break
+            assert wait_for(lambda: client_left(s.engine))
+            st.release()
+            assert wait_for(lambda: s.engine.stats["cancelled"] == 1 and s.engine.running == 0)
         before = s.engine.stats["tokens"]
-        time.sleep(1.0)
-        assert s.engine.stats["tokens"] == before  # nothing more is generated for the departed client
-        assert s.engine.stats["cancelled"] == 1 and before < 256
+        time.sleep(0.5)
+        assert s.engine.stats["tokens"] == before <= 5  # nothing more is generated for the departed client
     finally:
         s.close()

@@ -20,21 +20,13 @@ import pytest
 from antidistill.serve.config import ServeConfig
 from antidistill.settings import Eq11Settings
 
+from stepper import Stepper, client_left, wait_for
 from test_serve import EPS, KEY, LAM, TAU, LiveServer, paths  # noqa: F401  (paths is a fixture)
 
 H = {"Authorization": f"Bearer {KEY}"}
 MODEL = "antidistill-teacher"
 LONG = {"model": MODEL, "messages": [{"role": "user", "content": "Ann has 3 apples ."}], "max_tokens": 200,
         "temperature": 1.0, "seed": 1}
-
-
-def wait_for(cond, timeout=10.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 @pytest.fixture(scope="module")
@@ -51,57 +43,71 @@ def one_slot(paths):
 def test_nonstreaming_disconnect_frees_its_slot(one_slot):
     eng = one_slot.engine
     cancelled, tokens = eng.stats["cancelled"], eng.stats["tokens"]
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(one_slot.url + "/v1/chat/completions", json=LONG, headers=H, timeout=0.4)
-    assert wait_for(lambda: eng.stats["cancelled"] == cancelled + 1, 5)
-    assert wait_for(lambda: eng.running == 0, 2)
+    with Stepper(eng, budget=5) as st:
+        with pytest.raises(httpx.ReadTimeout):  # the worker is held after 5 tokens: no answer can come
+            httpx.post(one_slot.url + "/v1/chat/completions", json=LONG, headers=H, timeout=0.4)
+        assert wait_for(lambda: client_left(eng))
+        st.release()  # the next step sweeps the departed request
+        assert wait_for(lambda: eng.stats["cancelled"] == cancelled + 1 and eng.running == 0)
     made = eng.stats["tokens"] - tokens
     time.sleep(0.3)
-    assert eng.stats["tokens"] - tokens == made < 200  # nothing more was generated for the departed client
+    assert eng.stats["tokens"] - tokens == made <= 5  # nothing more was generated for the departed client
     assert all(len(kv) == 0 for kv in eng.kvs)  # its KV slots (teacher and both proxies) are freed
     # the slot serves the next request at once
-    r = httpx.post(one_slot.url + "/v1/chat/completions", json={**LONG, "max_tokens": 3}, headers=H, timeout=30)
+    r = httpx.post(one_slot.url + "/v1/chat/completions", json={**LONG, "max_tokens": 3}, headers=H, timeout=60)
     assert r.status_code == 200
 
 
 def test_queued_request_leaves_the_queue_when_its_client_leaves(one_slot):
     eng = one_slot.engine
-    with ThreadPoolExecutor(1) as pool:
+    with Stepper(eng, budget=1) as st, ThreadPoolExecutor(1) as pool:
         busy = pool.submit(httpx.post, one_slot.url + "/v1/chat/completions", json=LONG, headers=H, timeout=120)
-        assert wait_for(lambda: eng.running == 1, 5)
-        with pytest.raises(httpx.ReadTimeout):
+        assert st.wait_held() and eng.running == 1
+        with pytest.raises(httpx.ReadTimeout):  # the one slot is busy and the worker is held
             httpx.post(one_slot.url + "/v1/chat/completions", json={**LONG, "seed": 2}, headers=H, timeout=0.5)
-        assert wait_for(lambda: eng.queued == 0, 0.5) and eng.running == 1  # left at once, not when its turn came
+        # it leaves the queue while the worker is still held: at once, not when its turn comes
+        assert wait_for(lambda: eng.queued == 0) and eng.running == 1 and st.parked
+        st.release()
         assert busy.result().status_code == 200
 
 
 def test_streaming_disconnect_stops_generation(one_slot):
     eng = one_slot.engine
-    cancelled = eng.stats["cancelled"]
-    with httpx.stream("POST", one_slot.url + "/v1/chat/completions", json={**LONG, "stream": True}, headers=H,
-                      timeout=60) as r:
-        for i, _ in enumerate(r.iter_lines()):
-            if i > 3:
-                break
-    assert wait_for(lambda: eng.stats["cancelled"] == cancelled + 1 and eng.running == 0, 5)
+    cancelled, tokens = eng.stats["cancelled"], eng.stats["tokens"]
+    with Stepper(eng, budget=5) as st:
+        with httpx.stream("POST", one_slot.url + "/v1/chat/completions", json={**LONG, "stream": True}, headers=H,
+                          timeout=60) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i > 3:
+                    break
+        assert wait_for(lambda: client_left(eng))
+        st.release()
+        assert wait_for(lambda: eng.stats["cancelled"] == cancelled + 1 and eng.running == 0)
+    assert eng.stats["tokens"] - tokens <= 5
 
 
 def test_short_requests_do_not_wait_for_long_ones(paths):
-    """Continuous batching: a 4-token request joins the running batch and leaves it long before a
-    200-token one ends; both decode in the same steps."""
+    """Continuous batching: a 4-token request joins the running batch and leaves it after its own 4
+    steps, while a 200-token one is still running; both decode in the same steps."""
     with LiveServer(ServeConfig(**paths, sampling=Eq11Settings(lam=LAM, eps=EPS, tau=TAU), max_tokens=200, max_batch=8)) as s:
-        with ThreadPoolExecutor(2) as pool:
-            t0 = time.perf_counter()
+        eng = s.engine
+        with Stepper(eng, budget=20) as st, ThreadPoolExecutor(2) as pool:
             long = pool.submit(httpx.post, s.url + "/v1/chat/completions", json=LONG, timeout=120)
-            assert wait_for(lambda: s.engine.stats["tokens"] >= 20, 30)
-            t1 = time.perf_counter()
-            short = httpx.post(s.url + "/v1/chat/completions", json={**LONG, "max_tokens": 4, "seed": 5}, timeout=60)
-            t_short = time.perf_counter() - t1
-            assert short.status_code == 200 and not long.done()
+            assert st.wait_held() and eng.stats["tokens"] == 20
+            short = pool.submit(httpx.post, s.url + "/v1/chat/completions", json={**LONG, "max_tokens": 4, "seed": 5},
+                                timeout=120)
+            assert wait_for(lambda: eng.queued == 1)
+            st.allow(1)  # one more step of the long request; the next iteration admits the short one
+            assert st.wait_held() and eng.running == 2
+            st.allow(4)
+            r_short = short.result()
+            assert r_short.status_code == 200 and r_short.json()["usage"]["completion_tokens"] <= 4
+            assert st.wait_held() and not long.done() and eng.running == 1
+            assert eng.stats["tokens"] == 21 + 4 + r_short.json()["usage"]["completion_tokens"]
+            st.release()
             r = long.result()
-            t_long = time.perf_counter() - t0
         assert r.json()["usage"]["completion_tokens"] == 200
-        assert t_short < 0.25 * t_long and s.engine.stats["max_running"] == 2
+        assert eng.stats["max_running"] == 2
 
 
 def test_seeded_output_does_not_depend_on_batch_mates(paths):
@@ -138,15 +144,16 @@ def test_nonfinite_scores_end_the_request_never_the_teacher(paths):
 def test_dead_engine_turns_health_503_and_fails_waiting_requests(paths):
     with LiveServer(ServeConfig(**paths, sampling=Eq11Settings(lam=LAM, eps=EPS, tau=TAU), max_tokens=200, max_batch=1)) as s:
         assert httpx.get(s.url + "/health").status_code == 200
-        with ThreadPoolExecutor(2) as pool:
+        with Stepper(s.engine, budget=3) as st, ThreadPoolExecutor(2) as pool:
             running = pool.submit(httpx.post, s.url + "/v1/chat/completions", json=LONG, timeout=60)
-            assert wait_for(lambda: s.engine.running == 1, 10)
+            assert st.wait_held() and s.engine.running == 1
             waiting = pool.submit(httpx.post, s.url + "/v1/chat/completions", json={**LONG, "seed": 3}, timeout=60)
-            assert wait_for(lambda: s.engine.queued == 1, 10)
+            assert wait_for(lambda: s.engine.queued == 1)
 
             def boom():
                 raise RuntimeError("injected engine fault")
             s.engine._iteration = boom  # the worker's next step raises outside the per-request guards
+            st.release()
             r1, r2 = running.result(), waiting.result()
         for r in (r1, r2):
             assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"

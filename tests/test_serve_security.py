@@ -184,10 +184,9 @@ def test_engine_isolates_a_failing_request(server):
 @pytest.mark.parametrize("field, value", [("max_completion_tokens", -5), ("max_tokens", 0), ("max_tokens", -1),
                                           ("max_completion_tokens", 0)])
 def test_nonpositive_token_counts_are_400_not_a_hang(server, field, value):
-    t = time.time()
     r = post(server, body(**{field: value}))
     assert_openai_error(r, 400)
-    assert time.time() - t < 5 and server.engine.queued == 0
+    assert server.engine.queued == 0
 
 
 # --- 3. bounded work ----------------------------------------------------------------------------
@@ -207,56 +206,45 @@ def test_20mb_body_is_413_without_reading_it_and_health_answers(server):
     assert reply.startswith("HTTP/1.1 413")
     assert strict_json(reply.split("\r\n\r\n", 1)[1])["error"]["type"] == "invalid_request_error"
 
-    # (b) a real 20 MB body (and a chunked one) while /health is polled: health never stalls
-    lat, stop = [], threading.Event()
+    # (b) a real 20 MB body is 413; a chunked one too, and /health answers while it is arriving
+    big = json.dumps(body("apples " * (20 * 2**20 // 7))).encode()
+    r = httpx.post(server.url + "/v1/chat/completions", content=big,
+                   headers={**H, "Content-Type": "application/json"}, timeout=120)
+    assert_openai_error(r, 413)
+    health = []
 
-    def poll():
-        while not stop.is_set():
-            t = time.perf_counter()
-            assert httpx.get(server.url + "/health", timeout=10).status_code == 200
-            lat.append(time.perf_counter() - t)
-            time.sleep(0.02)
-
-    th = threading.Thread(target=poll)
-    th.start()
-    try:
-        big = json.dumps(body("apples " * (20 * 2**20 // 7))).encode()
-        t = time.perf_counter()
-        r = httpx.post(server.url + "/v1/chat/completions", content=big,
-                       headers={**H, "Content-Type": "application/json"}, timeout=60)
-        assert_openai_error(r, 413)
-
-        def chunks():
-            for _ in range(20):
-                yield b"x" * 2**20
-        r2 = httpx.post(server.url + "/v1/chat/completions", content=chunks(), headers=H, timeout=60)
-        assert_openai_error(r2, 413)
-        elapsed = time.perf_counter() - t
-    finally:
-        stop.set()
-        th.join()
-    assert elapsed < 20 and lat and max(lat) < 1.0, (elapsed, max(lat or [0]))
+    def chunks():
+        for i in range(20):
+            if i == 2:  # mid-upload: the event loop is not blocked by the body being read
+                health.append(httpx.get(server.url + "/health", timeout=60).status_code)
+            yield b"x" * 2**20
+    r2 = httpx.post(server.url + "/v1/chat/completions", content=chunks(), headers=H, timeout=120)
+    assert_openai_error(r2, 413)
+    assert health == [200]
 
 
 def test_tokenization_runs_off_the_event_loop(server):
-    """A slow tokenization (here: a 2 s sleep inside it) does not stop /health from answering."""
+    """A tokenization held on an event does not stop /health from answering meanwhile."""
     enc = server.app.state.encoder
     orig = enc.chat_ids
+    entered, go = threading.Event(), threading.Event()
 
-    def slow(msgs):
-        time.sleep(2.0)
+    def held(msgs):
+        entered.set()
+        go.wait(60)
         return orig(msgs)
 
-    enc.chat_ids = slow
+    enc.chat_ids = held
     try:
         with ThreadPoolExecutor(1) as pool:
             fut = pool.submit(post, server, body(max_tokens=2))
-            time.sleep(0.3)
-            t = time.perf_counter()
-            assert httpx.get(server.url + "/health", timeout=10).status_code == 200
-            assert time.perf_counter() - t < 0.5
+            assert entered.wait(60)
+            assert httpx.get(server.url + "/health", timeout=60).status_code == 200
+            assert not fut.done()  # /health answered while the tokenization was still held
+            go.set()
             assert fut.result().status_code == 200
     finally:
+        go.set()
         del enc.chat_ids
 
 

@@ -111,6 +111,10 @@ class Engine:
         self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._worker, name="antidistill-engine", daemon=True)
         self.stats = {"steps": 0, "rows": 0, "tokens": 0, "cancelled": 0, "errors": 0, "max_running": 0}
+        # Called by the worker before each decode step that has running requests, after admission and
+        # before cancelled requests are swept. It may block: tests use it to hold the engine at a known
+        # token count instead of assuming how fast a token is.
+        self.before_step = None
 
     # --- the API the server uses ---------------------------------------------------------------
     @property
@@ -183,6 +187,8 @@ class Engine:
 
     def _iteration(self) -> None:
         self._admit()
+        if self._running and self.before_step is not None:
+            self.before_step(self)
         for lv in [lv for lv in self._running.values() if lv.req.cancelled.is_set()]:
             self.stats["cancelled"] += 1
             self._finish(lv, "cancelled")
