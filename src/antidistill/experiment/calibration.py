@@ -1,20 +1,33 @@
-"""Holdout-only calibration: each arm's τ or λ grid chosen to hit target teacher accuracies.
+"""Holdout-only calibration of the owner's-regime design: every arm at the same teacher-accuracy targets.
 
-For every arm and every candidate parameter in ``CalibrationConfig.grids`` the teacher samples the
-holdout problems (never train or test) and is scored on the *delivered* traces, exactly as the
-sweep scores it. Each arm's parameters for the target teacher accuracies are then read off its
-measured curve by linear interpolation (accuracy falls as τ or λ grows; a target outside the
-measured range gets the nearest measured end, flagged). No student is trained or looked at.
+A model owner asks what the defense costs relative to the teacher they would otherwise serve, so
+the targets are *relative*: points below the best undefended teacher accuracy in this world (greedy
+decoding, delivered scoring, on the holdout). The calibration then
 
-``antidistill calibrate`` runs it and writes ``runs/<name>-calibration/calibration.json``. A sweep
-with ``grid: calibrated`` runs it as its own first stage and takes its points from the ``chosen``
-section (:func:`chosen_grid`); a config with ``grid: config`` lists values copied from such a file.
+1. measures greedy and the temperature curve over ``temperatures``;
+2. takes the **base τ** of the defended arms: the largest τ whose accuracy is within
+   ``base_tolerance`` points of greedy, read off the (monotone) temperature curve, so that λ → 0
+   reaches the best accuracy (``base_tau`` fixes it instead); if even the smallest τ measured falls
+   short, the smallest τ is used and the file says so;
+3. chooses temperature's τ for each target (on the curve at τ ≥ base τ);
+4. for each λ arm, at the base τ, searches λ on a geometric grid from ``lam_range[0]`` (factor
+   ``lam_factor``) until accuracy falls below the deepest target, then bisects (in log λ)
+   ``refine`` times inside the bracket of each target, and reads each target's λ off the curve by
+   interpolation in log λ.
+
+Every measurement samples the holdout problems (never train or test) with one seed and scores the
+delivered traces, exactly as the sweep scores them. No student is trained or looked at. A target
+outside an arm's measured curve gets the curve's end and is flagged (``outside_picks``).
+
+``antidistill calibrate`` runs it alone; a sweep with ``grid: calibrated`` runs it as its first
+stage and takes its points (and base τ, and each point's target) from ``calibration.json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import field
 from pathlib import Path
@@ -22,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from pydantic.dataclasses import dataclass
 
-from ..functional import check_lam, check_tau
+from ..functional import check_tau
 from ..io_utils import provenance, write_json_atomic
 from ..settings import CONFIG
 from .arms import ARMS
@@ -33,97 +46,184 @@ from .rundir import stage
 
 @dataclass(config=CONFIG)
 class CalibrationConfig:
-    """Candidate grids per arm (τ for temperature, λ otherwise), target teacher accuracies, holdout size."""
+    """Targets relative to the best undefended teacher, the arms, the τ grid and the λ search."""
 
-    grids: dict[str, list[float]] = field(default_factory=lambda: {
-        "temperature": [0.7, 1.0, 1.3, 1.6, 1.9],
-        "antidistill": [0.002, 0.004, 0.006, 0.008, 0.010, 0.013],
-        "reasoning_only": [0.004, 0.008, 0.013, 0.018, 0.025],
-        "whitebox": [0.002, 0.004, 0.006, 0.008, 0.010, 0.013],
-    })
-    targets: list[float] = field(default_factory=lambda: [0.8, 0.7, 0.6])
-    arm_targets: dict[str, list[float]] = field(default_factory=dict)  # an arm's own targets, in place of ``targets``
-    n_holdout: int | None = 150  # the first N holdout problems (None: all)
+    targets: list[float] = field(default_factory=lambda: [-2.0, -5.0, -10.0, -20.0])  # points vs. greedy
+    arms: list[str] = field(default_factory=lambda: ["temperature", "antidistill", "whitebox", "whitebox_permutation"])
+    temperatures: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1,
+                                                               1.2, 1.3, 1.4, 1.6, 1.8, 2.0])
+    base_tolerance: float = 1.0  # points below greedy that the base τ may lose at λ = 0
+    base_tau: float | None = None  # a fixed base τ for the λ arms instead of the calibrated one
+    lam_range: tuple[float, float] = (1e-4, 10.0)
+    lam_factor: float = 2.5
+    refine: int = 2  # bisection steps inside each target's bracket
+    n_holdout: int | None = 300  # the first N holdout problems (None: all)
     seed: int = 0
 
     def __post_init__(self):
-        unknown = sorted(set(self.grids) - (set(ARMS) - {"greedy"}))
-        if unknown:
-            raise ValueError(f"calibration.grids: unknown arms {unknown}; use {sorted(set(ARMS) - {'greedy'})}")
-        stray = sorted(set(self.arm_targets) - set(self.grids))
-        if stray:
-            raise ValueError(f"calibration.arm_targets: {stray} have no grid in calibration.grids")
-        for arm, grid in self.grids.items():
-            if not grid:
-                raise ValueError(f"calibration.grids.{arm} is empty")
-            for x in grid:  # checked now, not when the calibration stage reaches them
-                if arm == "temperature":
-                    check_tau(x)
-                else:
-                    check_lam(x)
-        for arm, ts in {"targets": self.targets, **self.arm_targets}.items():
-            if not ts or not all(0.0 < t < 1.0 for t in ts):
-                raise ValueError(f"calibration targets of {arm!r} must be accuracies in (0, 1), got {ts!r}")
+        bad = sorted(set(self.arms) - (set(ARMS) - {"greedy"}))
+        if bad:
+            raise ValueError(f"calibration.arms: unknown arms {bad}; use {sorted(set(ARMS) - {'greedy'})}")
+        if "temperature" not in self.arms:
+            raise ValueError("calibration.arms must include temperature (the baseline every arm is paired with)")
+        if not self.targets or not all(-100.0 < t < 0.0 for t in self.targets):
+            raise ValueError(f"calibration.targets are points below the best undefended teacher, each in (-100, 0); "
+                             f"got {self.targets!r}")
+        if len(self.temperatures) < 2:
+            raise ValueError(f"calibration.temperatures needs at least 2 values, got {self.temperatures!r}")
+        for t in self.temperatures + ([self.base_tau] if self.base_tau is not None else []):
+            check_tau(t)
+        lo, hi = self.lam_range
+        if not (0.0 < lo < hi and math.isfinite(hi)):
+            raise ValueError(f"calibration.lam_range must be 0 < low < high < inf, got {self.lam_range!r}")
+        if self.lam_factor <= 1.0:
+            raise ValueError(f"calibration.lam_factor must be > 1, got {self.lam_factor!r}")
+        if self.refine < 0 or self.base_tolerance < 0:
+            raise ValueError(f"calibration.refine and base_tolerance must be ≥ 0, got {self.refine!r}, "
+                             f"{self.base_tolerance!r}")
         if self.n_holdout is not None and self.n_holdout < 1:
             raise ValueError(f"calibration.n_holdout must be ≥ 1 or null (all), got {self.n_holdout!r}")
 
-    def targets_for(self, arm: str) -> list[float]:
-        return self.arm_targets.get(arm, self.targets)
 
-
-def interpolate_params(params: list[float], accs: list[float], targets: list[float]) -> list[dict]:
-    """The parameter at which the measured (param, accuracy) curve reaches each target (linear)."""
+def monotone(params, accs) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted parameters and accuracy made non-increasing in them (the running minimum)."""
     p, a = np.asarray(params, float), np.asarray(accs, float)
     order = np.argsort(p)
-    p, a = p[order], np.minimum.accumulate(a[order])  # accuracy made non-increasing in the parameter
+    return p[order], np.minimum.accumulate(a[order])
+
+
+def interpolate_params(params, accs, targets, *, log: bool = False) -> list[dict]:
+    """The parameter at which the measured (param, accuracy) curve reaches each target accuracy.
+
+    Linear interpolation on the monotone curve (in log param when ``log``); a target outside the
+    measured accuracies gets the nearest end and ``inside_measured_range: False``.
+    """
+    p, a = monotone(params, accs)
+    x = np.log(p) if log else p
     out = []
     for t in targets:
-        inside = a.min() <= t <= a.max()
-        # np.interp needs increasing x: interpolate the parameter over the reversed accuracy curve
-        value = float(np.interp(t, a[::-1], p[::-1]))
+        inside = bool(a.min() <= t <= a.max())
+        v = float(np.interp(t, a[::-1], x[::-1]))  # np.interp needs increasing x: the reversed curve
+        v = math.exp(v) if log else v
         # six significant digits: what a point's directory name (``f"{param:g}"``) shows
-        out.append({"target": t, "param": float(f"{value:.6g}"), "inside_measured_range": bool(inside)})
+        out.append({"target_acc": float(t), "param": float(f"{v:.6g}"), "inside_measured_range": inside})
     return out
 
 
+def base_temperature(taus, accs, best: float, tolerance: float) -> tuple[float, str]:
+    """The largest τ whose (monotone) accuracy is within ``tolerance`` of ``best``, and how it was found."""
+    p, a = monotone(taus, accs)
+    floor = best - tolerance
+    if a[0] < floor:
+        return float(p[0]), (f"even the smallest τ measured ({p[0]:g}) loses more than {100 * tolerance:g} points "
+                             f"against greedy ({100 * a[0]:.1f}% vs {100 * best:.1f}%): the λ arms sample at it")
+    if a[-1] >= floor:
+        return float(p[-1]), f"every τ measured is within {100 * tolerance:g} points of greedy: the largest is used"
+    pick = interpolate_params(p, a, [floor])[0]["param"]
+    return pick, f"the largest τ within {100 * tolerance:g} points of greedy ({100 * best:.1f}%) on the holdout"
+
+
+def search_lambda(measure, target_accs: list[float], lam_range: tuple[float, float], factor: float,
+                  refine: int) -> dict[float, float]:
+    """λ → accuracy: a geometric grid until accuracy falls below the deepest target, then ``refine``
+    bisections (geometric mean) inside each target's bracket. ``measure(λ)`` returns an accuracy."""
+    seen: dict[float, float] = {}
+    lam, deepest = lam_range[0], min(target_accs)
+    while lam <= lam_range[1] * (1 + 1e-9):
+        lam = float(f"{lam:.6g}")
+        seen[lam] = measure(lam)
+        if seen[lam] < deepest:
+            break
+        lam *= factor
+    for t in target_accs:
+        for _ in range(refine):
+            p, a = monotone(list(seen), list(seen.values()))
+            i = np.flatnonzero((a[:-1] >= t) & (a[1:] < t))
+            if not i.size:
+                break
+            mid = float(f"{math.sqrt(p[i[0]] * p[i[0] + 1]):.6g}")
+            if mid in seen:
+                break
+            seen[mid] = measure(mid)
+    return dict(sorted(seen.items()))
+
+
 def calibrate(run, cfg: CalibrationConfig, progress: bool = True) -> Path:
-    """Measure each arm's holdout teacher accuracy over its grid; write ``calibration.json`` in ``run``'s directory.
+    """Run the calibration on ``run``'s holdout; write ``calibration.json`` in its directory.
 
     ``run`` is a :class:`~antidistill.experiment.sweep.Run` (its models, splits and proxy gradients).
     """
     def make(path):
         holdout = run.splits["holdout"][: cfg.n_holdout] if cfg.n_holdout else run.splits["holdout"]
         measured: dict[str, list[dict]] = {}
-        for arm, grid in cfg.grids.items():
-            for param in grid:
-                t0 = time.perf_counter()
-                settings = run.cfg.settings_for(arm, param, cfg.seed)
-                rows = generate_traces(run.teacher, run.tok["teacher"], holdout, settings,
-                                       processor=run.processor_for(arm, settings), progress=progress,
-                                       description=f"calibrate {arm} {param:g}")
-                acc = accuracy_summary(rows)
-                measured.setdefault(arm, []).append(
-                    {"param": param, "teacher_acc": acc["accuracy"], "ci_low": acc["ci_low"], "ci_high": acc["ci_high"],
-                     "forced_frac": sum(r["answer_source"] == "forced" for r in rows) / len(rows),
-                     "seconds": round(time.perf_counter() - t0, 1)})
-        chosen = {arm: interpolate_params([m["param"] for m in ms], [m["teacher_acc"] for m in ms],
-                                          cfg.targets_for(arm))
-                  for arm, ms in measured.items()}
+
+        def measure(arm: str, param: float, tau: float | None = None) -> float:
+            t0 = time.perf_counter()
+            settings = run.cfg.settings_for(arm, param, cfg.seed, tau=tau)
+            rows = generate_traces(run.teacher, run.tok["teacher"], holdout, settings,
+                                   processor=run.processor_for(arm, settings), progress=progress,
+                                   description=f"calibrate {arm} {param:g}")
+            acc = accuracy_summary(rows)
+            measured.setdefault(arm, []).append(
+                {"param": param, "tau": settings.tau, "teacher_acc": acc["accuracy"], "ci_low": acc["ci_low"],
+                 "ci_high": acc["ci_high"], "forced_frac": sum(r["answer_source"] == "forced" for r in rows) / len(rows),
+                 "seconds": round(time.perf_counter() - t0, 1)})
+            return acc["accuracy"]
+
+        best = measure("greedy", 0.0)
+        target_accs = [best + t / 100 for t in cfg.targets]
+        temps = [measure("temperature", tau) for tau in cfg.temperatures]
+        if cfg.base_tau is not None:
+            base_tau, why = cfg.base_tau, "fixed by the config (calibration.base_tau)"
+        else:
+            base_tau, why = base_temperature(cfg.temperatures, temps, best, cfg.base_tolerance / 100)
+        above = [(t, a) for t, a in zip(cfg.temperatures, temps) if t >= base_tau]
+        if len(above) < 2:
+            above = list(zip(cfg.temperatures, temps))[-2:]
+        chosen = {"temperature": interpolate_params(*zip(*above), target_accs)}
+        for arm in cfg.arms:
+            if arm == "temperature":
+                continue
+            curve = search_lambda(lambda lam, arm=arm: measure(arm, lam, base_tau), target_accs, cfg.lam_range,
+                                  cfg.lam_factor, cfg.refine)
+            chosen[arm] = interpolate_params(list(curve), list(curve.values()), target_accs, log=True)
+        for picks in chosen.values():
+            for c, t in zip(picks, cfg.targets):
+                c["target"] = t
         write_json_atomic(path, {"config": dataclasses.asdict(cfg), "n_holdout": len(holdout), "split": "holdout",
-                                 "scoring": "delivered", "measured": measured, "chosen": chosen, **provenance()})
+                                 "scoring": "delivered", "best_undefended": best, "best_from": "greedy",
+                                 "base_tau": base_tau, "base_tau_reason": why, "measured": measured,
+                                 "chosen": chosen, **provenance()})
     return stage(run.files.calibration, make)
 
 
 def outside_picks(path: Path) -> list[str]:
     """``"arm target → param"`` for every chosen value whose target lies outside the measured curve
-    (the value is then the grid's end, not the target's)."""
+    (the value is then the curve's end, not the target's)."""
     info = json.loads(Path(path).read_text())
-    return [f"{arm} {c['target']:g} → {c['param']:g}" for arm, picks in info["chosen"].items() for c in picks
+    return [f"{arm} {c['target']:+g} → {c['param']:g}" for arm, picks in info["chosen"].items() for c in picks
             if not c["inside_measured_range"]]
 
 
+@dataclasses.dataclass(frozen=True)
+class Design:
+    """What a calibration chose: each arm's parameters, each point's target, and the λ arms' base τ."""
+
+    grid: dict[str, list[float]]
+    targets: dict[tuple[str, float], float]  # (arm, param) → target (points); the first target on a shared value
+    base_tau: float | None
+
+    @classmethod
+    def load(cls, path: Path) -> Design:
+        info = json.loads(Path(path).read_text())
+        targets: dict[tuple[str, float], float] = {}
+        for arm, picks in info["chosen"].items():
+            for c in picks:
+                targets.setdefault((arm, c["param"]), c.get("target"))
+        grid = {arm: sorted({c["param"] for c in picks}) for arm, picks in info["chosen"].items()}
+        return cls(grid=grid, targets=targets, base_tau=info.get("base_tau"))
+
+
 def chosen_grid(path: Path) -> dict[str, list[float]]:
-    """Each calibrated arm's chosen τ or λ values from ``calibration.json`` (sorted, duplicates merged:
-    two targets past the same end of the measured range choose the same value)."""
-    info = json.loads(Path(path).read_text())
-    return {arm: sorted({p["param"] for p in picks}) for arm, picks in info["chosen"].items()}
+    """Each calibrated arm's chosen τ or λ values (sorted; two targets on the same value merge)."""
+    return Design.load(path).grid

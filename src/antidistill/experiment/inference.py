@@ -1,160 +1,238 @@
-"""The primary estimate: a pooled model over all runs, with an interval that stays sound with few seeds.
+"""Arm effects at matched teacher accuracy, with intervals whose unit of replication is the world build.
 
-For an arm A against temperature, every run of A whose teacher accuracy lies inside temperature's
-range, and every temperature run, is one observation, and statsmodels fits
+A *world build* (a toy world built from one seed, or one real-model setup) is what the next owner
+gets anew, so it is the unit the intervals generalise over. Within a world, every run of an arm is
+compared with the baseline (temperature) at the same teacher accuracy; across worlds, the per-world
+effects are averaged and the interval is a t interval on K − 1 degrees of freedom (K world builds).
+The arm effect may differ from world to world (a random effect); the interval covers the mean of
+that distribution, which is the claim a model owner needs about the next build.
 
-    student_acc ~ teacher_acc + teacher_acc² + [method = A] + C(cluster)
+**Within a world** (``run_effects``), the effect of one arm run on ``y`` (student accuracy, or
+student NLL) is
 
-by OLS. The coefficient of ``[method = A]`` is the arm's effect at matched teacher accuracy (one
-number, from all runs; no level rests on one run). ``cluster`` is a (world build, seed) pair: runs
-of one seed share their distillation seed, and runs of one world share its weights, so the cluster
-fixed effect takes out what they share. teacher_acc² lets the shared curve bend; the range
-restriction keeps the fit from extrapolating temperature's curve to any run of A.
+    d = (y_arm − y_base) − b_w · (x_arm − x_base)
 
-The 95% interval is the *union* of two intervals, so it is never narrower than either:
+* paired design (the runs carry a ``target``: the calibrated teacher-accuracy target, in points
+  relative to the world's best undefended teacher): the baseline run is the one with the same
+  world, seed and target, so the comparison is local and needs no curve;
+* without targets (older runs, config grids): ``y_base`` and ``x_base`` are the world's baseline
+  line at ``x_arm`` (only for arm runs inside the baseline's teacher-accuracy range).
 
-* HC3 heteroskedasticity-robust standard error with a t quantile on the residual degrees of freedom;
-* a cluster bootstrap that resamples (world, seed) clusters with replacement and refits.
+``b_w`` is the slope of ``y`` on teacher accuracy over the world's baseline runs (OLS); it removes
+the small calibration mismatch ``x_arm − x_base``. A world's effect is the mean of its runs' ``d``.
 
-With many clusters the two agree. With the demo's few seeds the percentile bootstrap alone is
-anti-conservative (with 2 clusters it has 3 distinct resamples), which the null-simulation test
-(tests/test_inference.py) would catch; HC3 then carries the interval.
+**Across worlds** (``pooled_effect``): K ≥ 2 worlds give the mean of the world effects with a
+t(K−1) interval (``claim="next world build"``). One world gives that world's estimate with a
+within-world interval: a t interval over its seeds when it has several, else the binomial
+test-sampling error of the runs (``claim="this world build only"``); it is never a finding about
+the method.
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
-import statsmodels.api as sm
 from scipy import stats
 
-N_BOOT = 1000
 LEVEL = 0.95
+PRIMARY_TARGET = -5.0  # the pre-registered primary endpoint: student accuracy at the −5-point target
+NEXT_WORLD = "next world build"
+THIS_WORLD = "this world build only"
 
 
-def _cluster(df: pd.DataFrame) -> pd.Series:
-    world = df["world"].astype(str) if "world" in df.columns else pd.Series("w", index=df.index)
-    return world + "/s" + df["seed"].astype(str)
+def _world(df: pd.DataFrame) -> pd.Series:
+    return df["world"].astype(str) if "world" in df.columns else pd.Series("w", index=df.index)
 
 
-def overlap(df: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
-    """The runs of arm ``a`` inside the teacher-accuracy range of baseline ``b``, and every run of ``b``.
+def _has_targets(df: pd.DataFrame) -> bool:
+    return "target" in df.columns and df["target"].notna().any()
 
-    The baseline's curve is only interpolated, never extrapolated, at the arm's runs; baseline runs
-    beyond the arm's range still inform the shared curve (an arm whose runs sit in a narrow band
-    inside the baseline's range, as the white-box arms do, is compared there).
+
+def world_slopes(base: pd.DataFrame, y: str) -> pd.Series:
+    """Per world: the OLS slope of ``y`` on ``teacher_acc`` over its baseline runs (0 with < 2 distinct x)."""
+    b = base[["world", "teacher_acc", y]].dropna()
+    g = b.groupby("world")
+    xm, ym = g.teacher_acc.transform("mean"), g[y].transform("mean")
+    cov = ((b.teacher_acc - xm) * (b[y] - ym)).groupby(b.world).sum()
+    var = ((b.teacher_acc - xm) ** 2).groupby(b.world).sum()
+    return (cov / var.where(var > 1e-12)).fillna(0.0)
+
+
+def _binomial_var(acc, n):
+    return acc * (1 - acc) / np.maximum(n, 1)
+
+
+def run_effects(df: pd.DataFrame, baseline: str = "temperature", *, y: str = "student_acc") -> pd.DataFrame:
+    """One row per run of every other arm that has a comparable baseline run:
+    ``method, world, seed, target, d, var, x_arm, x_base``.
+
+    ``var`` is the run's binomial test-sampling variance of ``d`` (accuracy outcomes; 0 for others).
     """
-    ra, rb = df[df.method == a], df[df.method == b]
-    if ra.empty or rb.empty:
-        return df.iloc[:0]
-    lo, hi = rb.teacher_acc.min(), rb.teacher_acc.max()
-    return pd.concat([ra[(ra.teacher_acc >= lo - 1e-12) & (ra.teacher_acc <= hi + 1e-12)], rb])
+    df = df.assign(world=_world(df))
+    if "n_test" not in df.columns:
+        df = df.assign(n_test=np.inf)
+    if "target" not in df.columns:
+        df = df.assign(target=np.nan)
+    base, runs = df[df.method == baseline], df[df.method != baseline]
+    slope = world_slopes(base, y)
+    acc = y.endswith("_acc")
+    paired = runs[runs.target.notna()].merge(base[["world", "seed", "target", "teacher_acc", y, "n_test"]],
+                                             on=["world", "seed", "target"], suffixes=("", "_b"))
+    b = paired.world.map(slope).to_numpy(float)
+    xa, xb, ya, yb = (paired[c].to_numpy(float) for c in ("teacher_acc", "teacher_acc_b", y, f"{y}_b"))
+    na, nb = paired.n_test.to_numpy(float), paired.n_test_b.to_numpy(float)
+    out = [pd.DataFrame({
+        "method": paired.method.to_numpy(), "world": paired.world.to_numpy(), "seed": paired.seed.to_numpy(),
+        "target": paired.target.to_numpy(float), "d": (ya - yb) - b * (xa - xb),
+        "var": (_binomial_var(ya, na) + _binomial_var(yb, nb) + b**2 * (_binomial_var(xa, na) + _binomial_var(xb, nb)))
+        if acc else np.zeros(len(paired)), "x_arm": xa, "x_base": xb})]
+    # runs without a target (older designs): against the world's baseline line, inside its range
+    loose = runs[runs.target.isna()]
+    if len(loose):
+        g = base.groupby("world")
+        line = pd.DataFrame({"lo": g.teacher_acc.min(), "hi": g.teacher_acc.max(), "xm": g.teacher_acc.mean(),
+                             "ym": g[y].mean(), "nx": g.teacher_acc.nunique(), "b": slope})
+        m = loose.join(line, on="world", how="inner")
+        m = m[(m.nx >= 2) & (m.teacher_acc >= m.lo - 1e-12) & (m.teacher_acc <= m.hi + 1e-12)]
+        xa, ya = m.teacher_acc.to_numpy(float), m[y].to_numpy(float)
+        out.append(pd.DataFrame({
+            "method": m.method.to_numpy(), "world": m.world.to_numpy(), "seed": m.seed.to_numpy(), "target": np.nan,
+            "d": ya - (m.ym.to_numpy(float) + m.b.to_numpy(float) * (xa - m.xm.to_numpy(float))),
+            "var": _binomial_var(ya, m.n_test.to_numpy(float)) if acc else np.zeros(len(m)), "x_arm": xa,
+            "x_base": xa}))
+    return pd.concat([o for o in out if len(o)] or out[:1], ignore_index=True)
 
 
-def _design(is_arm: np.ndarray, x: np.ndarray, clusters: np.ndarray, is_other: np.ndarray | None = None) -> np.ndarray:
-    xc = x - x.mean()
-    cols = [is_arm.astype(float)] + ([] if is_other is None else [is_other.astype(float)]) + [xc, xc**2]
-    levels = np.unique(clusters)
-    cols += [(clusters == c).astype(float) for c in levels]  # one intercept per cluster
-    return np.column_stack(cols)
+def world_effects(runs: pd.DataFrame, arm: str, *, target: float | None = None, other: str | None = None) -> pd.DataFrame:
+    """Per world, from :func:`run_effects`' table: the arm's mean effect ``d`` (over its runs, or those at
+    ``target``), its binomial ``var``, ``n_runs``, and the spread over its seeds (``sd_seeds``, ``n_seeds``).
+
+    ``other``: the contrast arm − other, each against the baseline, per world that has both.
+    """
+    def per_world(a: str) -> pd.DataFrame:
+        r = runs[runs.method == a]
+        if target is not None:
+            r = r[np.isclose(r.target.to_numpy(float), target)]
+        g = r.groupby("world")
+        by_seed = r.groupby(["world", "seed"]).d.mean().groupby("world")
+        return pd.DataFrame({"d": g.d.mean(), "var": g["var"].sum() / g.size() ** 2, "n_runs": g.size(),
+                             "sd_seeds": by_seed.std(ddof=1), "n_seeds": by_seed.size()})
+    a = per_world(arm)
+    if other is not None:
+        o = per_world(other)
+        a = a.join(o, rsuffix="_o", how="inner")
+        a = pd.DataFrame({"d": a.d - a.d_o, "var": a["var"] + a["var_o"], "n_runs": a.n_runs + a.n_runs_o,
+                          "sd_seeds": np.nan, "n_seeds": np.minimum(a.n_seeds, a.n_seeds_o)})
+    return a.reset_index()
+
+
+@functools.lru_cache(maxsize=256)
+def _t_quantile(level: float, dof: float) -> float:
+    return float(stats.t.ppf(0.5 + level / 2, dof)) if np.isfinite(dof) else float(stats.norm.ppf(0.5 + level / 2))
+
+
+def summarize(we: pd.DataFrame, level: float = LEVEL) -> dict | None:
+    """The interval from per-world effects: t(K−1) over K ≥ 2 worlds; one world: its own interval."""
+    if we.empty:
+        return None
+    k = len(we)
+    d = we["d"].to_numpy(float)
+    est = float(d.mean())
+    if k >= 2:
+        se, q, df_, claim = float(d.std(ddof=1) / np.sqrt(k)), _t_quantile(level, k - 1), k - 1, NEXT_WORLD
+    else:
+        n, sd = int(we["n_seeds"].iloc[0]), float(we["sd_seeds"].iloc[0])
+        if n >= 2 and np.isfinite(sd):
+            se, q, df_ = sd / np.sqrt(n), _t_quantile(level, n - 1), n - 1
+        else:
+            se, q, df_ = float(np.sqrt(we["var"].iloc[0])), _t_quantile(level, float("inf")), float("inf")
+        claim = THIS_WORLD
+    lo, hi = est - q * se, est + q * se
+    return {"estimate": est, "ci_low": lo, "ci_high": hi, "se": se, "df": df_, "n_worlds": k, "claim": claim,
+            "n_runs": int(we["n_runs"].to_numpy().sum()), "worlds": dict(zip(map(str, we["world"].tolist()), d.tolist())),
+            "significant": bool(hi < 0 or lo > 0)}
 
 
 def pooled_effect(df: pd.DataFrame, arm: str, baseline: str = "temperature", *, y: str = "student_acc",
-                  n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL, via: str | None = None) -> dict | None:
-    """``arm − baseline`` in ``y`` at matched teacher accuracy: estimate, interval and how it was made.
+                  target: float | None = None, other: str | None = None, level: float = LEVEL,
+                  runs: pd.DataFrame | None = None) -> dict | None:
+    """``arm − baseline`` (or ``arm − other``, both against ``baseline``) in ``y`` at matched teacher accuracy.
 
-    ``via``: compare two arms through a reference curve (e.g. white-box − its permutation, both
-    against temperature's curve): runs of both arms inside ``via``'s range and every ``via`` run
-    enter one fit, and the estimate is the difference of the two arms' coefficients.
-    Returns None if there are too few runs to fit (fewer than 2 runs of either side, or no
-    residual degrees of freedom).
+    Returns estimate, interval, the kind of claim it makes and the per-world effects, or None when
+    no world has a comparable pair of runs. ``runs``: a precomputed :func:`run_effects` table.
     """
-    ref = via or baseline
-    sub = overlap(df, arm, ref)
-    if via is not None:
-        sub = pd.concat([sub, overlap(df, baseline, ref)[lambda d: d.method == baseline]])
-    sub = sub[np.isfinite(sub[y].to_numpy(float))]
-    n_arm, n_base = int((sub.method == arm).sum()), int((sub.method == baseline).sum())
-    if n_arm < 2 or n_base < 2:
+    runs = run_effects(df, baseline, y=y) if runs is None else runs
+    e = summarize(world_effects(runs, arm, target=target, other=other), level)
+    if e is None:
         return None
-    clusters = _cluster(sub).to_numpy()
-    is_arm, x, yv = (sub.method == arm).to_numpy(), sub.teacher_acc.to_numpy(float), sub[y].to_numpy(float)
-    is_other = (sub.method == baseline).to_numpy() if via is not None else None
-    X = _design(is_arm, x, clusters, is_other)
-    if np.linalg.matrix_rank(X) < X.shape[1] or len(yv) - X.shape[1] < 2:
-        return None
-    fit = sm.OLS(yv, X).fit(cov_type="HC3")
-    c = np.zeros(X.shape[1])
-    c[0] = 1.0
-    if via is not None:
-        c[1] = -1.0
-    est = float(c @ fit.params)
-    se = float(np.sqrt(c @ np.asarray(fit.cov_params()) @ c))
-    q = stats.t.ppf(0.5 + level / 2, fit.df_resid)
-    lo_t, hi_t = est - q * se, est + q * se
-    boot = _cluster_bootstrap(is_arm, x, yv, clusters, n_boot, seed, is_other)
-    if boot.size >= max(20, n_boot // 4):
-        lo_b, hi_b = (float(v) for v in np.percentile(boot, [50 - 50 * level, 50 + 50 * level]))
-    else:
-        lo_b, hi_b = lo_t, hi_t
-    lo_ci, hi_ci = min(lo_t, lo_b), max(hi_t, hi_b)
-    return {"arm": arm, "baseline": baseline, "y": y, "estimate": est, "ci_low": lo_ci, "ci_high": hi_ci,
-            "hc3_ci": [lo_t, hi_t], "bootstrap_ci": [lo_b, hi_b], "se_hc3": se, "n_runs": len(sub),
-            "n_arm": n_arm, "n_baseline": n_base, "n_clusters": int(np.unique(clusters).size),
-            "teacher_range": [float(sub.teacher_acc.min()), float(sub.teacher_acc.max())],
-            "significant": bool(hi_ci < 0 or lo_ci > 0)}
+    mine = runs[runs.method == arm]
+    return {"arm": arm, "baseline": other or baseline, "y": y, "target": target, **e,
+            "teacher_range": [float(mine.x_arm.min()), float(mine.x_arm.max())]}
 
 
-def _cluster_bootstrap(is_arm, x, yv, clusters, n_boot, seed, is_other=None) -> np.ndarray:
-    """The method coefficient over resamples of whole clusters (a drawn cluster twice counts as two)."""
-    rng = np.random.default_rng(seed)
-    levels = np.unique(clusters)
-    index = {c: np.flatnonzero(clusters == c) for c in levels}
-    out = []
-    for _ in range(n_boot):
-        draw = rng.choice(levels, size=levels.size, replace=True)
-        idx = np.concatenate([index[c] for c in draw])
-        labels = np.concatenate([np.full(index[c].size, k) for k, c in enumerate(draw)])
-        X = _design(is_arm[idx], x[idx], labels, None if is_other is None else is_other[idx])
-        if np.linalg.matrix_rank(X) < X.shape[1]:
-            continue  # one method missing from the draw, or too few distinct teacher accuracies
-        beta = np.linalg.lstsq(X, yv[idx], rcond=None)[0]
-        out.append(beta[0] - (beta[1] if is_other is not None else 0.0))
-    return np.asarray(out)
+def targets_of(df: pd.DataFrame) -> list[float]:
+    """The design's targets present in ``df`` (points relative to the best undefended teacher), high to low."""
+    return sorted({float(t) for t in df["target"].dropna()}, reverse=True) if _has_targets(df) else []
+
+
+def primary_effect(df: pd.DataFrame, arm: str = "antidistill", *, y: str = "student_acc",
+                   runs: pd.DataFrame | None = None) -> dict | None:
+    """The pre-registered endpoint: at the −5-point target when the design has targets, else over all runs."""
+    target = PRIMARY_TARGET if PRIMARY_TARGET in targets_of(df) else None
+    return pooled_effect(df, arm, y=y, target=target, runs=runs)
+
+
+def _pts(e: dict | None, scale: float = 100.0) -> str:
+    if e is None:
+        return "(not fitted)"
+    return f"{scale * e['estimate']:+.1f} [{scale * e['ci_low']:+.1f}, {scale * e['ci_high']:+.1f}]"
+
+
+def claim_note(e: dict) -> str:
+    if e["claim"] == NEXT_WORLD:
+        return (f"{e['n_worlds']} world builds, t({e['n_worlds'] - 1}) interval: a claim about the mean effect over "
+                "world builds made like these, the next one included")
+    return "one world build: an estimate for this build only, not a finding about the method"
 
 
 def verdict_sentence(effect: dict | None, max_student_acc: float | None = None) -> str:
-    """The report's verdict, from the pooled antidistillation − temperature estimate alone."""
+    """The report's verdict, from the primary antidistillation − temperature estimate alone."""
     if effect is None:
-        return ("Not enough runs of antidistillation and temperature overlap in teacher accuracy to fit the pooled "
-                "model: no verdict.")
+        return ("No antidistillation run has a temperature run to compare with at matched teacher accuracy: "
+                "no verdict.")
     e = effect
-    lo, hi = e["teacher_range"]
-    what = (f"{100 * e['estimate']:+.1f} points (95% CI {100 * e['ci_low']:+.1f} to {100 * e['ci_high']:+.1f}; "
-            f"pooled model over {e['n_runs']} runs in {e['n_clusters']} seed clusters, teacher accuracy "
-            f"{lo:.2f}–{hi:.2f})")
+    where = f" at the {e['target']:+g}-point target" if e.get("target") is not None else ""
+    what = f"{_pts(e)} points{where} (95% CI; {claim_note(e)})"
     floor = ""
     if max_student_acc is not None and max_student_acc < 0.25:
         floor = (f" Caveat: every distilled student scores at most {100 * max_student_acc:.0f}% on test, near the "
                  "floor, so accuracy has little room to show a difference.")
+    if e["claim"] == THIS_WORLD:
+        return (f"**One world build: no verdict.** Antidistillation − temperature in this world: {what}. See the "
+                "pooled result over many builds (docs/results/full)." + floor)
     if e["ci_high"] < 0:
-        return ("**The claim holds here.** At matched teacher accuracy (scored on the delivered traces), students "
-                f"distilled from antidistillation traces are worse than students of temperature traces: {what}." + floor)
+        return ("**The claim holds.** At matched teacher accuracy (scored on the delivered traces), students of "
+                f"antidistillation traces are worse than students of temperature traces: {what}." + floor)
     if e["ci_low"] > 0:
-        return ("**The claim does not hold here.** At matched teacher accuracy, students of antidistillation traces "
-                f"are *better* than students of temperature traces: {what}." + floor)
+        return ("**The claim does not hold.** At matched teacher accuracy, students of antidistillation traces are "
+                f"*better* than students of temperature traces: {what}." + floor)
     return ("**Not shown.** At matched teacher accuracy the student-accuracy difference (antidistillation − "
             f"temperature) is {what}; the interval includes zero." + floor)
 
 
-def ladder_effects(df: pd.DataFrame, *, n_boot: int = N_BOOT) -> dict[str, dict | None]:
+LADDER_ARMS = ("antidistill", "permutation", "reasoning_only", "whitebox", "whitebox_permutation")
+
+
+def ladder_effects(df: pd.DataFrame, *, target: float | None = None, y: str = "student_acc",
+                   runs: pd.DataFrame | None = None) -> dict[str, dict | None]:
     """Each ladder arm against temperature, and white-box against its own permutation."""
-    out = {a: pooled_effect(df, a, n_boot=n_boot) for a in
-           ("antidistill", "permutation", "reasoning_only", "whitebox", "whitebox_permutation")
-           if (df.method == a).any()}
+    runs = run_effects(df, y=y) if runs is None else runs
+    out = {a: pooled_effect(df, a, y=y, target=target, runs=runs) for a in LADDER_ARMS if (df.method == a).any()}
     if (df.method == "whitebox").any() and (df.method == "whitebox_permutation").any():
-        out["whitebox_vs_permutation"] = pooled_effect(df, "whitebox", "whitebox_permutation", n_boot=n_boot,
-                                                       via="temperature")
+        out["whitebox_vs_permutation"] = pooled_effect(df, "whitebox", y=y, other="whitebox_permutation",
+                                                       target=target, runs=runs)
     return out
 
 
@@ -167,31 +245,29 @@ def _alike(e: dict | None) -> bool:
 
 
 def ladder_reading(effects: dict[str, dict | None]) -> str:
-    """The transfer ladder's reading, written out (the issue's three cases, and the rest)."""
+    """The transfer ladder's reading, written out (three named cases, and the rest)."""
     wb, wbp = effects.get("whitebox"), effects.get("whitebox_vs_permutation")
     wbp_t, ad = effects.get("whitebox_permutation"), effects.get("antidistill")
     if wb is None or wbp is None or wbp_t is None:
-        return "The white-box arms were not run (or do not overlap temperature in teacher accuracy): no ladder reading."
+        return "The white-box arms were not run (or have no matched temperature runs): no ladder reading."
+    if any(e["claim"] == THIS_WORLD for e in (wb, wbp, wbp_t)):
+        return ("One world build: the ladder is this build's estimate only, no reading about the method "
+                f"(white-box − temperature {_pts(wb)}, white-box − its permutation {_pts(wbp)}).")
     if _worse(wb) and _worse(wbp) and not _worse(ad):
-        return ("**The mechanism works but does not transfer here.** White-box antidistillation hurts students more "
-                "than its own permutation and than temperature, while the cross-family proxy's does not.")
+        return ("**The mechanism works; the cross-family proxy's transfer is not shown.** White-box antidistillation "
+                "hurts students more than its own permutation and than temperature; the cross-family proxy's "
+                f"effect {_pts(ad)} does not exclude zero (which does not show it is zero).")
     if _worse(wb) and _worse(wbp) and _worse(ad):
         return ("**The mechanism works and transfers.** White-box antidistillation hurts students more than its "
                 "permutation and than temperature, and so does the cross-family proxy's.")
     if _alike(wb) and _alike(wbp_t) and _alike(wbp):
         width = max(100 * (e["ci_high"] - e["ci_low"]) / 2 for e in (wb, wbp_t, wbp))
-        return ("**The mechanism does not work in this world.** White-box antidistillation, its permutation and "
+        return ("**The mechanism is not shown to work.** White-box antidistillation, its permutation and "
                 f"temperature give students alike (every interval includes zero; half-widths up to {width:.1f} "
                 "points, so only effects larger than that are ruled out).")
     if _alike(wbp) and _worse(wb) and _worse(wbp_t):
         return ("**The damage is noise.** White-box antidistillation and its permutation are alike, and both are "
                 "worse than temperature: any perturbation of this size hurts, not the direction Δ̂.")
-    return ("**No clean reading.** The ladder's intervals fit none of the three patterns: white-box − temperature "
+    return ("**No clean reading.** The ladder's intervals fit none of the named patterns: white-box − temperature "
             f"{_pts(wb)}, white-box − its permutation {_pts(wbp)}, permuted white-box − temperature {_pts(wbp_t)}, "
             f"cross-family − temperature {_pts(ad)}.")
-
-
-def _pts(e: dict | None) -> str:
-    if e is None:
-        return "(not fitted)"
-    return f"{100 * e['estimate']:+.1f} [{100 * e['ci_low']:+.1f}, {100 * e['ci_high']:+.1f}]"

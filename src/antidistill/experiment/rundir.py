@@ -37,6 +37,7 @@ class RunDir:
     gradient = property(lambda self: self.root / "proxy_grad.safetensors")
     whitebox_gradient = property(lambda self: self.root / "student_grad.safetensors")  # white-box arms' g
     calibration = property(lambda self: self.root / "calibration.json")
+    gate = property(lambda self: self.root / "gate.json")  # the student-learns-from-teacher gate
     fd_check = property(lambda self: self.root / "fd_check.json")
     fd_plot = property(lambda self: self.root / "fd_error.png")
     results = property(lambda self: self.root / "results.parquet")

@@ -37,10 +37,11 @@ from ..prompting import prompt_text
 from ..proxy import load_causal_lm
 from ..settings import SamplingSettings
 from .arms import ARMS
-from .calibration import calibrate, chosen_grid, outside_picks
+from .calibration import Design, calibrate, outside_picks
 from .data import read_jsonl, write_jsonl
 from .distill import distill
 from .evaluate import accuracy_summary, mean_completion_nll, nll_by_token_class
+from .gate import world_gate
 from .fdcheck import fd_check, plot_fd_check
 from .generation import build_processor, generate_traces
 from .materials import load_materials
@@ -74,6 +75,7 @@ class Run:
         self.dir = cfg.run_dir
         self.files = RunDir(self.dir)
         self._holdout: list[dict] | None = None
+        self._design: Design | None = None
         self._check_config(write=False)
         # every model and split loads and validates before anything is written
         self.materials = load_materials(
@@ -156,10 +158,11 @@ class Run:
         files = self.files.point(method, param, seed)
         if files.result.is_file():
             return json.loads(files.result.read_text())
-        settings = self.cfg.settings_for(method, param, seed)
+        settings = self.cfg.settings_for(method, param, seed, tau=self.design.base_tau if self.design else None)
         label = f"{method} {param:g} seed {seed}"
         teacher, tok = self.teacher, self.tok["teacher"]
-        engine = self.completer_factory is not None and not (files.traces.exists() and files.teacher_test.exists())
+        engine = self.completer_factory is not None and not (
+            files.traces.exists() and (files.teacher_test.exists() or self.cfg.teacher_eval == "traces"))
         # another engine, if any, generates the teacher's traces (built only if one is missing); students stay HF
         proc = self.processor_for(method, settings) if self.completer_factory is None else None
         if engine:
@@ -167,8 +170,9 @@ class Run:
             teacher = self.completer_factory(self.paths["teacher"], self.paths["proxy"], grad, tok, settings,
                                              files.root / "engine")
         stage(files.traces, self._traces(teacher, tok, "train", settings, f"traces [{label}]", processor=proc))
-        stage(files.teacher_test, self._traces(teacher, tok, "test", settings, f"teacher on test [{label}]",
-                                               processor=proc))
+        if self.cfg.teacher_eval == "test":
+            stage(files.teacher_test, self._traces(teacher, tok, "test", settings, f"teacher on test [{label}]",
+                                                   processor=proc))
         if engine:
             teacher.close()
         stage(files.student, lambda path: self._distill(read_jsonl(files.traces), seed, path))
@@ -197,14 +201,16 @@ class Run:
             (tmp / "history.json").write_text(json.dumps(history))
 
     def _result_row(self, method, param, seed, settings, files, student) -> dict:
-        teacher = accuracy_summary(read_jsonl(files.teacher_test))
-        student_acc = accuracy_summary(read_jsonl(files.student_test))
         traces = read_jsonl(files.traces)
+        teacher_rows = traces if self.cfg.teacher_eval == "traces" else read_jsonl(files.teacher_test)
+        teacher = accuracy_summary(teacher_rows)
+        student_acc = accuracy_summary(read_jsonl(files.student_test))
         nll = mean_completion_nll(student, self.tok["student"], self.splits["test"])
         by_class = nll_by_token_class(student, self.tok["student"], self.splits["test"])
-        teacher_rows = read_jsonl(files.teacher_test)
+        target = self.design.targets.get((method, param)) if self.design else None
         return {
-            "method": method, "param": param, "seed": seed,
+            "method": method, "param": param, "seed": seed, "target": float("nan") if target is None else target,
+            "tau": settings.tau, "teacher_eval": self.cfg.teacher_eval, "n_teacher": teacher["n"],
             "teacher_acc": teacher["accuracy"], "teacher_ci_low": teacher["ci_low"], "teacher_ci_high": teacher["ci_high"],
             "student_acc": student_acc["accuracy"], "student_ci_low": student_acc["ci_low"],
             "student_ci_high": student_acc["ci_high"], "n_test": student_acc["n"],
@@ -228,37 +234,70 @@ class Run:
                                      "best_eps_bfloat16": res.best_eps("bfloat16")})
         return stage(self.files.fd_check, make)
 
+    @property
+    def design(self) -> Design | None:
+        """A calibrated run's design (chosen values, targets, base τ); None for ``grid: config``."""
+        if self.cfg.grid != "calibrated":
+            return None
+        if self._design is None:
+            if not self.files.calibration.is_file():
+                raise ValueError("grid='calibrated': the calibration stage has not run (Run.points() runs it)")
+            self._design = Design.load(self.files.calibration)
+        return self._design
+
     def points(self) -> list[tuple[str, float, int]]:
-        """The sweep's points: from the config, or (``grid="calibrated"``) from this run's calibration stage."""
+        """The sweep's points: from the config, or (``grid="calibrated"``) from this run's calibration stage.
+
+        Greedy and temperature points come first: the gate (``world_gate``) is checked on them."""
         if self.cfg.grid == "config":
-            return self.cfg.points()
-        path = calibrate(self, self.cfg.calibration, progress=self.progress)
-        outside = outside_picks(path)
-        if outside:
-            warnings.warn(f"calibration targets outside the measured curves, run at the grid's end instead: "
-                          f"{'; '.join(outside)} (widen calibration.grids; {path})", RuntimeWarning, stacklevel=2)
-        return self.cfg.points(chosen_grid(path))
+            pts = self.cfg.points()
+        else:
+            path = calibrate(self, self.cfg.calibration, progress=self.progress)
+            outside = outside_picks(path)
+            if outside:
+                warnings.warn(f"calibration targets outside the measured curves, run at the curve's end instead: "
+                              f"{'; '.join(outside)} (widen calibration.temperatures or lam_range; {path})",
+                              RuntimeWarning, stacklevel=2)
+            pts = self.cfg.points(self.design.grid)
+        return sorted(pts, key=lambda pt: pt[0] not in ("greedy", "temperature"))
 
     def run(self) -> Path:
-        """All stages, then the results table and the report."""
+        """All stages, then the results table and the report.
+
+        With ``gate`` on, greedy and temperature points run first and the world's gate is written to
+        ``gate.json``; with ``gate: stop`` a world that fails it ends there (results and report of the
+        baseline points only)."""
         self.gradient_path()
         self.holdout_traces()
         points = self.points()
+        if self.cfg.gate != "off":
+            first = [pt for pt in points if pt[0] in ("greedy", "temperature")]
+            gate = world_gate(pd.DataFrame(self._run_points(first)), self.cfg.gate_min_greedy_student,
+                              self.cfg.gate_min_slope)
+            write_json_atomic(self.files.gate, gate)
+            if not gate["passes"]:
+                warnings.warn(f"the world fails the gate ({gate['reason']}); {self.files.gate}", RuntimeWarning,
+                              stacklevel=2)
+                if self.cfg.gate == "stop":
+                    points = first
         if any(ARMS[m].proxy == "student" for m, _, _ in points):
             self.whitebox_gradient_path()
-        if self.cfg.workers > 1:
-            rows = self._run_points_parallel(points)
-        else:
-            rows = []
-            for i, pt in enumerate(points, 1):
-                t0 = time.perf_counter()
-                rows.append(self.point(*pt))
-                if self.progress:
-                    print(_point_line(i, len(points), pt, rows[-1], time.perf_counter() - t0), flush=True)
+        rows = self._run_points(points)
         self.write_results(rows)
         self.fd_check()
         write_report(self.dir)
         return self.dir
+
+    def _run_points(self, points: list[tuple[str, float, int]]) -> list[dict]:
+        if self.cfg.workers > 1:
+            return self._run_points_parallel(points)
+        rows = []
+        for i, pt in enumerate(points, 1):
+            t0 = time.perf_counter()
+            rows.append(self.point(*pt))
+            if self.progress:
+                print(_point_line(i, len(points), pt, rows[-1], time.perf_counter() - t0), flush=True)
+        return rows
 
     def _run_points_parallel(self, points: list[tuple[str, float, int]]) -> list[dict]:
         """Run the points in ``cfg.workers`` spawned processes; rows come back in ``points`` order.

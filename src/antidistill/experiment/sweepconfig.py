@@ -74,6 +74,14 @@ class SweepConfig:
     # what generates the teacher's traces: transformers (hf), or vLLM (the `vllm` extra; one engine per
     # point, greedy/temperature/antidistill/permutation points only). Students are always transformers.
     engine: Literal["hf", "vllm"] = "hf"
+    # where a point's teacher accuracy is measured: on the traces the student trains on ("traces": exactly
+    # what the student receives, no extra generation) or on the test split ("test")
+    teacher_eval: Literal["traces", "test"] = "test"
+    # the student-learns-from-teacher gate, checked on greedy and temperature points before any other arm
+    # runs: "stop" ends the run there when a world fails it, "warn" goes on, "off" skips it
+    gate: Literal["stop", "warn", "off"] = "off"
+    gate_min_greedy_student: float = 0.45  # a student distilled on greedy traces reaches this test accuracy
+    gate_min_slope: float = 0.2  # student points per teacher point under temperature sampling
 
     @field_validator("sampling", mode="before")
     @classmethod
@@ -101,8 +109,6 @@ class SweepConfig:
         if self.grid == "calibrated" and self.engine != "hf":
             raise ValueError(f"grid='calibrated' needs engine='hf' (the calibration runs on transformers), "
                              f"got engine={self.engine!r}")
-        if self.grid == "calibrated" and not self.calibration.grids:  # (CalibrationConfig refuses greedy)
-            raise ValueError("grid='calibrated' needs at least one arm in calibration.grids")
         if self.engine != "hf" and any(self.arms.values()):
             raise ValueError(f"engine={self.engine!r} runs greedy, temperature, antidistill and permutation points; "
                              f"the arms {sorted(k for k, v in self.arms.items() if v)} run on engine='hf'")
@@ -141,8 +147,10 @@ class SweepConfig:
             raise ValueError(f"two points share a directory name {dup}: their parameters differ past 6 significant digits")
         return pts
 
-    def settings_for(self, method: str, param: float, seed: int) -> SamplingSettings:
-        """The sampling settings of a point; ``method`` is a core method or an arm (``experiment.arms``)."""
+    def settings_for(self, method: str, param: float, seed: int, tau: float | None = None) -> SamplingSettings:
+        """The sampling settings of a point; ``method`` is a core method or an arm (``experiment.arms``).
+
+        ``tau``: the λ arms' base τ (a calibrated design's), in place of ``sampling.tau``."""
         if method not in METHODS and method not in ARMS:
             raise ValueError(f"unknown method {method!r}; use one of {sorted(set(METHODS) | set(ARMS))}")
         method = ARMS[method].method if method in ARMS else method
@@ -151,4 +159,6 @@ class SweepConfig:
             base["tau"] = param
         elif method != "greedy":
             base["lam"] = param
+            if tau is not None:
+                base["tau"] = tau
         return SamplingSettings(**base)
