@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from antidistill import AntidistillationLogitsProcessor
-from antidistill.experiment import generation
+from antidistill import generation
 from antidistill.experiment.calibration import interpolate_params
 from antidistill.experiment.evaluate import token_classes
-from antidistill.experiment.generation import generate_traces
-from antidistill.experiment.scoring import close_answer, written_answer
+from antidistill.generation import generate_traces
+from antidistill.scoring import close_answer, written_answer
 from antidistill.prompting import ANSWER_FORCING
 from antidistill.settings import SamplingSettings
 from antidistill.tokenizers import load_tokenizer

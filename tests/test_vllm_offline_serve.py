@@ -34,7 +34,7 @@ def offline_llm(vllm_world, tmp_path_factory):
 def test_greedy_rows_match_the_transformers_path(vllm_world, offline_llm):
     """method=greedy: same prompts, same greedy traces, same forced answers and scores as generate_traces."""
     from antidistill.engines.vllm.offline import generate_traces as vllm_traces
-    from antidistill.experiment.generation import generate_traces
+    from antidistill.generation import generate_traces
     from antidistill.settings import SamplingSettings
     from helpers_world import toy_splits
 

@@ -9,7 +9,7 @@ import pytest
 
 from antidistill.config import load_config
 from antidistill.experiment.data import read_jsonl
-from antidistill.experiment.generation import generate_traces
+from antidistill.generation import generate_traces
 from antidistill.experiment.sweep import Run, SweepConfig
 from antidistill.proxy import load_causal_lm
 from antidistill.tokenizers import load_tokenizer

@@ -19,7 +19,7 @@ from ..experiment.data import read_jsonl, require_keys, write_jsonl
 from ..experiment.distill import DistillConfig, distill
 from ..experiment.evaluate import accuracy_summary
 from ..experiment.fdcheck import fd_check, plot_fd_check
-from ..experiment.generation import build_processor, generate_traces
+from ..generation import build_processor, generate_traces
 from ..experiment.report import write_report
 from ..experiment.sweep import Run, SweepConfig
 from ..gradient import compute_proxy_gradient, save_gradient
@@ -29,7 +29,7 @@ from ..proxy import load_causal_lm
 from ..settings import SamplingSettings
 from ..tokenizers import check_same_tokenizer, load_tokenizer
 from ..toyworld.build import build_world
-from ..toyworld.defaults import default_artifacts
+from ..experiment.defaults import default_artifacts
 from .common import PACKAGE_CONFIGS, fail
 from .options import config_options
 

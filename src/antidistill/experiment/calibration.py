@@ -27,7 +27,7 @@ from ..io_utils import provenance, write_json_atomic
 from ..settings import CONFIG
 from .arms import ARMS
 from .evaluate import accuracy_summary
-from .generation import generate_traces
+from ..generation import generate_traces
 from .rundir import stage
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import datasets
 
 from ..io_utils import atomic_path
-from .scoring import forced_answer
+from ..scoring import forced_answer
 
 SCHEMA = ("id", "question", "solution", "answer")
 

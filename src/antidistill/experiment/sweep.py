@@ -42,7 +42,7 @@ from .data import read_jsonl, write_jsonl
 from .distill import distill
 from .evaluate import accuracy_summary, mean_completion_nll, nll_by_token_class
 from .fdcheck import fd_check, plot_fd_check
-from .generation import build_processor, generate_traces
+from ..generation import build_processor, generate_traces
 from .materials import load_materials
 from .report import write_report
 from .rundir import RunDir, point_name, stage
@@ -64,7 +64,7 @@ class Run:
         (config file, stale-temporary cleanup) and has already built the world.
 
         ``completer_factory`` (``cfg.engine != "hf"``): ``(teacher, proxy, grad, tokenizer, settings, workdir)``
-        → a :class:`~antidistill.experiment.generation.TextCompleter` that generates each point's teacher
+        → a :class:`~antidistill.generation.TextCompleter` that generates each point's teacher
         traces (the apps layer passes vLLM's, ``antidistill.engines.vllm.offline.sweep_completer``).
         """
         if cfg.engine != "hf" and completer_factory is None:

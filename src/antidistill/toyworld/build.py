@@ -21,7 +21,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from ..experiment.data import read_jsonl, write_jsonl
 from ..experiment.evaluate import accuracy_summary
-from ..experiment.generation import generate_traces
+from ..generation import generate_traces
 from ..io_utils import atomic_dir, provenance, worker_pool
 from ..progress import track
 from ..prompting import ANSWER_FORCING, DEFAULT_SYSTEM_PROMPT, encode_example, pad_right

@@ -18,15 +18,15 @@ from typing import Protocol, runtime_checkable
 import torch
 from accelerate.utils import gather_object
 
-from ..io_utils import distributed_state
-from ..processor import (
+from .io_utils import distributed_state
+from .processor import (
     AntidistillationLogitsProcessor,
     PermutationLogitsProcessor,
     generate,
 )
-from ..progress import track
-from ..prompting import ANSWER_FORCING, prompt_text
-from ..settings import SamplingSettings
+from .progress import track
+from .prompting import ANSWER_FORCING, prompt_text
+from .settings import SamplingSettings
 from .scoring import (
     ANSWER_HEADER,
     close_answer,
