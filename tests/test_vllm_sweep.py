@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from antidistill.config import load_config
-from antidistill.experiment.data import read_jsonl
+from antidistill.io_utils import read_jsonl
 from antidistill.generation import generate_traces
 from antidistill.experiment.sweep import Run, SweepConfig
 from antidistill.proxy import load_causal_lm

@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from accelerate.utils import gather_object
 
-from .io_utils import distributed_state
+from .runtime import distributed_state
 from .processor import (
     AntidistillationLogitsProcessor,
     PermutationLogitsProcessor,

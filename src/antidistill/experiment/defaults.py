@@ -13,10 +13,10 @@ from pathlib import Path
 from ..config import load_config
 from ..generation import generate_traces
 from ..gradient import compute_proxy_gradient, save_gradient
+from ..io_utils import read_jsonl, write_jsonl
 from ..proxy import load_causal_lm
 from ..tokenizers import load_tokenizer
 from ..toyworld.build import build_world
-from .data import read_jsonl, write_jsonl
 from .rundir import stage
 from .sweepconfig import SweepConfig
 

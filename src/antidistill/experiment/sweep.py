@@ -23,22 +23,14 @@ import torch
 
 from ..config import dump_yaml
 from ..gradient import compute_proxy_gradient, save_gradient
-from ..io_utils import (
-    atomic_dir,
-    atomic_path,
-    distributed_state,
-    provenance,
-    worker_pool,
-    write_json_atomic,
-    write_text_atomic,
-)
+from ..io_utils import atomic_dir, atomic_path, provenance, read_jsonl, write_json_atomic, write_jsonl, write_text_atomic
 from ..progress import track
 from ..prompting import prompt_text
 from ..proxy import load_causal_lm
+from ..runtime import distributed_state, worker_pool
 from ..settings import SamplingSettings
 from .arms import ARMS
 from .calibration import calibrate, chosen_grid, outside_picks
-from .data import read_jsonl, write_jsonl
 from .distill import distill
 from .evaluate import accuracy_summary, mean_completion_nll, nll_by_token_class
 from .fdcheck import fd_check, plot_fd_check

@@ -19,13 +19,12 @@ import torch
 from pydantic.dataclasses import dataclass
 from transformers import get_cosine_schedule_with_warmup
 
-from ..experiment.data import read_jsonl, write_jsonl
-from ..experiment.evaluate import accuracy_summary
 from ..generation import generate_traces
-from ..io_utils import atomic_dir, provenance, worker_pool
+from ..io_utils import atomic_dir, provenance, read_jsonl, write_jsonl
 from ..progress import track
 from ..prompting import ANSWER_FORCING, DEFAULT_SYSTEM_PROMPT, encode_example, pad_right
 from ..proxy import load_causal_lm
+from ..runtime import worker_pool
 from ..settings import CONFIG, SamplingSettings
 from ..tokenizers import load_tokenizer
 from .models import ModelSpec, build_model
@@ -165,6 +164,11 @@ def _train_role(role: str, spec: ModelSpec, examples: list[dict], tspec: TrainSp
             f"{role}_final_train_loss": sum(losses[-20:]) / len(losses[-20:])}
 
 
+def _accuracy(rows: list[dict]) -> float:
+    """The fraction of scored rows whose answer is correct."""
+    return sum(bool(r["correct"]) for r in rows) / len(rows)
+
+
 def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = True, workers: int = 1) -> World:
     """Return the cached world for ``cfg``, building it first if needed.
 
@@ -213,11 +217,11 @@ def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = 
         test = splits["test"]
         greedy = SamplingSettings(method="greedy", max_new_tokens=64, batch_size=64)
         rows = generate_traces(models["teacher"], tok, test, greedy, progress=progress, description="teacher on test")
-        metrics["teacher_test_accuracy"] = accuracy_summary(rows)["accuracy"]
+        metrics["teacher_test_accuracy"] = _accuracy(rows)
         shots = [{"question": r["question"], "completion": r["solution"]} for r in splits["train"][:3]]
         rows = generate_traces(models["student"], tok, test, greedy, few_shot=shots, progress=progress,
                                description="base student on test (3-shot)", scoring="forced")
-        metrics["student_base_fewshot_accuracy"] = accuracy_summary(rows)["accuracy"]
+        metrics["student_base_fewshot_accuracy"] = _accuracy(rows)
         (tmp / "world.json").write_text(
             json.dumps({"config": asdict(cfg), "metrics": metrics, "provenance": provenance()}, indent=2)
         )
