@@ -13,7 +13,7 @@ from antidistill.generation import generate_traces
 from antidistill.scoring import close_answer, written_answer
 from antidistill.prompting import ANSWER_FORCING
 from antidistill.settings import SamplingSettings
-from antidistill.tokenizers import load_tokenizer
+from antidistill.tokenizer_compat import load_tokenizer
 
 from conftest import random_grad, tiny_proxy, tiny_teacher
 from helpers_world import tiny, toy_splits, toy_tokenizer_dir

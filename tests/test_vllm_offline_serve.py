@@ -77,7 +77,7 @@ def test_engine_vllm_rejects_what_it_cannot_run(tmp_path):
     """One clear start-up error each: head size below vLLM's CPU minimum, vocabulary mismatch, jvp."""
     from antidistill.engines.vllm import VllmSettings, check_models
     from antidistill.toyworld.models import ModelSpec, build_model
-    from antidistill.tokenizers import load_tokenizer
+    from antidistill.tokenizer_compat import load_tokenizer
     from helpers_world import toy_tokenizer_dir
 
     tok = load_tokenizer(toy_tokenizer_dir(str(tmp_path)))

@@ -42,7 +42,7 @@ from .functional import (
     permute_delta,
 )
 from .proxy import ProxyDelta
-from .tokenizers import check_same_tokenizer
+from .tokenizer_compat import check_same_tokenizer
 
 
 class AntidistillationLogitsProcessor(LogitsProcessor):

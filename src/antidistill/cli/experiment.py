@@ -27,7 +27,7 @@ from ..prompting import prompt_text
 from ..proxy import load_causal_lm
 from ..runtime import distributed_state
 from ..settings import SamplingSettings
-from ..tokenizers import check_same_tokenizer, load_tokenizer
+from ..tokenizer_compat import check_same_tokenizer, load_tokenizer
 from ..toyworld.build import build_world
 from ..experiment.defaults import default_artifacts
 from .common import PACKAGE_CONFIGS, fail

@@ -15,7 +15,7 @@ from ..generation import generate_traces
 from ..gradient import compute_proxy_gradient, save_gradient
 from ..io_utils import read_jsonl, write_jsonl
 from ..proxy import load_causal_lm
-from ..tokenizers import load_tokenizer
+from ..tokenizer_compat import load_tokenizer
 from ..toyworld.build import build_world
 from .rundir import stage
 from .sweepconfig import SweepConfig

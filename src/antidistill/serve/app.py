@@ -30,7 +30,7 @@ from fastapi import Depends, FastAPI
 
 from ..proxy import load_causal_lm
 from ..slots import SlotDelta
-from ..tokenizers import check_same_tokenizer, check_vocab_sizes, load_tokenizer
+from ..tokenizer_compat import check_same_tokenizer, check_vocab_sizes, load_tokenizer
 from .auth import key_dependency
 from .config import ServeConfig
 from .engine import Engine

@@ -26,7 +26,7 @@ from ..prompting import ANSWER_FORCING, DEFAULT_SYSTEM_PROMPT, encode_example, p
 from ..proxy import load_causal_lm
 from ..runtime import worker_pool
 from ..settings import CONFIG, SamplingSettings
-from ..tokenizers import load_tokenizer
+from ..tokenizer_compat import load_tokenizer
 from .models import ModelSpec, build_model
 from .task import arithmetic_chains, chat_arithmetic, generic_text, make_splits, random_problem, solve, story_text
 from .tokenizer import build_tokenizer
