@@ -54,7 +54,7 @@ def test_delivered_scoring_judges_the_stored_completion(monkeypatch, tok):
     assert rows[1]["completion"] == traces[1]  # stored exactly as sampled
     assert rows[2]["completion"] == traces[2] + ANSWER_FORCING + "9}"  # the sampled answer is delivered too
     assert len(calls) == 2 and len(calls[1]["prompts"]) == 1  # only the trace without an answer is forced
-    assert calls[1]["gen_kwargs"] == calls[0]["gen_kwargs"] == s.generate_kwargs()  # same sampler
+    assert calls[1]["gen_kwargs"] == calls[0]["gen_kwargs"] == s.sampling_kwargs()  # same sampler
     # the paper's student evaluation stays: cut at the header, force greedily
     fake, calls = _fake_generate([traces, ["5}", "7}", "9}"]])
     monkeypatch.setattr(generation, "_generate", fake)

@@ -140,7 +140,7 @@ def _generate_rows(model, tokenizer, problems, settings, processor, few_shot, pr
     tokenizer.padding_side = "left"
     if not isinstance(model, TextCompleter):
         model.eval()
-    gen_kwargs = settings.generate_kwargs()
+    gen_kwargs = settings.sampling_kwargs()
     rows = []
     batches = [problems[i : i + settings.batch_size] for i in range(0, len(problems), settings.batch_size)]
     for b, batch in enumerate(track(batches, description, enabled=progress)):
