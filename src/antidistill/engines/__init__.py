@@ -7,6 +7,7 @@ Nothing here imports vLLM at import time: each engine imports it lazily and rais
 
 from __future__ import annotations
 
+
 class MissingExtraError(ImportError):
     """An optional engine was asked for but its extra is not installed."""
 

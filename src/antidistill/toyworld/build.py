@@ -57,10 +57,7 @@ class ToyWorldConfig:
     proxy: ModelSpec = field(default_factory=lambda: ModelSpec("qwen2", 64, 2, 4, 128))
     student: ModelSpec = field(default_factory=lambda: ModelSpec("gpt2", 128, 3, 4, 256))
     teacher_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=1600, lr=3e-3, warmup=60))
-    # student and proxy pretraining: more, smaller steps than the teacher's. In scratch runs of about
-    # the same cost (230-300 s on one core), 2,000 steps × 16 sequences at lr 4e-3 gave a student that
-    # distils to 42% test accuracy on greedy teacher traces; 1,500 × 16 at 3e-3: 21%; 800 × 32 at
-    # 6e-3: 15%; 3,000 × 8 at 3e-3: 14%; 800 × 32 at 3e-3: 12% (one seed each; README)
+    # student and proxy pretraining: more, smaller steps than the teacher's (docs/results/tuning.md)
     pretrain: TrainSpec = field(default_factory=lambda: TrainSpec(steps=2000, batch_size=16, lr=4e-3, warmup=40))
 
     def key(self) -> str:
