@@ -76,7 +76,7 @@ def toy_models(root: Path) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from antidistill.tokenizers import load_tokenizer
+    from antidistill.tokenizer_compat import load_tokenizer
     from antidistill.toyworld.build import ToyWorldConfig
     from antidistill.toyworld.models import build_model
     from antidistill.toyworld.task import generic_text, make_splits

@@ -1,25 +1,34 @@
-"""The package's layers: core ← experiment ← apps, imports one way, no cycles, imports at module top."""
+"""The package's layers: core ← toyworld ← experiment ← apps, imports one way, no cycles, imports at
+module top; the package's ``__init__`` counts as core, and ``import antidistill`` stays light."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "antidistill"
-LAYERS = {"core": 0, "experiment": 1, "apps": 2}
-# the optional heavy extras a module may import inside a function (the server, vLLM)
-# (and openai, a test-only dependency that the LiveServer test helper hands out)
-LAZY_OK = ("antidistill.serve", "antidistill.engines", "vllm", "uvicorn", "uvloop", "openai")
+LAYERS = {"core": 0, "toyworld": 1, "experiment": 2, "apps": 3}
+# the optional heavy extras a module may import inside a function (the server, vLLM), openai (a
+# test-only dependency that the LiveServer test helper hands out) and rich (drawn only when a
+# progress bar is shown, so the core's optional bars cost nothing to import)
+LAZY_OK = ("antidistill.serve", "antidistill.engines", "vllm", "uvicorn", "uvloop", "openai", "rich")
+# what `import antidistill` must not load: the experiment's and the CLI's libraries
+HEAVY = ("datasets", "accelerate", "rich", "pandas", "trl", "peft", "statsmodels", "math_verify", "matplotlib",
+         "typer", "fastapi")
 
 
 def layer(module: str) -> str:
     parts = module.split(".")
-    if len(parts) == 1 or parts[1] in ("cli", "serve", "engines"):
-        return "apps" if len(parts) > 1 else "core"
+    if len(parts) == 1:
+        return "core"  # the package's __init__
+    if parts[1] in ("cli", "serve", "engines"):
+        return "apps"
     if parts[1] in ("experiment", "toyworld"):
-        return "experiment"
+        return parts[1]
     return "core"
 
 
@@ -78,8 +87,6 @@ def test_no_import_cycles():
     def dfs(m, stack):
         state[m] = 1
         for t in sorted(g[m]):
-            if t == "antidistill" or m == "antidistill":
-                continue  # the package's __init__ re-exports the core; submodules import its __version__
             if state.get(t) == 1:
                 cycles.append(" -> ".join(stack[stack.index(t):] + [t]))
             elif t not in state:
@@ -90,6 +97,26 @@ def test_no_import_cycles():
         if m not in state:
             dfs(m, [m])
     assert not cycles, "\n".join(cycles)
+
+
+def test_no_module_imports_the_package_init():
+    """The ``__init__`` re-exports the core; a submodule importing it would load all of it."""
+    bad = [m for m, ts in graph().items() if m != "antidistill" and "antidistill" in ts]
+    assert not bad, bad
+
+
+def _loaded(code: str, names) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", f"import sys; {code}; print(' '.join(sys.modules))"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    return sorted({n for n in out for h in names if n == h or n.startswith(h + ".")} & set(names))
+
+
+def test_import_antidistill_is_light():
+    assert _loaded("import antidistill", HEAVY) == []
+
+
+def test_the_server_loads_no_training_or_statistics_library():
+    assert _loaded("import antidistill.serve.app, antidistill.serve.live", ("trl", "peft", "statsmodels", "datasets")) == []
 
 
 @pytest.mark.parametrize("reader", ["antidistill.experiment.report", "antidistill.serve.app"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from antidistill.experiment.distill import DistillConfig, _use_bf16, distill
-from antidistill.tokenizers import load_tokenizer
+from antidistill.tokenizer_compat import load_tokenizer
 
 from helpers_world import tiny, toy_splits, toy_tokenizer_dir
 

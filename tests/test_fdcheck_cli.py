@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from antidistill.cli import app
 from antidistill.experiment.fdcheck import fd_check
 from antidistill.io_utils import atomic_path
-from antidistill.tokenizers import check_same_tokenizer, check_vocab_sizes, load_tokenizer
+from antidistill.tokenizer_compat import check_same_tokenizer, check_vocab_sizes, load_tokenizer
 
 from conftest import random_grad, tiny_proxy, tiny_teacher
 from helpers_world import tiny, toy_splits, toy_tokenizer_dir

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from antidistill import AntidistillationLogitsProcessor
-from antidistill.experiment import generation
+from antidistill import generation
 from antidistill.experiment.calibration import interpolate_params
 from antidistill.experiment.evaluate import token_classes
-from antidistill.experiment.generation import generate_traces
-from antidistill.experiment.scoring import close_answer, written_answer
+from antidistill.generation import generate_traces
+from antidistill.scoring import close_answer, written_answer
 from antidistill.prompting import ANSWER_FORCING
 from antidistill.settings import SamplingSettings
-from antidistill.tokenizers import load_tokenizer
+from antidistill.tokenizer_compat import load_tokenizer
 
 from conftest import random_grad, tiny_proxy, tiny_teacher
 from helpers_world import tiny, toy_splits, toy_tokenizer_dir
@@ -54,7 +54,7 @@ def test_delivered_scoring_judges_the_stored_completion(monkeypatch, tok):
     assert rows[1]["completion"] == traces[1]  # stored exactly as sampled
     assert rows[2]["completion"] == traces[2] + ANSWER_FORCING + "9}"  # the sampled answer is delivered too
     assert len(calls) == 2 and len(calls[1]["prompts"]) == 1  # only the trace without an answer is forced
-    assert calls[1]["gen_kwargs"] == calls[0]["gen_kwargs"] == s.generate_kwargs()  # same sampler
+    assert calls[1]["gen_kwargs"] == calls[0]["gen_kwargs"] == s.sampling_kwargs()  # same sampler
     # the paper's student evaluation stays: cut at the header, force greedily
     fake, calls = _fake_generate([traces, ["5}", "7}", "9}"]])
     monkeypatch.setattr(generation, "_generate", fake)

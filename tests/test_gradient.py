@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from antidistill import compute_proxy_gradient, load_gradient, save_gradient
 from antidistill.gradient import read_gradient_metadata
-from antidistill.tokenizers import load_tokenizer
+from antidistill.tokenizer_compat import load_tokenizer
 from antidistill.prompting import encode_example
 
 from helpers_world import tiny, toy_splits, toy_tokenizer_dir

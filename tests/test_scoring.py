@@ -1,8 +1,8 @@
 import pytest
 
-from antidistill.experiment.generation import answer_forcing_prefix
+from antidistill.generation import answer_forcing_prefix
 from antidistill.experiment.evaluate import accuracy_summary
-from antidistill.experiment.scoring import forced_answer, is_correct
+from antidistill.scoring import forced_answer, is_correct
 
 
 def test_forced_answer_stops_at_matching_brace():
@@ -37,7 +37,7 @@ def test_the_integer_shortcut_agrees_with_math_verify():
     """Every pair of canonical integers, and near-misses around them, scores as math-verify alone scores it."""
     import random
 
-    from antidistill.experiment import scoring
+    from antidistill import scoring
 
     rng = random.Random(0)
     ints = ["0", "7", "-7", "10", "100", "12345678901234567890"] + [str(rng.randint(-999, 999)) for _ in range(40)]

@@ -16,7 +16,7 @@ from antidistill.processor import AntidistillationLogitsProcessor
 from antidistill.serve.config import ServeConfig
 from antidistill.settings import Eq11Settings
 from antidistill.serve.live import LiveServer as _LiveServer
-from antidistill.tokenizers import load_tokenizer
+from antidistill.tokenizer_compat import load_tokenizer
 
 from conftest import random_grad
 from helpers_world import tiny, toy_tokenizer_dir

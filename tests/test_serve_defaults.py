@@ -1,4 +1,4 @@
-"""The server's default models come from toyworld.defaults, without the sweep."""
+"""The server's default models come from experiment.defaults, without the sweep."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from antidistill.toyworld.defaults import default_artifacts
+from antidistill.experiment.defaults import default_artifacts
 
 QUICK = Path(__file__).resolve().parents[1] / "src" / "antidistill" / "configs" / "quick.yaml"
 
@@ -23,7 +23,7 @@ def test_default_paths_build_once_and_are_reused(tmp_path):
         assert Path(getattr(paths, k)).exists(), k
     from antidistill.gradient import read_gradient_metadata
 
-    assert read_gradient_metadata(paths.grad)["source"] == "toyworld.defaults"
+    assert read_gradient_metadata(paths.grad)["source"] == "experiment.defaults"
     mtime = Path(paths.grad).stat().st_mtime_ns
     assert default_artifacts(tmp_path / "cache", progress=False, config=path) == paths
     assert Path(paths.grad).stat().st_mtime_ns == mtime  # cached, not rebuilt
@@ -31,7 +31,7 @@ def test_default_paths_build_once_and_are_reused(tmp_path):
 
 
 def test_the_server_does_not_import_the_sweep():
-    code = ("import sys, antidistill.serve.app, antidistill.serve.live, antidistill.toyworld.defaults; "
+    code = ("import sys, antidistill.serve.app, antidistill.serve.live, antidistill.experiment.defaults; "
             "print('antidistill.experiment.sweep' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -14,7 +14,7 @@ import torch
 
 from antidistill.serve.config import ServeConfig
 from antidistill.settings import Eq11Settings
-from antidistill.tokenizers import load_tokenizer
+from antidistill.tokenizer_compat import load_tokenizer
 
 from helpers_world import tiny
 from test_serve import EPS, KEY, LAM, TAU, LiveServer, chat, paths  # noqa: F401  (paths is a fixture)

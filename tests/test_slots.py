@@ -115,7 +115,7 @@ def test_eq11_from_slots_equals_reference(teacher, proxy, grad):
 
     def step(feeds):
         t, plus, minus = forward_all(kvs, feeds)
-        return torch.softmax(antidistillation_logits(t, sd.delta(plus, minus), lam, tau), -1)
+        return torch.softmax(antidistillation_logits(t, sd.from_logits(plus, minus), lam, tau), -1)
 
     def free(r):
         for kv in kvs:

@@ -33,7 +33,7 @@ def test_chat_arithmetic_is_correct_and_is_not_the_task():
 
 def test_pretraining_packs_are_longer_than_every_task_example(tmp_path):
     """Every position a distilled student reads was trained in pretraining (GPT-2 learns absolute positions)."""
-    from antidistill.tokenizers import load_tokenizer
+    from antidistill.tokenizer_compat import load_tokenizer
 
     tok = load_tokenizer(toy_tokenizer_dir(str(tmp_path)))
     pack = ToyWorldConfig().pack_length
@@ -51,7 +51,7 @@ def test_pretraining_packs_are_longer_than_every_task_example(tmp_path):
 def test_render_chat_agrees_with_the_tokenizers_chat_template(tmp_path):
     """Chat-format pretraining text is written before the tokenizer exists; it must be what the
     saved chat template produces, or the student pretrains on a format it never sees again."""
-    from antidistill.tokenizers import load_tokenizer
+    from antidistill.tokenizer_compat import load_tokenizer
     from antidistill.toyworld.tokenizer import render_chat
 
     tok = load_tokenizer(toy_tokenizer_dir(str(tmp_path)))

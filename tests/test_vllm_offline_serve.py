@@ -34,7 +34,7 @@ def offline_llm(vllm_world, tmp_path_factory):
 def test_greedy_rows_match_the_transformers_path(vllm_world, offline_llm):
     """method=greedy: same prompts, same greedy traces, same forced answers and scores as generate_traces."""
     from antidistill.engines.vllm.offline import generate_traces as vllm_traces
-    from antidistill.experiment.generation import generate_traces
+    from antidistill.generation import generate_traces
     from antidistill.settings import SamplingSettings
     from helpers_world import toy_splits
 
@@ -77,7 +77,7 @@ def test_engine_vllm_rejects_what_it_cannot_run(tmp_path):
     """One clear start-up error each: head size below vLLM's CPU minimum, vocabulary mismatch, jvp."""
     from antidistill.engines.vllm import VllmSettings, check_models
     from antidistill.toyworld.models import ModelSpec, build_model
-    from antidistill.tokenizers import load_tokenizer
+    from antidistill.tokenizer_compat import load_tokenizer
     from helpers_world import toy_tokenizer_dir
 
     tok = load_tokenizer(toy_tokenizer_dir(str(tmp_path)))

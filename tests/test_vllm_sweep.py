@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 
 from antidistill.config import load_config
-from antidistill.experiment.data import read_jsonl
-from antidistill.experiment.generation import generate_traces
+from antidistill.io_utils import read_jsonl
+from antidistill.generation import generate_traces
 from antidistill.experiment.sweep import Run, SweepConfig
 from antidistill.proxy import load_causal_lm
-from antidistill.tokenizers import load_tokenizer
+from antidistill.tokenizer_compat import load_tokenizer
 
 from vllm_helpers import require_vllm_or_skip
 

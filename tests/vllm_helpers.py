@@ -26,7 +26,7 @@ def save_tiny_models(root, scale: float = 0.5):
     """Teacher (Llama) and proxy (Qwen2), hidden 64 with 2 heads (head_dim 32), plus g; returns paths and models."""
     from safetensors.torch import save_file
 
-    from antidistill.tokenizers import load_tokenizer
+    from antidistill.tokenizer_compat import load_tokenizer
     from antidistill.toyworld.models import ModelSpec, build_model
     from conftest import random_grad
     from helpers_world import toy_tokenizer_dir

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .functional import completion_nll
-from .io_utils import atomic_path, distributed_state, provenance
+from .io_utils import atomic_path, provenance
 from .progress import track
 from .prompting import encode_example, pad_right
 
@@ -74,20 +74,21 @@ def compute_proxy_gradient(
         max_length: truncate each example to this many tokens (completion tokens past it are dropped).
         system_prompt: the system message; the default is the project's.
 
-    Under ``accelerate launch`` with N processes, each takes every N-th trace and the result equals
-    the single-process one (up to float summation order).
+    Inside a ``torch.distributed`` process group of N processes (``accelerate launch``, once
+    accelerate's ``PartialState`` has joined it, as every command does), each takes every N-th trace
+    and the result equals the single-process one (up to float summation order).
 
     Returns:
         :class:`ProxyGradient` with float32 tensors keyed by parameter name.
     """
-    state = distributed_state()
+    rank, world = _process_group()
     if len(traces) == 0:
         raise ValueError("traces is empty: the proxy gradient needs at least one teacher trace")
-    shard = list(traces)[state.process_index :: state.num_processes]
+    shard = list(traces)[rank::world]
     examples = [encode_example(tokenizer, t["question"], t["completion"], system_prompt, max_length) for t in shard]
     device = next(proxy.parameters()).device
     local_tokens = sum(sum(1 for x in e["labels"] if x != -100) for e in examples)
-    n_tokens = _all_sum(torch.tensor(float(local_tokens), device=device), state)
+    n_tokens = _all_sum(torch.tensor(float(local_tokens), device=device), world)
     if n_tokens.item() == 0:
         raise ValueError("the traces hold no completion tokens: every label is masked")
 
@@ -98,16 +99,16 @@ def compute_proxy_gradient(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     local_nll = torch.zeros((), dtype=torch.float64, device=device)
     batches = list(_batches(examples, batch_size, pad_id))
-    for ids, labels, mask in track(batches, "proxy gradient", enabled=progress and state.is_main_process):
+    for ids, labels, mask in track(batches, "proxy gradient", enabled=progress and rank == 0):
         ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
         nll = completion_nll(proxy(input_ids=ids, attention_mask=mask).logits, labels)
         (nll / n_tokens).backward()
         local_nll += nll.detach().double()
-    total_nll = _all_sum(local_nll, state)
+    total_nll = _all_sum(local_nll, world)
     grad = {}
     for name, p in params.items():
         g = p.grad.detach().float().clone() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
-        grad[name] = _all_sum(g, state)
+        grad[name] = _all_sum(g, world)
     proxy.zero_grad(set_to_none=True)
     proxy.train(was_training)
     return ProxyGradient(
@@ -116,12 +117,19 @@ def compute_proxy_gradient(
         n_traces=len(traces),
         n_tokens=int(n_tokens.item()),
         proxy_name=str(getattr(proxy.config, "_name_or_path", "") or type(proxy).__name__),
-        n_processes=state.num_processes,
+        n_processes=world,
     )
 
 
-def _all_sum(t: torch.Tensor, state) -> torch.Tensor:
-    if state.num_processes > 1:
+def _process_group() -> tuple[int, int]:
+    """(this process's rank, the number of processes) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sum(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t

@@ -1,30 +1,21 @@
-"""Atomic writes and provenance: every artifact is whole or absent, and says what made it."""
+"""Atomic writes, JSONL rows and provenance: every artifact is whole or absent, and says what made it."""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
-import multiprocessing as mp
 import os
 import platform
 import shutil
-import signal
-import sys
 import tempfile
-import warnings
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import transformers
-from accelerate import PartialState
 
-from . import __version__
-from .progress import quiet_libraries
+from .version import __version__
 
 
 @contextlib.contextmanager
@@ -76,6 +67,38 @@ def write_json_atomic(path: str | Path, obj) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSONL file (blank lines skipped); ``ValueError`` names a missing file or a bad row."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"dataset file {str(path)!r} does not exist")
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: row {i} is not valid JSON ({e.msg})") from e
+    return rows
+
+
+def require_keys(rows: list[dict], path, keys: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming the file and the first row that lacks one of ``keys``."""
+    for i, r in enumerate(rows, 1):
+        missing = [k for k in keys if k not in r]
+        if missing:
+            raise ValueError(f"{path}: row {i} needs {' and '.join(repr(k) for k in keys)} (missing {missing[0]!r})")
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    """Write ``rows`` as JSONL, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return Path(path)
+
+
 def provenance() -> dict[str, str]:
     """Library versions and the time: recorded in every artifact."""
     out = {
@@ -91,45 +114,3 @@ def provenance() -> dict[str, str]:
         except ImportError:  # pragma: no cover
             pass
     return out
-
-
-def distributed_state():
-    """accelerate's ``PartialState``, on the CPU (gloo) when there is no GPU.
-
-    A bare ``PartialState()`` on a machine without CUDA ignores the process group that
-    ``accelerate launch`` set up and reports one process; ``cpu=True`` makes it join the group.
-    """
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def close_distributed() -> None:
-    """Destroy the default process group, if one was set up, before the interpreter exits.
-
-    Without this, gloo's worker threads are still joinable when the process exits, and a rank
-    can abort with "terminate called without an active exception" (SIGABRT) after its work is
-    done: pytorch/pytorch#190489.
-    """
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def worker_pool(n: int):
-    """A ``ProcessPoolExecutor`` of ``n`` spawned workers sharing this process's torch threads
-    (each gets ``torch.get_num_threads() // n``, at least 1).
-
-    On Linux each worker dies with this process (``PR_SET_PDEATHSIG``): a sweep or build killed with
-    SIGKILL leaves no writer behind to race the run that resumes it.
-    """
-    threads = max(1, torch.get_num_threads() // n)
-    return ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_init_pool_worker,
-                               initargs=(threads, os.getpid()))
-
-
-def _init_pool_worker(threads: int, parent_pid: int) -> None:
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(1)
-    torch.set_num_threads(threads)
-    warnings.filterwarnings("ignore")
-    quiet_libraries()

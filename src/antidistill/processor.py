@@ -42,7 +42,7 @@ from .functional import (
     permute_delta,
 )
 from .proxy import ProxyDelta
-from .tokenizers import check_same_tokenizer
+from .tokenizer_compat import check_same_tokenizer
 
 
 class AntidistillationLogitsProcessor(LogitsProcessor):
@@ -90,8 +90,8 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
         self.eps = float(eps)
         self.tau = float(tau)
         self.difference = difference
-        self.delta = ProxyDelta(proxy, grad, eps=eps, difference=difference, pad_token_id=pad_token_id)
-        self.vocab_size = self.delta.vocab_size
+        self.proxy_delta = ProxyDelta(proxy, grad, eps=eps, difference=difference, pad_token_id=pad_token_id)
+        self.vocab_size = self.proxy_delta.vocab_size
         self.n_fallback_rows = 0
         self._temperature = TemperatureLogitsWarper(self.tau)
         self.stop_ids = None if stop_ids is None else torch.as_tensor(list(stop_ids), dtype=torch.long)
@@ -111,11 +111,11 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
 
     def reset(self) -> None:
         """Drop the proxy's KV caches (done automatically when a new batch starts)."""
-        self.delta.reset()
+        self.proxy_delta.reset()
 
     def compute_delta(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``(B, L)`` ids → ``(B, V)`` Δ̂ used in eq. 11."""
-        return self.delta(input_ids)
+        return self.proxy_delta(input_ids)
 
     def adjusted_logits(self, input_ids: torch.Tensor, scores: torch.Tensor, tau=None) -> torch.Tensor:
         """``(B, V)`` final eq. 11 logits log p_T/τ + λΔ̂ (non-finite rows: the teacher's log p_T/τ).
@@ -181,11 +181,11 @@ class PermutationLogitsProcessor(AntidistillationLogitsProcessor):
     def __init__(self, proxy, grad, *, lam, eps, tau, difference="central", seed: int = 0, generator=None, **kwargs):
         super().__init__(proxy, grad, lam=lam, eps=eps, tau=tau, difference=difference, **kwargs)
         if generator is None:
-            generator = torch.Generator(device=self.delta.device).manual_seed(int(seed))
+            generator = torch.Generator(device=self.proxy_delta.device).manual_seed(int(seed))
         self.generator = generator
 
     def compute_delta(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return permute_delta(self.delta(input_ids), self.generator)
+        return permute_delta(self.proxy_delta(input_ids), self.generator)
 
 
 

@@ -1,22 +1,24 @@
-"""Rich progress bars, quiet when disabled or off a terminal in CI logs."""
+"""Rich progress bars, quiet when disabled.
+
+rich is imported only when a bar is drawn, so the core (the gradient's optional bar) stays light.
+"""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
-
-import datasets
-import transformers
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 T = TypeVar("T")
 
 
 def track(items: Iterable[T], description: str, *, enabled: bool = True, total: int | None = None) -> Iterator[T]:
+    """Yield ``items``, drawing a rich progress bar with ``description`` when ``enabled``."""
     if not enabled:
         yield from items
         return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -26,17 +28,3 @@ def track(items: Iterable[T], description: str, *, enabled: bool = True, total: 
     )
     with Progress(*columns, transient=False) as progress:
         yield from progress.track(items, description=description, total=total)
-
-
-def quiet_libraries() -> None:
-    """Silence per-call progress bars and info logs of transformers, datasets and math-verify.
-
-    Our own rich progress bars say what is happening; the libraries' would repeat it per model load
-    and per distillation.
-    """
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    for name in ("math_verify", "latex2sympy2_extended", "accelerate"):
-        logging.getLogger(name).setLevel(logging.ERROR)

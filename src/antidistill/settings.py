@@ -80,8 +80,11 @@ class SamplingSettings(Eq11Settings):
     def uses_proxy(self) -> bool:
         return self.method in ("antidistill", "permutation")
 
-    def generate_kwargs(self) -> dict:
-        """The sampling arguments for ``model.generate`` that match these settings."""
+    def sampling_kwargs(self) -> dict:
+        """``do_sample``, ``temperature`` (τ), ``top_p`` and ``top_k`` for these settings: for
+        ``model.generate`` without a processor, or :func:`antidistill.generate` with one (which checks
+        that the temperature is the processor's τ and hands ``model.generate`` 1; see
+        ``AntidistillationLogitsProcessor.generate_kwargs``)."""
         if self.method == "greedy":
             return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         return {"do_sample": True, "temperature": self.tau, "top_p": self.top_p, "top_k": self.top_k}

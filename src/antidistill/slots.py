@@ -253,7 +253,7 @@ class SlotDelta:
 
     Args: as :class:`~antidistill.proxy.ProxyDelta` (``difference`` ``"central"`` or ``"forward"``).
     ``kvs`` are the :class:`SlotKV` of θ+εg and θ−εg (central) or θ+εg and θ (forward); pass them
-    with the teacher's to :func:`forward_all`, then combine with :meth:`delta`, or call
+    with the teacher's to :func:`forward_all`, then combine with :meth:`from_logits`, or call
     :meth:`forward`.
     """
 
@@ -267,14 +267,14 @@ class SlotDelta:
         self.eps, self.difference, self.vocab_size = pd.eps, pd.difference, pd.vocab_size
         self.kvs = [SlotKV(m, pad_token_id=pad_token_id) for m in pd.models]
 
-    def delta(self, logits_plus: torch.Tensor, logits_other: torch.Tensor) -> torch.Tensor:
+    def from_logits(self, logits_plus: torch.Tensor, logits_other: torch.Tensor) -> torch.Tensor:
         """``(B, V)`` Δ̂ from the two proxies' logits."""
         return finite_difference_delta(logits_plus, logits_other, self.eps, self.difference)
 
     def forward(self, feeds: Sequence[Feed]) -> torch.Tensor:
         """Step both proxies (transactionally) and return ``(B, V)`` Δ̂ after each slot's last token."""
         plus, other = forward_all(self.kvs, feeds)
-        return self.delta(plus, other)
+        return self.from_logits(plus, other)
 
     def free(self, key) -> None:
         for kv in self.kvs:

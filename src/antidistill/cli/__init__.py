@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from ..io_utils import close_distributed
-from ..progress import quiet_libraries
+from ..runtime import close_distributed, quiet_libraries
 from . import experiment, serve
 from .common import fail
 

@@ -15,21 +15,21 @@ from rich.table import Table
 
 from ..config import load_config
 from ..experiment.calibration import calibrate
-from ..experiment.data import read_jsonl, require_keys, write_jsonl
 from ..experiment.distill import DistillConfig, distill
 from ..experiment.evaluate import accuracy_summary
 from ..experiment.fdcheck import fd_check, plot_fd_check
-from ..experiment.generation import build_processor, generate_traces
+from ..generation import build_processor, generate_traces
 from ..experiment.report import write_report
 from ..experiment.sweep import Run, SweepConfig
 from ..gradient import compute_proxy_gradient, save_gradient
-from ..io_utils import atomic_dir, distributed_state, provenance, write_json_atomic
+from ..io_utils import atomic_dir, provenance, read_jsonl, require_keys, write_json_atomic, write_jsonl
 from ..prompting import prompt_text
 from ..proxy import load_causal_lm
+from ..runtime import distributed_state
 from ..settings import SamplingSettings
-from ..tokenizers import check_same_tokenizer, load_tokenizer
+from ..tokenizer_compat import check_same_tokenizer, load_tokenizer
 from ..toyworld.build import build_world
-from ..toyworld.defaults import default_artifacts
+from ..experiment.defaults import default_artifacts
 from .common import PACKAGE_CONFIGS, fail
 from .options import config_options
 
@@ -101,12 +101,13 @@ def gradient(
 ):
     """Compute the proxy gradient g once (eq. 7) and save it as safetensors. Works under `accelerate launch`."""
     try:
+        state = distributed_state()  # joins the process group under `accelerate launch`
         rows = read_jsonl(traces)
         require_keys(rows, traces, ("question", "completion"))
         result = compute_proxy_gradient(load_causal_lm(proxy), load_tokenizer(proxy), rows, batch_size=batch_size)
     except ValueError as e:
         fail(e)
-    if distributed_state().is_main_process:
+    if state.is_main_process:
         save_gradient(out, result)
         typer.echo(f"saved {out}: loss {result.loss:.4f} over {result.n_tokens} tokens of {result.n_traces} traces")
 
@@ -148,11 +149,12 @@ def check_fd(
     out_dir: Path = typer.Option(Path("runs/fd-check"), help="where the table and PNG go"),
     n_sequences: int = typer.Option(3),
     positions: int = typer.Option(16, help="positions per sequence (the last N tokens)"),
+    cache_dir: Path = typer.Option(Path(".cache/antidistill"), help="where the toy world's defaults are built"),
 ):
     """Appendix B.1 / Fig. 7: sine error of Δ̂ vs autograd over ε × dtype, and the best ε."""
     try:
         if proxy is None or grad is None or traces is None:
-            defaults = default_artifacts()
+            defaults = default_artifacts(cache_dir)
             proxy, grad = proxy or defaults.proxy, grad or defaults.grad
             traces = traces or Path(defaults.holdout_traces)
         rows = read_jsonl(traces)

@@ -1,22 +1,37 @@
 """``antidistill serve``: the OpenAI-compatible server, on the embedded engine or on vLLM.
 
 The server's app (FastAPI, uvicorn) and the vLLM engine are imported only when the command runs.
+Paths left out are filled in here with the toy world's (``experiment.defaults``), so the server
+itself never imports the experiment.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
 from ..config import load_config
+from ..experiment.defaults import default_artifacts
 from ..serve.config import ServeConfig
 from .common import fail
 from .options import config_options
 
 SERVE_OPTIONS = ["teacher", "proxy", "grad", "sampling.lam", "sampling.eps", "sampling.tau", "sampling.difference",
                  "host", "port", "insecure_no_auth"]
+
+
+def with_default_paths(cfg: ServeConfig) -> ServeConfig:
+    """``cfg`` with the toy world's teacher, proxy and g (built once, cached under ``cfg.cache_dir``)
+    in place of the paths it leaves out; unchanged when it names the teacher and, for λ ≠ 0, proxy and g."""
+    s = cfg.sampling
+    if cfg.teacher is not None and (s.lam == 0 or (cfg.proxy is not None and cfg.grad is not None)):
+        return cfg
+    d = default_artifacts(cfg.cache_dir)
+    return dataclasses.replace(cfg, teacher=cfg.teacher or d.teacher, proxy=cfg.proxy or d.proxy,
+                               grad=cfg.grad or d.grad)
 
 
 @config_options(ServeConfig, SERVE_OPTIONS)
@@ -30,7 +45,7 @@ def serve(
 ):
     """Serve the teacher behind an OpenAI-compatible API with antidistillation sampling."""
     try:
-        cfg = load_config(ServeConfig, config, list(set_), values | {"api_key": api_key})
+        cfg = with_default_paths(load_config(ServeConfig, config, list(set_), values | {"api_key": api_key}))
         if engine == "vllm":
             from ..engines.vllm.server import serve as serve_vllm
 

@@ -7,14 +7,7 @@ Nothing here imports vLLM at import time: each engine imports it lazily and rais
 
 from __future__ import annotations
 
-ENGINES = ("hf", "vllm")
-
 
 class MissingExtraError(ImportError):
     """An optional engine was asked for but its extra is not installed."""
 
-
-def check_engine(engine: str) -> str:
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got engine={engine!r}")
-    return engine

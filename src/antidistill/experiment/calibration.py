@@ -36,11 +36,11 @@ import numpy as np
 from pydantic.dataclasses import dataclass
 
 from ..functional import check_tau
+from ..generation import generate_traces
 from ..io_utils import provenance, write_json_atomic
 from ..settings import CONFIG
 from .arms import ARMS
 from .evaluate import accuracy_summary
-from .generation import generate_traces
 from .rundir import stage
 
 

@@ -6,47 +6,16 @@ with a seeded shuffle before the 70/30 train/holdout split.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
 
 import datasets
 
-from ..io_utils import atomic_path
-from .scoring import forced_answer
+from ..io_utils import read_jsonl
+from ..scoring import forced_answer
 
 SCHEMA = ("id", "question", "solution", "answer")
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"dataset file {str(path)!r} does not exist")
-    rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: row {i} is not valid JSON ({e.msg})") from e
-    return rows
-
-
-def require_keys(rows: list[dict], path, keys: tuple[str, ...]) -> None:
-    """Raise ``ValueError`` naming the file and the first row that lacks one of ``keys``."""
-    for i, r in enumerate(rows, 1):
-        missing = [k for k in keys if k not in r]
-        if missing:
-            raise ValueError(f"{path}: row {i} needs {' and '.join(repr(k) for k in keys)} (missing {missing[0]!r})")
-
-
-def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    return Path(path)
 
 
 def _gsm8k_row(raw: dict, i: int, where: str) -> dict:

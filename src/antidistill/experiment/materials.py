@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..proxy import load_causal_lm
-from ..tokenizers import check_same_tokenizer, check_vocab_sizes, load_tokenizer
+from ..tokenizer_compat import check_same_tokenizer, check_vocab_sizes, load_tokenizer
 from ..toyworld.build import ToyWorldConfig, build_world
 from .data import load_dataset_splits
 

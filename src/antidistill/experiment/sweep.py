@@ -22,28 +22,20 @@ import pandas as pd
 import torch
 
 from ..config import dump_yaml
+from ..generation import build_processor, generate_traces
 from ..gradient import compute_proxy_gradient, save_gradient
-from ..io_utils import (
-    atomic_dir,
-    atomic_path,
-    distributed_state,
-    provenance,
-    worker_pool,
-    write_json_atomic,
-    write_text_atomic,
-)
+from ..io_utils import atomic_dir, atomic_path, provenance, read_jsonl, write_json_atomic, write_jsonl, write_text_atomic
 from ..progress import track
 from ..prompting import prompt_text
 from ..proxy import load_causal_lm
+from ..runtime import distributed_state, worker_pool
 from ..settings import SamplingSettings
 from .arms import ARMS
 from .calibration import Design, calibrate, outside_picks
-from .data import read_jsonl, write_jsonl
 from .distill import distill
 from .evaluate import accuracy_summary, mean_completion_nll, nll_by_token_class
-from .gate import world_gate
 from .fdcheck import fd_check, plot_fd_check
-from .generation import build_processor, generate_traces
+from .gate import world_gate
 from .materials import load_materials
 from .report import write_report
 from .rundir import RunDir, point_name, stage
@@ -65,7 +57,7 @@ class Run:
         (config file, stale-temporary cleanup) and has already built the world.
 
         ``completer_factory`` (``cfg.engine != "hf"``): ``(teacher, proxy, grad, tokenizer, settings, workdir)``
-        → a :class:`~antidistill.experiment.generation.TextCompleter` that generates each point's teacher
+        → a :class:`~antidistill.generation.TextCompleter` that generates each point's teacher
         traces (the apps layer passes vLLM's, ``antidistill.engines.vllm.offline.sweep_completer``).
         """
         if cfg.engine != "hf" and completer_factory is None:

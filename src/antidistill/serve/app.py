@@ -30,8 +30,7 @@ from fastapi import Depends, FastAPI
 
 from ..proxy import load_causal_lm
 from ..slots import SlotDelta
-from ..tokenizers import check_same_tokenizer, check_vocab_sizes, load_tokenizer
-from ..toyworld.defaults import default_artifacts
+from ..tokenizer_compat import check_same_tokenizer, check_vocab_sizes, load_tokenizer
 from .auth import key_dependency
 from .config import ServeConfig
 from .engine import Engine
@@ -77,15 +76,19 @@ def create_app(cfg: ServeConfig, engine: Engine, tokenizer, *, max_positions: in
     return app
 
 
-def build_server(cfg: ServeConfig, *, progress: bool = True):
-    """Load models (building the toy world's if none are given), start the engine, return (app, engine)."""
+def build_server(cfg: ServeConfig):
+    """Load the models ``cfg`` names, start the engine, return (app, engine).
+
+    ``antidistill serve`` fills in the toy world's models for the paths a config leaves out.
+    """
     if cfg.torch_threads is not None:
         torch.set_num_threads(cfg.torch_threads)
     s = cfg.sampling
     paths = {"teacher": cfg.teacher, "proxy": cfg.proxy, "grad": cfg.grad}
     if cfg.teacher is None or (s.lam != 0 and (cfg.proxy is None or cfg.grad is None)):
-        defaults = default_artifacts(cfg.cache_dir, progress=progress)
-        paths = {k: v or getattr(defaults, k) for k, v in paths.items()}
+        missing = [k for k, v in paths.items() if v is None and (k == "teacher" or s.lam != 0)]
+        raise ValueError(f"the server needs {' and '.join(missing)} (lam={s.lam:g}); "
+                         "`antidistill serve` builds the toy world's when none are given")
     tok = load_tokenizer(paths["teacher"])
     teacher = load_causal_lm(paths["teacher"])
     models = [teacher]

@@ -262,7 +262,7 @@ class Engine:
     def _forward_rows(self, lives: list[_Live]) -> dict:
         feeds = [(lv.req.rid, lv.feed) for lv in lives]
         outs = forward_all(self.kvs, feeds)  # transactional: on failure no slot moved
-        delta = self.delta.delta(outs[1], outs[2]) if self.defended else None
+        delta = self.delta.from_logits(outs[1], outs[2]) if self.defended else None
         return {lv.req.rid: (outs[0][i], None if delta is None else delta[i]) for i, lv in enumerate(lives)}
 
     def _emit_token(self, lv: _Live, t: int, logprobs: torch.Tensor) -> None:

@@ -13,9 +13,9 @@ from .config import ServeConfig
 
 
 class LiveServer:
-    def __init__(self, cfg: ServeConfig, progress: bool = False):
+    def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
-        self.app, self.engine = build_server(cfg, progress=progress)
+        self.app, self.engine = build_server(cfg)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))

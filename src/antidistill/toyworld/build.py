@@ -19,15 +19,14 @@ import torch
 from pydantic.dataclasses import dataclass
 from transformers import get_cosine_schedule_with_warmup
 
-from ..experiment.data import read_jsonl, write_jsonl
-from ..experiment.evaluate import accuracy_summary
-from ..experiment.generation import generate_traces
-from ..io_utils import atomic_dir, provenance, worker_pool
+from ..generation import generate_traces
+from ..io_utils import atomic_dir, provenance, read_jsonl, write_jsonl
 from ..progress import track
 from ..prompting import ANSWER_FORCING, DEFAULT_SYSTEM_PROMPT, encode_example, pad_right
 from ..proxy import load_causal_lm
+from ..runtime import worker_pool
 from ..settings import CONFIG, SamplingSettings
-from ..tokenizers import load_tokenizer
+from ..tokenizer_compat import load_tokenizer
 from .models import ModelSpec, build_model
 from .task import arithmetic_chains, chat_arithmetic, generic_text, make_splits, random_problem, solve, story_text
 from .tokenizer import build_tokenizer
@@ -58,10 +57,7 @@ class ToyWorldConfig:
     proxy: ModelSpec = field(default_factory=lambda: ModelSpec("qwen2", 64, 2, 4, 128))
     student: ModelSpec = field(default_factory=lambda: ModelSpec("gpt2", 128, 3, 4, 256))
     teacher_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=1600, lr=3e-3, warmup=60))
-    # student and proxy pretraining: more, smaller steps than the teacher's. In scratch runs of about
-    # the same cost (230-300 s on one core), 2,000 steps × 16 sequences at lr 4e-3 gave a student that
-    # distils to 42% test accuracy on greedy teacher traces; 1,500 × 16 at 3e-3: 21%; 800 × 32 at
-    # 6e-3: 15%; 3,000 × 8 at 3e-3: 14%; 800 × 32 at 3e-3: 12% (one seed each; README)
+    # student and proxy pretraining: more, smaller steps than the teacher's (docs/results/tuning.md)
     pretrain: TrainSpec = field(default_factory=lambda: TrainSpec(steps=2000, batch_size=16, lr=4e-3, warmup=40))
 
     def key(self) -> str:
@@ -165,6 +161,11 @@ def _train_role(role: str, spec: ModelSpec, examples: list[dict], tspec: TrainSp
             f"{role}_final_train_loss": sum(losses[-20:]) / len(losses[-20:])}
 
 
+def _accuracy(rows: list[dict]) -> float:
+    """The fraction of scored rows whose answer is correct."""
+    return sum(bool(r["correct"]) for r in rows) / len(rows)
+
+
 def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = True, workers: int = 1) -> World:
     """Return the cached world for ``cfg``, building it first if needed.
 
@@ -213,11 +214,11 @@ def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = 
         test = splits["test"]
         greedy = SamplingSettings(method="greedy", max_new_tokens=64, batch_size=64)
         rows = generate_traces(models["teacher"], tok, test, greedy, progress=progress, description="teacher on test")
-        metrics["teacher_test_accuracy"] = accuracy_summary(rows)["accuracy"]
+        metrics["teacher_test_accuracy"] = _accuracy(rows)
         shots = [{"question": r["question"], "completion": r["solution"]} for r in splits["train"][:3]]
         rows = generate_traces(models["student"], tok, test, greedy, few_shot=shots, progress=progress,
                                description="base student on test (3-shot)", scoring="forced")
-        metrics["student_base_fewshot_accuracy"] = accuracy_summary(rows)["accuracy"]
+        metrics["student_base_fewshot_accuracy"] = _accuracy(rows)
         (tmp / "world.json").write_text(
             json.dumps({"config": asdict(cfg), "metrics": metrics, "provenance": provenance()}, indent=2)
         )

@@ -1,6 +1,6 @@
 """Offline trace generation on vLLM for the experiment: a backend for its own trace generation.
 
-:class:`VllmCompleter` implements :class:`antidistill.experiment.generation.TextCompleter`, so
+:class:`VllmCompleter` implements :class:`antidistill.generation.TextCompleter`, so
 :func:`generate_traces` here is the transformers path's ``generate_traces`` with vLLM doing the
 decoding: the same prompts (:func:`~antidistill.prompting.prompt_text`, tokenized without special
 tokens), the same answer forcing and the same scoring (``delivered`` for teachers, ``forced`` for
@@ -22,7 +22,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Sequence
 
-from ...experiment.generation import generate_traces as experiment_traces
+from ...generation import generate_traces as experiment_traces
 from .policy import MODE_KEY
 from .setup import VllmSettings, build_llm
 
@@ -41,7 +41,7 @@ def build_offline_llm(teacher, proxy, grad, settings, *, workdir, **kwargs):
 
 
 class VllmCompleter:
-    """The experiment's :class:`~antidistill.experiment.generation.TextCompleter` on a ``vllm.LLM`` from
+    """The experiment's :class:`~antidistill.generation.TextCompleter` on a ``vllm.LLM`` from
     :func:`build_offline_llm`: one engine, one :class:`~antidistill.SamplingSettings` (its method picks
     eq. 11, the permutation baseline or the plain teacher for every sampled request)."""
 
@@ -78,7 +78,7 @@ class VllmCompleter:
 
 def generate_traces(llm, tokenizer, problems: Sequence[dict], settings, *, few_shot: list[dict] | None = None,
                     scoring: str = "delivered") -> list[dict]:
-    """:func:`antidistill.experiment.generation.generate_traces` on vLLM: the same prompts, answer
+    """:func:`antidistill.generation.generate_traces` on vLLM: the same prompts, answer
     forcing and scoring, with each request seeded by ``settings.seed`` + its index."""
     return experiment_traces(VllmCompleter(llm, tokenizer, settings), tokenizer, problems, settings,
                              few_shot=few_shot, progress=False, scoring=scoring)

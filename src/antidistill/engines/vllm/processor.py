@@ -67,7 +67,7 @@ def _apply_batch_update(rows: dict, batch_update: BatchUpdate | None, new_state,
             stats["implicit_removals"] += sb is not None
 
 
-def _eos_ids(vllm_config) -> list[int]:
+def _composite_eos_ids(vllm_config) -> list[int]:
     eos = vllm_config.model_config.hf_config.antidistill.get("eos_token_ids") or []
     return [int(e) for e in eos]
 
@@ -119,7 +119,7 @@ class ServeLogitsProcessor(LogitsProcessor):
         if ad.get("output") != "eq11":
             raise ValueError("ServeLogitsProcessor needs the composite model in output='eq11' mode")
         self.tau = float(ad["tau"])
-        self.eos = _eos_ids(vllm_config)
+        self.eos = _composite_eos_ids(vllm_config)
         self.temps: dict[int, float] = {}
 
     def is_argmax_invariant(self) -> bool:

@@ -107,7 +107,7 @@ def check_models(teacher, proxy=None, *, cpu: bool | None = None) -> None:
                 )
 
 
-def _eos_ids(teacher, tcfg: dict) -> list[int]:
+def _teacher_eos_ids(teacher, tcfg: dict) -> list[int]:
     eos = tcfg.get("eos_token_id")
     gen = Path(teacher) / "generation_config.json"
     if gen.is_file():
@@ -145,7 +145,7 @@ def write_composite(teacher, proxy, grad, settings: VllmSettings, out_dir) -> Pa
         "teacher_architectures": tcfg.get("architectures") or [],
         "proxy": str(Path(proxy).resolve()) if use_proxy else None,
         "grad": str(Path(grad).resolve()) if use_proxy else None,
-        "eos_token_ids": _eos_ids(teacher, tcfg),
+        "eos_token_ids": _teacher_eos_ids(teacher, tcfg),
     }
     cfg["architectures"] = [ARCH]
     (out / "config.json").write_text(json.dumps(cfg, indent=2))

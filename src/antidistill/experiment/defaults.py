@@ -11,14 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import load_config
-from ..experiment.data import read_jsonl, write_jsonl
-from ..experiment.generation import generate_traces
-from ..experiment.rundir import stage
-from ..experiment.sweepconfig import SweepConfig
+from ..generation import generate_traces
 from ..gradient import compute_proxy_gradient, save_gradient
+from ..io_utils import read_jsonl, write_jsonl
 from ..proxy import load_causal_lm
-from ..tokenizers import load_tokenizer
-from .build import build_world
+from ..tokenizer_compat import load_tokenizer
+from ..toyworld.build import build_world
+from .rundir import stage
+from .sweepconfig import SweepConfig
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -52,7 +52,7 @@ def default_artifacts(cache_dir: str | Path, *, progress: bool = True,
     def gradient(path):
         result = compute_proxy_gradient(load_causal_lm(proxy), load_tokenizer(proxy), read_jsonl(traces_path),
                                         progress=progress)
-        save_gradient(path, result, extra={"source": "toyworld.defaults", "world": world.root.name})
+        save_gradient(path, result, extra={"source": "experiment.defaults", "world": world.root.name})
 
     traces_path = stage(root / "holdout_traces.jsonl", traces)
     grad_path = stage(root / "proxy_grad.safetensors", gradient)

@@ -18,15 +18,15 @@ from typing import Protocol, runtime_checkable
 import torch
 from accelerate.utils import gather_object
 
-from ..io_utils import distributed_state
-from ..processor import (
+from .runtime import distributed_state
+from .processor import (
     AntidistillationLogitsProcessor,
     PermutationLogitsProcessor,
     generate,
 )
-from ..progress import track
-from ..prompting import ANSWER_FORCING, prompt_text
-from ..settings import SamplingSettings
+from .progress import track
+from .prompting import ANSWER_FORCING, prompt_text
+from .settings import SamplingSettings
 from .scoring import (
     ANSWER_HEADER,
     close_answer,
@@ -140,7 +140,7 @@ def _generate_rows(model, tokenizer, problems, settings, processor, few_shot, pr
     tokenizer.padding_side = "left"
     if not isinstance(model, TextCompleter):
         model.eval()
-    gen_kwargs = settings.generate_kwargs()
+    gen_kwargs = settings.sampling_kwargs()
     rows = []
     batches = [problems[i : i + settings.batch_size] for i in range(0, len(problems), settings.batch_size)]
     for b, batch in enumerate(track(batches, description, enabled=progress)):
