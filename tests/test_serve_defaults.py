@@ -15,7 +15,7 @@ QUICK = Path(__file__).resolve().parents[1] / "src" / "antidistill" / "configs" 
 
 def test_default_paths_build_once_and_are_reused(tmp_path):
     cfg = yaml.safe_load(QUICK.read_text())
-    cfg["world"]["n_train_pool"] = 40
+    cfg["world"]["n_train_pool"], cfg["world"]["n_holdout"] = 40, 12
     path = tmp_path / "world.yaml"
     path.write_text(yaml.safe_dump({"world": cfg["world"], "sampling": {"max_new_tokens": 6, "batch_size": 16}}))
     paths = default_artifacts(tmp_path / "cache", progress=False, config=path)

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from ..config import load_config
 from ..experiment.calibration import calibrate
+from ..experiment.campaign import parse_world_seeds, run_worlds
 from ..experiment.distill import DistillConfig, distill
 from ..experiment.evaluate import accuracy_summary
 from ..experiment.fdcheck import fd_check, plot_fd_check
@@ -224,13 +225,27 @@ def calibrate_cmd(
 
 
 def demo(
-    quick: bool = typer.Option(False, help="a ≤ 3-minute smoke version (small world, one seed)"),
-    full: bool = typer.Option(False, help="the resolving experiment (4 seeds, 1,000 test problems; pool a second world with report --pool)"),
+    quick: bool = typer.Option(False, help="a ≤ 60-second smoke run of the design (tiny world, one seed)"),
+    full: bool = typer.Option(False, help="the resolving experiment: one sweep per world build (--worlds), each "
+                              "world's compact results exported (--export-to) and pooled"),
+    worlds: str = typer.Option("0", help="--full: the world seeds to build and run, e.g. '0-2' or '3,4'"),
+    export_to: Optional[Path] = typer.Option(None, help="--full: export each finished world to EXPORT_TO/w<seed> "
+                                             "and write the pooled report over all worlds there to its parent"),
     set_: list[str] = typer.Option([], "--set", help="override: key=value"),
 ):
     """The main job: build or reuse the toy world, run the sweep, write the report and plots."""
-    name = "quick" if quick else "full" if full else "demo"
-    sweep(config=PACKAGE_CONFIGS / f"{name}.yaml", set_=set_)
+    if quick and full:
+        fail(ValueError("--quick and --full exclude each other"))
+    if not full:
+        if export_to is not None or worlds != "0":
+            fail(ValueError("--worlds and --export-to go with --full"))
+        return sweep(config=PACKAGE_CONFIGS / ("quick.yaml" if quick else "demo.yaml"), set_=set_)
+    try:
+        runs = run_worlds(PACKAGE_CONFIGS / "full.yaml", parse_world_seeds(worlds), list(set_), export_to=export_to)
+    except (ValueError, ImportError) as e:
+        fail(e)
+    for r in runs:
+        typer.echo(f"report: {r / 'report.md'}")
 
 
 def build_world_cmd(

@@ -38,6 +38,7 @@ from pydantic.dataclasses import dataclass
 from ..functional import check_tau
 from ..generation import generate_traces
 from ..io_utils import provenance, write_json_atomic
+from ..runtime import worker_pool
 from ..settings import CONFIG
 from .arms import ARMS
 from .evaluate import accuracy_summary
@@ -148,31 +149,58 @@ def search_lambda(measure, target_accs: list[float], lam_range: tuple[float, flo
     return dict(sorted(seen.items()))
 
 
+def _measure(run, cfg: CalibrationConfig, holdout: list[dict], arm: str, param: float, tau: float | None,
+             progress: bool) -> dict:
+    """One calibration measurement: the teacher's delivered accuracy on ``holdout`` at (arm, param, τ)."""
+    t0 = time.perf_counter()
+    settings = run.cfg.settings_for(arm, param, cfg.seed, tau=tau)
+    rows = generate_traces(run.teacher, run.tok["teacher"], holdout, settings,
+                           processor=run.processor_for(arm, settings), progress=progress,
+                           description=f"calibrate {arm} {param:g}")
+    acc = accuracy_summary(rows)
+    return {"param": param, "tau": settings.tau, "teacher_acc": acc["accuracy"], "ci_low": acc["ci_low"],
+            "ci_high": acc["ci_high"], "forced_frac": sum(r["answer_source"] == "forced" for r in rows) / len(rows),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _holdout(run, cfg: CalibrationConfig) -> list[dict]:
+    return run.splits["holdout"][: cfg.n_holdout] if cfg.n_holdout else run.splits["holdout"]
+
+
+def _lambda_curve(run, cfg: CalibrationConfig, arm: str, base_tau: float, target_accs: list[float],
+                  progress: bool) -> list[dict]:
+    """The λ search of one arm at the base τ (:func:`search_lambda`); its measurements in order."""
+    holdout, out = _holdout(run, cfg), []
+
+    def measure(lam: float) -> float:
+        out.append(_measure(run, cfg, holdout, arm, lam, base_tau, progress))
+        return out[-1]["teacher_acc"]
+    search_lambda(measure, target_accs, cfg.lam_range, cfg.lam_factor, cfg.refine)
+    return out
+
+
+def _lambda_curve_in_worker(sweep_cfg, cfg: CalibrationConfig, arm: str, base_tau: float,
+                            target_accs: list[float]) -> list[dict]:
+    from .sweep import Run  # the worker loads the run's (cached) world and models
+
+    return _lambda_curve(Run(sweep_cfg, progress=False, worker=True), cfg, arm, base_tau, target_accs, False)
+
+
 def calibrate(run, cfg: CalibrationConfig, progress: bool = True) -> Path:
     """Run the calibration on ``run``'s holdout; write ``calibration.json`` in its directory.
 
     ``run`` is a :class:`~antidistill.experiment.sweep.Run` (its models, splits and proxy gradients).
+    With ``run.cfg.workers > 1`` the λ arms' searches run in that many worker processes.
     """
     def make(path):
-        holdout = run.splits["holdout"][: cfg.n_holdout] if cfg.n_holdout else run.splits["holdout"]
+        holdout = _holdout(run, cfg)
         measured: dict[str, list[dict]] = {}
-
-        def measure(arm: str, param: float, tau: float | None = None) -> float:
-            t0 = time.perf_counter()
-            settings = run.cfg.settings_for(arm, param, cfg.seed, tau=tau)
-            rows = generate_traces(run.teacher, run.tok["teacher"], holdout, settings,
-                                   processor=run.processor_for(arm, settings), progress=progress,
-                                   description=f"calibrate {arm} {param:g}")
-            acc = accuracy_summary(rows)
-            measured.setdefault(arm, []).append(
-                {"param": param, "tau": settings.tau, "teacher_acc": acc["accuracy"], "ci_low": acc["ci_low"],
-                 "ci_high": acc["ci_high"], "forced_frac": sum(r["answer_source"] == "forced" for r in rows) / len(rows),
-                 "seconds": round(time.perf_counter() - t0, 1)})
-            return acc["accuracy"]
-
-        best = measure("greedy", 0.0)
+        measured["greedy"] = [_measure(run, cfg, holdout, "greedy", 0.0, None, progress)]
+        best = measured["greedy"][0]["teacher_acc"]
         target_accs = [best + t / 100 for t in cfg.targets]
-        temps = [measure("temperature", tau) for tau in cfg.temperatures]
+        measured["temperature"] = [_measure(run, cfg, holdout, "temperature", tau, None, progress)
+                                   for tau in cfg.temperatures]
+        temps = [m["teacher_acc"] for m in measured["temperature"]]
         if cfg.base_tau is not None:
             base_tau, why = cfg.base_tau, "fixed by the config (calibration.base_tau)"
         else:
@@ -181,12 +209,21 @@ def calibrate(run, cfg: CalibrationConfig, progress: bool = True) -> Path:
         if len(above) < 2:
             above = list(zip(cfg.temperatures, temps))[-2:]
         chosen = {"temperature": interpolate_params(*zip(*above), target_accs)}
-        for arm in cfg.arms:
-            if arm == "temperature":
-                continue
-            curve = search_lambda(lambda lam, arm=arm: measure(arm, lam, base_tau), target_accs, cfg.lam_range,
-                                  cfg.lam_factor, cfg.refine)
-            chosen[arm] = interpolate_params(list(curve), list(curve.values()), target_accs, log=True)
+        arms = [a for a in cfg.arms if a != "temperature"]
+        for arm in arms:  # their gradients exist before any worker needs them
+            run.processor_for(arm, run.cfg.settings_for(arm, cfg.lam_range[0], cfg.seed, tau=base_tau))
+        n = min(run.cfg.workers, len(arms))
+        if n > 1:
+            with worker_pool(n) as pool:
+                futures = {arm: pool.submit(_lambda_curve_in_worker, run.cfg, cfg, arm, base_tau, target_accs)
+                           for arm in arms}
+                measured.update({arm: f.result() for arm, f in futures.items()})
+        else:
+            measured.update({arm: _lambda_curve(run, cfg, arm, base_tau, target_accs, progress) for arm in arms})
+        for arm in arms:
+            ms = measured[arm]
+            chosen[arm] = interpolate_params([m["param"] for m in ms], [m["teacher_acc"] for m in ms], target_accs,
+                                             log=True)
         for picks in chosen.values():
             for c, t in zip(picks, cfg.targets):
                 c["target"] = t

@@ -43,11 +43,14 @@ class TrainSpec:
 @dataclass(config=CONFIG)
 class ToyWorldConfig:
     # the build recipe's version: part of the cache key, raised whenever the same config would build
-    # different weights (2: transformers' cosine schedule, fewer steps for the 20-minute demo)
-    format: Literal[2] = 2  # only the current recipe can be built
+    # different weights or splits (2: transformers' cosine schedule; 3: students that learn from the
+    # teacher: 3,000 training problems, a fixed 300-problem holdout, 4,000 test problems)
+    format: Literal[3] = 3  # only the current recipe can be built
     seed: int = 0
-    n_train_pool: int = 1000  # split 70/30 into train (traces to distill) and holdout (for g)
-    n_test: int = 300
+    n_train_pool: int = 3300  # train (traces to distil) and holdout (for g and the calibration)
+    n_holdout: int | None = 300  # holdout problems taken from the pool (None: 30% of it)
+    n_test: int = 4000
+    n_world_eval: int = 1000  # test problems for the build's own greedy teacher and base-student metrics
     n_teacher_problems: int = 20000  # the teacher's own training problems, disjoint from every split
     n_generic: int = 6000  # generic toy-language lines for pretraining
     n_stories: int = 6000  # problems told as prose with their computation (pretraining), disjoint from every split
@@ -177,7 +180,7 @@ def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = 
     if (root / "world.json").is_file():
         return World.load(root)
     with atomic_dir(root) as tmp:
-        splits = make_splits(cfg.seed, cfg.n_train_pool, cfg.n_test)
+        splits = make_splits(cfg.seed, cfg.n_train_pool, cfg.n_test, n_holdout=cfg.n_holdout)
         for name, rows in splits.items():
             write_jsonl(tmp / "data" / f"{name}.jsonl", rows)
         taken = {r["question"] for rows in splits.values() for r in rows}
@@ -211,7 +214,7 @@ def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = 
                 metrics.update(_train_role(*job, tmp, progress))
         metrics["build_workers"] = workers
         models = {role: load_causal_lm(str(tmp / role)) for role in ("teacher", "student")}
-        test = splits["test"]
+        test = splits["test"][: cfg.n_world_eval]
         greedy = SamplingSettings(method="greedy", max_new_tokens=64, batch_size=64)
         rows = generate_traces(models["teacher"], tok, test, greedy, progress=progress, description="teacher on test")
         metrics["teacher_test_accuracy"] = _accuracy(rows)

@@ -105,8 +105,12 @@ def random_problem(rng: random.Random) -> Problem:
             return Problem(rng.choice(NAMES), rng.choice(ITEMS), start, tuple(events))
 
 
-def make_splits(seed: int, n_train_pool: int, n_test: int, holdout_frac: float = 0.3) -> dict[str, list[dict]]:
-    """``train`` / ``holdout`` (70/30 of the train pool, shuffled) and a separate ``test``; no problem is shared."""
+def make_splits(seed: int, n_train_pool: int, n_test: int, holdout_frac: float = 0.3,
+                n_holdout: int | None = None) -> dict[str, list[dict]]:
+    """``train`` / ``holdout`` (the shuffled train pool: ``n_holdout`` problems, or ``holdout_frac`` of
+    it, for the holdout, the rest for train) and a separate ``test``; no problem is shared."""
+    if n_holdout is not None and not 0 < n_holdout < n_train_pool:
+        raise ValueError(f"n_holdout must be in (0, n_train_pool={n_train_pool}), got n_holdout={n_holdout}")
     rng = random.Random(seed)
     seen: set[str] = set()
     problems: list[Problem] = []
@@ -117,7 +121,7 @@ def make_splits(seed: int, n_train_pool: int, n_test: int, holdout_frac: float =
             problems.append(p)
     test, pool = problems[:n_test], problems[n_test:]
     rng.shuffle(pool)
-    n_hold = int(round(holdout_frac * len(pool)))
+    n_hold = n_holdout if n_holdout is not None else int(round(holdout_frac * len(pool)))
     splits = {"train": pool[n_hold:], "holdout": pool[:n_hold], "test": test}
     return {
         name: [{"id": f"{name}-{i}", "question": p.question, "solution": solve(p, rng), "answer": str(p.answer)}
