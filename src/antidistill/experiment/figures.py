@@ -148,20 +148,26 @@ def plot_forest(rows: list[dict], world_labels: dict[str, str], path, *, unit: s
                                                            [scale * (e["ci_high"] - e["estimate"])]],
                             fmt="D", color="k", markersize=6, capsize=3, lw=1.5, zorder=3)
             ax.axvline(0, color="0.3", lw=0.8, ls="--", zorder=1)
+            if not rs:
+                ax.set_yticks([])
+                ax.text(0.5, 0.5, "no arm has temperature runs to compare with", transform=ax.transAxes,
+                        ha="center", va="center")
+                continue
             ax.set_yticks([-j for j in range(len(rs))], [f"{_target_label(r['target'])} ({r['e']['n_worlds']}w)"
                                                          for r in rs], fontsize=8)
             ax.set_ylim(-len(rs) + 0.5, 0.5)
             ax.set_title(f"{label}" + (f"  [{', '.join(sorted(claims))}]" if claims else ""), fontsize=9, loc="left")
             ax.grid(axis="x", alpha=0.3)
         axes[-1, 0].set_xlabel(f"effect ({unit}); negative: students learn less from the first arm's traces")
-        handles = [Line2D([], [], ls="", marker="D", color="k", label="pooled, 95% CI")]
+        pooled = "mean over world builds" if len(world_labels) > 1 else "this world build's estimate"
+        handles = [Line2D([], [], ls="", marker="D", color="k", label=f"{pooled}, 95% CI")]
         if colored:
             handles += [Line2D([], [], ls="", marker=style[w][1], color=style[w][0], label=lab)
                         for w, lab in world_labels.items()]
         else:
             handles.append(Line2D([], [], ls="", marker="o", color="0.5", label=f"one world build ({len(world_labels)})"))
         fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.81, 0.97), fontsize=7, frameon=False)
-        fig.suptitle("Arm effects per world build and target (dots) and pooled (diamonds)", fontsize=10)
+        fig.suptitle("Arm effects per world build and target (dots) and over world builds (diamonds)", fontsize=10)
 
 
 def plot_loss_dynamics(histories: dict[str, list[list[dict]]], path) -> None:

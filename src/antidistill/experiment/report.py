@@ -72,6 +72,8 @@ def _claim_cell(e: dict) -> str:
 
 
 def _effect_table(rows: list[dict], scale: float, digits: int, unit: str) -> list[str]:
+    if not rows:
+        return ["(no defended arm was run: only the baselines)"]
     out = [f"| contrast | target (points) | estimate ({unit}) | 95% CI | worlds | runs | claim |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -141,7 +143,7 @@ def _worlds_lines(worlds: list[dict]) -> list[str]:
     if unchecked:
         out.append(f"The gate was not checked in {', '.join(unchecked)}: their design has no greedy runs.")
     if not failing and not unchecked:
-        out.append(f"All {len(worlds)} world builds pass the gate.")
+        out.append("The world build passes the gate." if len(worlds) == 1 else f"All {len(worlds)} world builds pass the gate.")
     return out + [""]
 
 
