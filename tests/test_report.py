@@ -124,6 +124,11 @@ def test_compact_worlds_give_the_same_effects_as_run_dirs(tmp_path):
         assert _section(ta, head) == _section(tb, head), head
     # the loss histories travel with the compact world
     assert json.loads((one / "histories.json").read_text())
+    # re-exporting replaces a compact world; a folder that is not one is refused and left alone
+    export_world(runs / "world00", one)
+    with pytest.raises(ValueError, match="not a compact world directory"):
+        export_world(runs / "world00", runs / "world01")
+    assert (runs / "world01" / "results.parquet").is_file()
 
 
 def test_pool_mixes_kinds_and_refuses_a_world_twice(tmp_path):

@@ -137,7 +137,8 @@ def export_world(run_dir: str | Path, dest: str | Path) -> Path:
     """Write ``dest`` as the compact world directory of ``run_dir`` (atomically; no model weights).
 
     ``results.csv`` holds every row of ``results.parquet``; the metadata files are copied as they
-    are; ``histories.json`` holds each point's student loss history. An existing ``dest`` is replaced.
+    are; ``histories.json`` holds each point's student loss history. An existing compact world
+    directory (or empty folder) at ``dest`` is replaced; anything else there is refused.
     """
     run_dir, dest = Path(run_dir), Path(dest)
     if _kind(run_dir) != "run":
@@ -145,6 +146,8 @@ def export_world(run_dir: str | Path, dest: str | Path) -> Path:
     src = load_source(run_dir)
     if dest.resolve() == run_dir.resolve():
         raise ValueError(f"{dest}: the destination is the run directory itself")
+    if dest.exists() and not (dest.is_dir() and (_kind(dest) == "compact" or not any(dest.iterdir()))):
+        raise ValueError(f"{dest}: exists and is not a compact world directory; export-world replaces only those")
     files = RunDir(run_dir)
     with atomic_dir(dest) as tmp:
         src.results.to_csv(tmp / COMPACT_RESULTS, index=False)
