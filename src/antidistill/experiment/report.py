@@ -109,11 +109,13 @@ def world_table(sources: list[Source], df: pd.DataFrame) -> list[dict]:
 
 
 def _worlds_lines(worlds: list[dict]) -> list[str]:
+    g0 = worlds[0]["gate"]
     out = ["## Worlds", "",
            "One row per world build (the unit of replication). Best undefended: greedy teacher accuracy on the "
            "holdout (delivered scoring) from the world's calibration; base τ: where the λ arms sample. Gate: a "
-           "student distilled on greedy traces reaches the threshold, and under temperature sampling student "
-           "accuracy rises with teacher accuracy by at least the minimum slope (student points per teacher point).",
+           f"student distilled on greedy traces reaches {100 * g0['min_greedy_student']:g}% test accuracy, and under "
+           "temperature sampling student accuracy rises with teacher accuracy by at least "
+           f"{g0['min_slope']:g} student points per teacher point (OLS over the world's temperature runs).",
            "", "| | world | seed | best undefended % | base τ | greedy-trace student % | temperature slope [95% CI] "
            "| gate |", "|---|---|---|---|---|---|---|---|"]
     failing, unchecked = [], []
