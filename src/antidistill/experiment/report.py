@@ -122,7 +122,8 @@ def _worlds_lines(worlds: list[dict]) -> list[str]:
     for r in worlds:
         g = r["gate"]
         lo, hi = g.get("slope_ci", [float("nan")] * 2)
-        slope = f"{g['temperature_slope']:.2f} [{lo:.2f}, {hi:.2f}]" if np.isfinite(g["temperature_slope"]) else "–"
+        slope = "–" if not np.isfinite(g["temperature_slope"]) else f"{g['temperature_slope']:.2f}" + (
+            f" [{lo:.2f}, {hi:.2f}]" if np.isfinite([lo, hi]).all() else "")
         if not np.isfinite(g["greedy_student_acc"]):  # an older design: no greedy runs to gate on
             verdict = "not checked: no greedy runs" + ("" if g["slope_ok"] else f"; slope below {g['min_slope']:g}")
             unchecked.append(r["label"])
@@ -143,7 +144,8 @@ def _worlds_lines(worlds: list[dict]) -> list[str]:
                    + ". Their students learn too little from the teacher for a poisoned trace to show much; their "
                    "effects are still in the pooled estimates below.")
     if unchecked:
-        out.append(f"The gate was not checked in {', '.join(unchecked)}: their design has no greedy runs.")
+        out.append(f"The gate was not checked in {', '.join(unchecked)}: "
+                   f"{'its' if len(unchecked) == 1 else 'their'} design has no greedy runs.")
     if not failing and not unchecked:
         out.append("The world build passes the gate." if len(worlds) == 1 else f"All {len(worlds)} world builds pass the gate.")
     return out + [""]
@@ -329,7 +331,8 @@ def write_report(path: str | Path, pool=(), out: str | Path | None = None) -> Pa
     for s in sources:
         for point, h in s.histories.items():
             histories.setdefault(point.rsplit("_", 2)[0], []).append(h)
-    plot_loss_dynamics(histories, files.loss_plot)
+    rank = {m: i for i, m in enumerate(ORDER)}
+    plot_loss_dynamics(dict(sorted(histories.items(), key=lambda kv: rank.get(kv[0], len(rank)))), files.loss_plot)
     name = sources[0].config.get("name", sources[0].root.name)
     k = df.world.nunique()
     lines = [f"# antidistill report: `{name}`" + (f", pooled over {k} world builds" if k > 1 else ""), ""]
