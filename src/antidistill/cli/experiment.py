@@ -1,4 +1,5 @@
-"""The experiment's commands: generate, gradient, distill, check-fd, sweep, calibrate, demo, build-world, report."""
+"""The experiment's commands: generate, gradient, distill, check-fd, sweep, calibrate, demo, build-world, report,
+export-world."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ..experiment.evaluate import accuracy_summary
 from ..experiment.fdcheck import fd_check, plot_fd_check
 from ..generation import build_processor, generate_traces
 from ..experiment.report import write_report
+from ..experiment.results_io import export_world
 from ..experiment.sweep import Run, SweepConfig
 from ..gradient import compute_proxy_gradient, save_gradient
 from ..io_utils import atomic_dir, provenance, read_jsonl, require_keys, write_json_atomic, write_jsonl
@@ -261,12 +263,26 @@ def build_world_cmd(
     typer.echo(json.dumps({"root": str(world.root), **world.metrics}, indent=2))
 
 
-def report(run_dir: Path = typer.Argument(..., help="a sweep's run directory, e.g. runs/demo"),
-           pool: list[Path] = typer.Option([], "--pool", help="another run directory of the same design on "
-                                           "another world build; its runs join the pooled estimate")):
-    """(Re)write report.md and the plots of a run from its directory alone (or pooled with others)."""
+def report(path: Path = typer.Argument(..., help="a run directory, a compact world directory (export-world) or a "
+                                       "folder of them, e.g. runs/demo or docs/results/full/worlds"),
+           pool: list[Path] = typer.Option([], "--pool", help="more results of the same design on other world "
+                                           "builds (any kind PATH can be); their worlds join the pooled estimates"),
+           out: Optional[Path] = typer.Option(None, "--out", help="where report.md and the plots go (default: PATH)")):
+    """(Re)write report.md and the plots from results alone, pooled over every world build found."""
     try:
-        path = write_report(run_dir, tuple(pool))
-    except (ValueError, FileNotFoundError) as e:
+        written = write_report(path, tuple(pool), out=out)
+    except (ValueError, OSError) as e:
         fail(e)
-    typer.echo(f"report: {path}")
+    typer.echo(f"report: {written}")
+
+
+def export_world_cmd(run_dir: Path = typer.Argument(..., help="a sweep's run directory (one world build)"),
+                     dest: Path = typer.Argument(..., help="the compact world directory to write, e.g. "
+                                                 "docs/results/full/worlds/<world>")):
+    """Write a run's compact world directory: every results row, config, calibration, gate, world metrics,
+    FD check and loss histories; no model weights. `report --pool` reads it like a run directory."""
+    try:
+        written = export_world(run_dir, dest)
+    except (ValueError, OSError) as e:
+        fail(e)
+    typer.echo(f"world: {written}")

@@ -34,7 +34,7 @@ def world_gate(df: pd.DataFrame, min_greedy_student: float = 0.45, min_slope: fl
     ok_greedy, ok_slope = bool(g >= min_greedy_student), bool(np.isfinite(slope) and slope >= min_slope)
     failed = [f"greedy-trace student {100 * g:.1f}% < {100 * min_greedy_student:g}%"] if not ok_greedy else []
     if not ok_slope:
-        failed.append(f"temperature slope {slope:.2f} < {min_slope:g}" if np.isfinite(slope)
+        failed.append(f"temperature slope {slope:.3f} < {min_slope:g}" if np.isfinite(slope)
                       else "fewer than two distinct temperature teacher accuracies")
     return {"greedy_student_acc": g, "temperature_slope": slope, "slope_ci": [float(lo), float(hi)],
             "n_temperature_runs": int(len(temp)), "min_greedy_student": min_greedy_student, "min_slope": min_slope,

@@ -1,322 +1,360 @@
-"""Plots, the matched-teacher-accuracy table, and ``report.md``.
+"""``report.md`` and its plots, from any results source: run directories, compact world directories,
+or folders of them, pooled over world builds (``antidistill report PATH --pool PATH``).
 
-Curves are the mean and 95% band of bootstrapped LOWESS fits (statsmodels), as in the paper's
-appendix B.2: each bootstrap draw resamples a method's (teacher accuracy, student accuracy) points
-with replacement and fits LOWESS on a common grid of teacher accuracies.
+Every estimate comes from :mod:`antidistill.experiment.inference` (world-level effects, t(K−1) over
+K world builds); this module only lays them out, with each world's gate, calibration and
+finite-difference check, and says what kind of claim each interval makes.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
-from statsmodels.nonparametric.smoothers_lowess import lowess
 
 from ..io_utils import write_text_atomic
-from .arms import COLORS, ORDER
-from .inference import ladder_effects, ladder_reading, pooled_effect, verdict_sentence
-from .plotting import png_figure
+from .arms import ORDER
+from .figures import plot_forest, plot_loss_dynamics, plot_tradeoff
+from .gate import world_gate
+from .inference import (
+    NEXT_WORLD,
+    PRIMARY_TARGET,
+    claim_note,
+    ladder_effects,
+    ladder_reading,
+    pooled_effect,
+    primary_effect,
+    run_effects,
+    targets_of,
+    verdict_sentence,
+)
+from .results_io import Source, load_sources, pooled_results
 from .rundir import RunDir
 
-N_BOOT = 300
-LOWESS_FRAC = 0.8
+# the contrasts the report prints, in order: (key, label, arm, other)
+CONTRASTS = [("antidistill", "antidistillation (cross-family proxy) − temperature", "antidistill", None),
+             ("permutation", "permuted cross-family Δ̂ − temperature", "permutation", None),
+             ("reasoning_only", "antidistillation on the reasoning only − temperature", "reasoning_only", None),
+             ("whitebox", "white-box antidistillation − temperature", "whitebox", None),
+             ("whitebox_permutation", "permuted white-box Δ̂ − temperature", "whitebox_permutation", None),
+             ("whitebox_vs_permutation", "white-box − its permutation", "whitebox", "whitebox_permutation")]
+FEW_WORLDS = 3  # up to this many worlds, the calibration is shown in full per world
 
 
-def bootstrap_lowess(x: np.ndarray, y: np.ndarray, grid: np.ndarray, *, n_boot: int = N_BOOT, seed: int = 0,
-                     frac: float = LOWESS_FRAC, clip: tuple[float, float] | None = (0.0, 1.0)) -> np.ndarray:
-    """``(n_boot, len(grid))`` LOWESS fits of y on x over bootstrap resamples (NaN outside each draw's x-range)."""
-    rng = np.random.default_rng(seed)
-    out = np.full((n_boot, len(grid)), np.nan)
-    n = len(x)
-    for b in range(n_boot):
-        idx = rng.integers(0, n, n)
-        xb, yb = x[idx], y[idx]
-        if np.unique(xb).size < 3:
-            continue
-        fit = lowess(yb, xb, frac=frac, it=0, xvals=grid)
-        fit[(grid < xb.min()) | (grid > xb.max())] = np.nan
-        out[b] = np.clip(fit, *clip) if clip else fit
-    return out
-
-
-def _curves(df, methods, grid, y: str = "student_acc"):
-    curves = {}
-    clip = (0.0, 1.0) if y == "student_acc" else None
-    for i, m in enumerate(methods):
-        sub = df[df.method == m]
-        if len(sub) >= 3 and sub.teacher_acc.nunique() >= 3:
-            curves[m] = bootstrap_lowess(sub.teacher_acc.to_numpy(float), sub[y].to_numpy(float), grid, seed=i, clip=clip)
-    return curves
-
-
-def common_range(df, methods=ORDER) -> tuple[float, float] | None:
-    """The teacher accuracies that *every* method present covers (None if they do not overlap)."""
-    present = [m for m in methods if (df.method == m).any()]
-    if len(present) < 2:
-        return None
-    lo = max(df[df.method == m].teacher_acc.min() for m in present)
-    hi = min(df[df.method == m].teacher_acc.max() for m in present)
-    return (lo, hi) if hi >= lo else None
-
-
-def matched_table(df, levels: np.ndarray | None = None, y: str = "student_acc") -> list[dict]:
-    """Descriptive: ``y`` per method at matched teacher accuracy, antidistillation − temperature with a
-    95% bootstrap band of the LOWESS fits.
-
-    The levels span only the teacher accuracies that every method covers (no extrapolation past any
-    curve). The verdict does not come from this table but from the pooled model (``inference``).
-    """
-    present = [m for m in ORDER if (df.method == m).any()]
-    if "antidistill" not in present or "temperature" not in present:
-        return []
-    if levels is None:
-        rng = common_range(df)
-        if rng is None:
-            return []
-        lo, hi = rng
-        levels = np.linspace(lo, hi, 5) if hi > lo else np.array([lo])
-    curves = _curves(df, present, levels, y)
-    rows = []
-    for j, level in enumerate(levels):
-        row = {"teacher_acc": float(level)}
-        for m in present:
-            c = curves.get(m)
-            row[m] = float(np.nanmean(c[:, j])) if c is not None and np.isfinite(c[:, j]).any() else float("nan")
-        if "antidistill" in curves and "temperature" in curves:
-            diff = curves["antidistill"][:, j] - curves["temperature"][:, j]
-            diff = diff[np.isfinite(diff)]
-            if diff.size:
-                row["diff"] = float(diff.mean())
-                row["diff_ci_low"], row["diff_ci_high"] = (float(v) for v in np.percentile(diff, [2.5, 97.5]))
-        rows.append(row)
-    return rows
-
-
-def _nll_sentence(effect: dict | None) -> str:
-    if effect is None:
-        return ""
-    e = effect
-    sig = "significantly " + ("higher" if e["ci_low"] > 0 else "lower") if e["significant"] else "not significantly different"
-    return (f"Student loss on ground-truth test solutions (pooled model, same design): antidistillation − temperature "
-            f"= {e['estimate']:+.3f} nats per token (95% CI {e['ci_low']:+.3f} to {e['ci_high']:+.3f}), {sig}.")
-
-
-def plot_tradeoff(df, path) -> None:
-    grid = np.linspace(df.teacher_acc.min(), df.teacher_acc.max(), 60)
-    curves = _curves(df, [m for m in ORDER if (df.method == m).any()], grid)
-    with png_figure(path, figsize=(6, 4.5)) as (_fig, ax):
-        for m, sub in df.groupby("method"):
-            ax.scatter(sub.teacher_acc, sub.student_acc, s=18, alpha=0.6, color=COLORS.get(m), label=f"{m} (runs)")
-        for m, c in curves.items():
-            ok = np.isfinite(c).sum(0) >= max(10, c.shape[0] // 4)  # grid points the fits cover
-            finite = np.where(np.isfinite(c), c, np.nan)[:, ok]
-            mean, lo, hi = (np.full(grid.shape, np.nan) for _ in range(3))
-            if ok.any():
-                mean[ok] = np.nanmean(finite, 0)
-                lo[ok], hi[ok] = np.nanpercentile(finite, [2.5, 97.5], 0)
-            ax.plot(grid, mean, color=COLORS[m], lw=2, label=f"{m} (LOWESS mean)")
-            ax.fill_between(grid, lo, hi, color=COLORS[m], alpha=0.15)
-        ax.set_xlabel("teacher accuracy (test)")
-        ax.set_ylabel("student accuracy (test)")
-        ax.set_title("Teacher vs distilled-student accuracy")
-        ax.legend(fontsize=7)
-
-
-def plot_loss_dynamics(histories: dict[str, list[list[dict]]], path) -> None:
-    """Mean student train loss and clean-holdout loss over steps, per method (paper Fig. 5)."""
-    with png_figure(path, ncols=2, figsize=(9, 3.8)) as (_fig, axes):
-        for m, hs in histories.items():
-            for ax, key in zip(axes, ("loss", "eval_loss")):
-                by_step: dict[int, list[float]] = {}
-                for h in hs:
-                    for e in h:
-                        if key in e:
-                            by_step.setdefault(e["step"], []).append(e[key])
-                if by_step:
-                    steps = sorted(by_step)
-                    ax.plot(steps, [np.mean(by_step[s]) for s in steps], color=COLORS.get(m), label=m)
-        axes[0].set_title("student train loss")
-        axes[1].set_title("student loss on clean holdout traces")
-        for ax in axes:
-            ax.set_xlabel("step")
-            ax.legend(fontsize=7)
-
-
-def _fmt(v, pct=True):
+def _fmt(v, pct: bool = True) -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "–"
     return f"{100 * v:.1f}" if pct else f"{v:.3f}"
 
 
-def _matched_lines(table: list[dict], pct: bool) -> list[str]:
-    """A matched-teacher-accuracy table as markdown (``pct``: values are accuracies shown in %)."""
-    if not table:
-        return ["(the methods' teacher accuracies do not overlap)"]
-    methods = [m for m in ORDER if m in table[0]]
-    out = ["| teacher acc | " + " | ".join(methods) + " | AD − temp | 95% band |",
-           "|---" * (len(methods) + 3) + "|"]
-    for r in table:
-        ci = f"[{_fmt(r.get('diff_ci_low'), pct)}, {_fmt(r.get('diff_ci_high'), pct)}]" if "diff" in r else "–"
-        out.append(f"| {_fmt(r['teacher_acc'])} | " + " | ".join(_fmt(r[m], pct) for m in methods)
-                   + f" | {_fmt(r.get('diff'), pct)} | {ci} |")
-    return out
+def _target_cell(t: float | None) -> str:
+    return "pooled over targets" if t is None else f"{t:+g}"
 
 
-LADDER = [("temperature", "1. temperature (reference)"), ("antidistill", "2. antidistillation, cross-family proxy"),
-          ("whitebox", "3. white-box antidistillation (proxy = base student)"),
-          ("whitebox_permutation", "4. permuted white-box Δ̂"), ("permutation", "permuted cross-family Δ̂ (appendix A)"),
-          ("reasoning_only", "antidistillation on the reasoning only (cross-family proxy)")]
-
-
-def _effect_cells(e: dict | None, scale: float = 100.0, fmt: str = "{:+.1f}") -> str:
-    if e is None:
-        return "– | – | –"
-    return (f"{fmt.format(scale * e['estimate'])} | [{fmt.format(scale * e['ci_low'])}, "
-            f"{fmt.format(scale * e['ci_high'])}] | {e['n_runs']}")
-
-
-def _ladder_lines(df, effects: dict) -> list[str]:
-    out = ["## Transfer ladder", "",
-           "Each arm against temperature at matched teacher accuracy (pooled model over the arm's runs inside "
-           "temperature's teacher-accuracy range and all temperature runs; 95% CI; see `antidistill.experiment.inference`). Negative = students learn "
-           "less from that arm's traces.", "",
-           "| arm | student acc − temperature (points) | 95% CI | runs |", "|---|---|---|---|"]
-    for m, label in LADDER:
-        if m == "temperature":
-            if (df.method == m).any():
-                out.append(f"| {label} | 0 | – | {int((df.method == m).sum())} |")
+def effect_rows(df: pd.DataFrame, y: str = "student_acc") -> list[dict]:
+    """Every printed contrast at each target of the design and pooled over targets (``e`` None where no
+    world has a comparable pair): dicts with ``key``, ``label``, ``target`` and ``e``."""
+    runs = run_effects(df, y=y)
+    present = set(df.method)
+    rows = []
+    for key, label, arm, other in CONTRASTS:
+        if arm not in present or (other is not None and other not in present):
             continue
-        if (df.method == m).any():
-            out.append(f"| {label} | {_effect_cells(effects.get(m))} |")
-    if "whitebox_vs_permutation" in effects:
-        out.append(f"| white-box − its permutation (both against temperature's curve) | "
-                   f"{_effect_cells(effects['whitebox_vs_permutation'])} |")
-    out += ["", "Reading: " + ladder_reading(effects), "",
-            "(If white-box is worse than both its permutation and temperature while the cross-family proxy is not, "
-            "the mechanism works but does not transfer here; if white-box, its permutation and temperature are all "
-            "alike, the mechanism does not work in this world; if white-box and its permutation are alike and both "
-            "worse than temperature, the damage is noise.)", ""]
+        for t in [*targets_of(df), None]:
+            rows.append({"key": key, "label": label, "target": t,
+                         "e": pooled_effect(df, arm, y=y, target=t, other=other, runs=runs)})
+    return rows
+
+
+def _claim_cell(e: dict) -> str:
+    return f"next world build (t({e['n_worlds'] - 1}))" if e["claim"] == NEXT_WORLD else "this world build only"
+
+
+def _effect_table(rows: list[dict], scale: float, digits: int, unit: str) -> list[str]:
+    if not rows:
+        return ["(no defended arm was run: only the baselines)"]
+    out = [f"| contrast | target (points) | estimate ({unit}) | 95% CI | worlds | runs | claim |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        e = r["e"]
+        if e is None:
+            out.append(f"| {r['label']} | {_target_cell(r['target'])} | – | – | 0 | 0 | no comparable runs |")
+            continue
+        f = f"{{:+.{digits}f}}"
+        out.append(f"| {r['label']} | {_target_cell(r['target'])} | {f.format(scale * e['estimate'])} | "
+                   f"[{f.format(scale * e['ci_low'])}, {f.format(scale * e['ci_high'])}] | {e['n_worlds']} | "
+                   f"{e['n_runs']} | {_claim_cell(e)} |")
     return out
 
 
-def _nll_class_lines(df) -> list[str]:
+def world_table(sources: list[Source], df: pd.DataFrame) -> list[dict]:
+    """One row per world build: its short label, source, seed, calibration and gate.
+
+    A source's metadata files describe its world when it holds one world; a gate missing from its
+    files is computed from the world's rows (``world_gate``), as the sweep computes it."""
+    rows = []
+    for s in sources:
+        one = len(s.worlds) == 1
+        cfg = s.config
+        for w in s.worlds:
+            cal = s.calibration if one else None
+            gate, gate_from = (s.gate, "gate.json") if one and s.gate else (world_gate(df[df.world == w]), "rows")
+            rows.append({"world": w, "source": str(s.root), "seed": (cfg.get("world") or {}).get("seed") if one else None,
+                         "best": (cal or {}).get("best_undefended"), "base_tau": (cal or {}).get("base_tau"),
+                         "gate": gate, "gate_from": gate_from, "label": ""})
+    for i, r in enumerate(rows, 1):
+        r["label"] = f"W{i}"
+    return rows
+
+
+def _worlds_lines(worlds: list[dict]) -> list[str]:
+    g0 = worlds[0]["gate"]
+    out = ["## Worlds", "",
+           "One row per world build (the unit of replication). Best undefended: greedy teacher accuracy on the "
+           "holdout (delivered scoring) from the world's calibration; base τ: where the λ arms sample. Gate: a "
+           f"student distilled on greedy traces reaches {100 * g0['min_greedy_student']:g}% test accuracy, and under "
+           "temperature sampling student accuracy rises with teacher accuracy by at least "
+           f"{g0['min_slope']:g} student points per teacher point (OLS over the world's temperature runs).",
+           "", "| | world | seed | best undefended % | base τ | greedy-trace student % | temperature slope [95% CI] "
+           "| gate |", "|---|---|---|---|---|---|---|---|"]
+    failing, unchecked = [], []
+    for r in worlds:
+        g = r["gate"]
+        lo, hi = g.get("slope_ci", [float("nan")] * 2)
+        slope = "–" if not np.isfinite(g["temperature_slope"]) else f"{g['temperature_slope']:.2f}" + (
+            f" [{lo:.2f}, {hi:.2f}]" if np.isfinite([lo, hi]).all() else "")
+        if not np.isfinite(g["greedy_student_acc"]):  # an older design: no greedy runs to gate on
+            verdict = "not checked: no greedy runs" + ("" if g["slope_ok"] else f"; slope below {g['min_slope']:g}")
+            unchecked.append(r["label"])
+        elif g["passes"]:
+            verdict = "passes"
+        else:
+            verdict = f"**fails**: {g['reason']}"
+            failing.append(f"{r['label']} ({g['reason']})")
+        if r["gate_from"] != "gate.json":
+            verdict += " (from its rows; no gate.json)"
+        seed = "–" if r["seed"] is None else r["seed"]
+        base = "–" if r["base_tau"] is None else f"{r['base_tau']:g}"
+        out.append(f"| {r['label']} | `{r['world']}` | {seed} | {_fmt(r['best'])} | {base} | "
+                   f"{_fmt(g['greedy_student_acc'])} | {slope} | {verdict} |")
+    out.append("")
+    if failing:
+        out.append(f"**{len(failing)} of {len(worlds)} world builds fail the gate:** " + "; ".join(failing)
+                   + ". Their students learn too little from the teacher for a poisoned trace to show much; their "
+                   "effects are still in the pooled estimates below.")
+    if unchecked:
+        out.append(f"The gate was not checked in {', '.join(unchecked)}: "
+                   f"{'its' if len(unchecked) == 1 else 'their'} design has no greedy runs.")
+    if not failing and not unchecked:
+        out.append("The world build passes the gate." if len(worlds) == 1 else f"All {len(worlds)} world builds pass the gate.")
+    return out + [""]
+
+
+def _verdict_lines(df: pd.DataFrame) -> list[str]:
+    primary = primary_effect(df)
+    nll = primary_effect(df, y="student_test_nll") if "student_test_nll" in df.columns else None
+    out = ["## Verdict", "", verdict_sentence(primary, float(df.student_acc.max())), ""]
+    if nll is not None:
+        where = "" if nll["target"] is None else f", {nll['target']:+g}-point target"
+        out += [f"Secondary endpoint, student NLL per token on the ground-truth test solutions "
+                f"(antidistillation − temperature{where}): {nll['estimate']:+.3f} nats "
+                f"[{nll['ci_low']:+.3f}, {nll['ci_high']:+.3f}] ({claim_note(nll)}).", ""]
+    design = (f"Primary endpoint (pre-registered): student accuracy at the {PRIMARY_TARGET:+g}-point target, "
+              "antidistillation − temperature at the same world, seed and target, adjusted by the world's "
+              "temperature slope for the small teacher-accuracy mismatch." if PRIMARY_TARGET in targets_of(df) else
+              "This results table has no calibrated targets (an older design): each defended run is compared with "
+              "its world's temperature line at its teacher accuracy, inside temperature's range.")
+    return out + [design, "",
+                  "Teacher accuracy is scored on the *delivered* traces: the stored completion is exactly what the "
+                  "student trains on, judged on its own final answer.", ""]
+
+
+def _ladder_lines(df: pd.DataFrame) -> list[str]:
+    target = PRIMARY_TARGET if PRIMARY_TARGET in targets_of(df) else None
+    where = "pooled over all runs" if target is None else f"at the {target:+g}-point target"
+    return ["## Transfer ladder", "", f"Read {where} from the effects above.", "",
+            "Reading: " + ladder_reading(ladder_effects(df, target=target)), "",
+            "(White-box worse than its permutation and than temperature while the cross-family proxy is not: the "
+            "mechanism works but its transfer is not shown; white-box, its permutation and temperature alike: the "
+            "mechanism is not shown to work; white-box and its permutation alike and both worse than temperature: "
+            "the damage is noise.)", ""]
+
+
+def _nll_class_lines(df: pd.DataFrame) -> list[str]:
     cols = [c for c in ("student_nll_result", "student_nll_reasoning", "student_nll_final") if c in df.columns]
     if not cols:
         return []
+    target = PRIMARY_TARGET if PRIMARY_TARGET in targets_of(df) else None
     out = ["## Student NLL by token class", "",
            "Mean NLL per token of the distilled students on the ground-truth test solutions, by token class: "
-           "arithmetic results (the number after `=`), other reasoning tokens, and the final-answer block. "
-           "Rows: mean over runs; last row: antidistillation − temperature from the pooled model (95% CI).", "",
+           "arithmetic results (the number after `=`), other reasoning tokens, and the final-answer block. Rows: "
+           "mean over runs; last row: antidistillation − temperature "
+           + ("pooled over runs" if target is None else f"at the {target:+g}-point target") + " (95% CI).", "",
            "| method | results | reasoning | final block |", "|---|---|---|---|"]
     means = df.groupby("method")[cols].mean()
     for m in [m for m in ORDER if m in means.index]:
-        out.append(f"| {m} | " + " | ".join(f"{means.loc[m, c]:.3f}" for c in cols) + " |")
+        out.append(f"| {m} | " + " | ".join(_fmt(means.loc[m, c], False) for c in cols) + " |")
     cells = []
     for c in cols:
-        e = pooled_effect(df, "antidistill", y=c)
+        e = pooled_effect(df, "antidistill", y=c, target=target)
         cells.append("–" if e is None else f"{e['estimate']:+.3f} [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}]")
-    out += ["| AD − temperature | " + " | ".join(cells) + " |", ""]
+    return out + ["| AD − temperature | " + " | ".join(cells) + " |", ""]
+
+
+def _results_lines(df: pd.DataFrame) -> list[str]:
+    by = "target" if targets_of(df) else "param"
+    g = df.assign(target=df.get("target", np.nan)).groupby(["method", by], dropna=False)
+    summary = g.agg(teacher_acc=("teacher_acc", "mean"), teacher_sd=("teacher_acc", "std"),
+                    student_acc=("student_acc", "mean"), student_sd=("student_acc", "std"),
+                    runs=("seed", "size"), worlds=("world", "nunique")).reset_index()
+    order = {m: i for i, m in enumerate(("greedy", *ORDER))}
+    summary = summary.sort_values(["method", by], key=lambda s: s.map(order) if s.name == "method" else -s)
+    head = "target (points)" if by == "target" else "param"
+    out = ["## Results (mean over worlds and seeds)", "",
+           f"| method | {head} | teacher acc % (sd) | student acc % (sd) | runs | worlds |", "|---|---|---|---|---|---|"]
+    for r in summary.itertuples():
+        key = getattr(r, by)
+        cell = "–" if not np.isfinite(key) else (f"{key:+g}" if by == "target" else f"{key:g}")
+        out.append(f"| {r.method} | {cell} | {_fmt(r.teacher_acc)} ({_fmt(r.teacher_sd)}) | "
+                   f"{_fmt(r.student_acc)} ({_fmt(r.student_sd)}) | {r.runs} | {r.worlds} |")
+    n = df.n_test.dropna().unique() if "n_test" in df.columns else []
+    return out + ["", f"Test problems per evaluation: {', '.join(str(int(v)) for v in n) or '–'}.", ""]
+
+
+def _source_name(s: Source, labels: dict[str, str]) -> str:
+    """A source by its world's label, or (a source holding several worlds) by its path and their labels."""
+    names = ", ".join(labels.get(w, w) for w in s.worlds)
+    return names if len(s.worlds) == 1 else f"`{s.root}` (one file for {names})"
+
+
+def _calibration_lines(sources: list[Source], labels: dict[str, str]) -> list[str]:
+    cals = [(s, s.calibration) for s in sources if s.calibration is not None]
+    if not cals:
+        return []
+    out = ["## Calibration (holdout only)", "",
+           "Teacher accuracy on the holdout (delivered scoring) over each arm's τ or λ; each target's value is read "
+           "off the measured curve. Targets are points relative to the best undefended teacher (older calibrations: "
+           "absolute accuracies). No student is involved. (outside): the target lies outside the measured curve and "
+           "the curve's end was used.", ""]
+    name = {id(s): _source_name(s, labels) for s, _ in cals}
+    if len(cals) > FEW_WORLDS:
+        out += ["| world | holdout problems | best undefended % | base τ | picks outside the measured curve |",
+                "|---|---|---|---|---|"]
+        for s, c in cals:
+            outside = [f"{arm} {p['target']:+g}" for arm, ps in c["chosen"].items() for p in ps
+                       if not p["inside_measured_range"]]
+            out.append(f"| {name[id(s)]} | {c.get('n_holdout', '–')} | {_fmt(c.get('best_undefended'))} | "
+                       f"{c.get('base_tau', '–')} | {', '.join(outside) or 'none'} |")
+        return out + [""]
+    for s, c in cals:
+        out += [f"### {name[id(s)]}", ""]
+        if "best_undefended" in c:
+            out.append(f"Best undefended {_fmt(c['best_undefended'])}% on {c['n_holdout']} holdout problems; base τ "
+                       f"{c.get('base_tau', '–')} ({c.get('base_tau_reason', '')}).")
+            out.append("")
+        out += ["| arm | measured: param → teacher acc % | chosen: target → param |", "|---|---|---|"]
+        for arm, ms in c["measured"].items():
+            curve = ", ".join(f"{m['param']:g} → {_fmt(m['teacher_acc'])}" for m in ms)
+            picks = ", ".join(f"{p['target']:g} → {p['param']:g}" + ("" if p["inside_measured_range"] else " (outside)")
+                              for p in c["chosen"].get(arm, []))
+            out.append(f"| {arm} | {curve} | {picks or '–'} |")
+        out.append("")
     return out
 
 
-def write_report(run_dir: str | Path, pool: tuple[str | Path, ...] = ()) -> Path:
-    """Plots and ``report.md``, built from the run directory alone (``antidistill report RUN_DIR``).
+def _fd_lines(sources: list[Source], labels: dict[str, str], embed: bool) -> list[str]:
+    checks = [s for s in sources if s.fd_check is not None]
+    if not checks:
+        return []
+    out = ["## Finite-difference check", ""] + (["![fd error](fd_error.png)", ""] if embed else [])
+    out += ["Sine error of the finite-difference Δ̂ against autograd (appendix B.1), per world build.", "",
+            "| world | best ε (float32) | best ε (bfloat16) | at the run's ε (float32) | JVP |", "|---|---|---|---|---|"]
+    for s in checks:
+        info, sampling = s.fd_check, s.config.get("sampling") or {}
+        at = [r for r in info["rows"] if r["difference"] == sampling.get("difference") and r["dtype"] == "float32"
+              and abs(r["eps"] - sampling.get("eps", float("nan"))) < 1e-15]
+        jvp = [r for r in info["rows"] if r["difference"] == "jvp"]
+        out.append(f"| {_source_name(s, labels)} | {info.get('best_eps_float32', '–'):g} | "
+                   f"{info.get('best_eps_bfloat16', '–'):g} | "
+                   + (f"ε = {sampling['eps']:g}: {at[0]['mean_sine_error']:.2e}" if at else "–") + " | "
+                   + (f"{jvp[0]['mean_sine_error']:.2e}" if jvp else "–") + " |")
+    return out + [""]
 
-    Reads ``config.yaml``, ``results.parquet``, each point's ``history.json``, ``fd_check.json`` and
-    (toy runs) ``world.json``; computes nothing that a sweep stage produces. ``pool``: further run
-    directories (the same design on other world builds, e.g. ``--set world.seed=1``) whose runs join
-    the pooled estimates and tables as more (world, seed) clusters; the report is written in ``run_dir``.
-    """
-    files = RunDir(run_dir)
-    for d in (run_dir, *pool):
-        if not RunDir(d).results.is_file():
-            raise ValueError(f"{RunDir(d).results} does not exist: run the sweep first (antidistill sweep)")
-    cfg = yaml.safe_load(files.config.read_text())
-    df = pd.concat([pd.read_parquet(RunDir(d).results) for d in (run_dir, *pool)], ignore_index=True)
+
+def _flatten(d, prefix=""):
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _settings_lines(sources: list[Source]) -> list[str]:
+    out = ["## Settings", "", f"From `{sources[0].root}`:", "", "```yaml", sources[0].config_text.rstrip(), "```", ""]
+    if len(sources) > 1:
+        flat = [dict(_flatten(s.config)) for s in sources]
+        differ = sorted(k for k in set().union(*flat) if len({repr(f.get(k)) for f in flat}) > 1)
+        out += [f"The {len(sources)} sources' configs differ in: " + (", ".join(f"`{k}`" for k in differ) or "nothing")
+                + ".", ""]
+    return out
+
+
+MEANING = ["## What the intervals mean", "",
+           "The unit of replication is the world build: a toy world built from one seed (teacher, proxy, student "
+           "and problems), calibrated and swept. Within a world, each defended run is compared with the "
+           "temperature run at the same seed and target; a world's effect is the mean over its runs. The effect "
+           "may differ from world to world.", "",
+           "- **next world build** (K ≥ 2 worlds): the interval is a t interval on K − 1 degrees of freedom over "
+           "the K world effects. It covers the mean effect over world builds made like these, so it is a claim "
+           "about the next build, not only about the K measured. With few worlds it is wide by design.",
+           "- **this world build only** (one world): the interval reflects seeds and test sampling inside that one "
+           "build. It says nothing about another build; no verdict is drawn from it.", "",
+           "Every interval is 95%, two-sided, per contrast; the many contrasts printed are not corrected for "
+           "multiplicity: the verdict rests on the pre-registered primary endpoint alone.", ""]
+
+
+def write_report(path: str | Path, pool=(), out: str | Path | None = None) -> Path:
+    """Write ``report.md``, ``forest.png``, ``tradeoff.png`` and ``loss_dynamics.png`` into ``out``
+    (default ``path``) from the results under ``path`` and ``pool`` (each a run directory, a compact
+    world directory or a folder of them; ``results_io.load_sources``). Returns the report's path."""
+    sources = load_sources((path, *pool))
+    df = pooled_results(sources)
+    files = RunDir(out if out is not None else path)
+    files.root.mkdir(parents=True, exist_ok=True)
+    worlds = world_table(sources, df)
+    labels = {r["world"]: r["label"] for r in worlds}
+    acc_rows = effect_rows(df)
+    plot_forest(acc_rows, labels, files.forest_plot)
     plot_tradeoff(df, files.tradeoff_plot)
     histories: dict[str, list] = {}
-    for r in df.itertuples():
-        pd_ = files.point(r.method, r.param, r.seed)  # the loss plot: this run directory's students
-        h = pd_.history if pd_.history.is_file() else pd_.root / "history.json"  # older runs kept it beside the folder
-        if h.is_file():
-            histories.setdefault(r.method, []).append(json.loads(h.read_text()))
-    plot_loss_dynamics(histories, files.loss_plot)
-    table = matched_table(df)
-    nll_table = matched_table(df, y="student_test_nll")
-    primary = pooled_effect(df, "antidistill")
-    effects = ladder_effects(df)
-    summary = (df.groupby(["method", "param"])
-                 .agg(teacher_acc=("teacher_acc", "mean"), teacher_sd=("teacher_acc", "std"),
-                      student_acc=("student_acc", "mean"), student_sd=("student_acc", "std"),
-                      student_nll=("student_test_nll", "mean"), seeds=("seed", "count"))
-                 .reset_index())
-    lines = [f"# antidistill report: `{cfg['name']}`", "", "## Verdict", "",
-             verdict_sentence(primary, float(df.student_acc.max())), "",
-             _nll_sentence(pooled_effect(df, "antidistill", y="student_test_nll")), "",
-             "Teacher accuracy is scored on the *delivered* traces: the stored completion is exactly what the "
-             "student trains on, judged on its own final answer (a trace with no answer gets a sampled one).", ""]
-    if files.world.is_file():
-        wm = json.loads(files.world.read_text())
-        lines += ["## Toy world", "",
-                  f"- teacher (Llama, {wm.get('teacher_params', 0):,} params): greedy test accuracy "
-                  f"{_fmt(wm.get('teacher_test_accuracy'))}%",
-                  f"- proxy (Qwen2, {wm.get('proxy_params', 0):,} params), pretrained on generic toy text only",
-                  f"- student (GPT-2, {wm.get('student_params', 0):,} params), pretrained on generic toy text; "
-                  f"3-shot test accuracy before distillation {_fmt(wm.get('student_base_fewshot_accuracy'))}%", ""]
-    lines += _ladder_lines(df, effects)
+    for s in sources:
+        for point, h in s.histories.items():
+            histories.setdefault(point.rsplit("_", 2)[0], []).append(h)
+    rank = {m: i for i, m in enumerate(ORDER)}
+    plot_loss_dynamics(dict(sorted(histories.items(), key=lambda kv: rank.get(kv[0], len(rank)))), files.loss_plot)
+    name = sources[0].config.get("name", sources[0].root.name)
+    k = df.world.nunique()
+    lines = [f"# antidistill report: `{name}`" + (f", pooled over {k} world builds" if k > 1 else ""), ""]
+    lines += _verdict_lines(df) + _worlds_lines(worlds)
+    lines += ["## Effects: student accuracy", "",
+              "Each contrast at each target and pooled over targets, in student accuracy points (negative = students "
+              "learn less from that arm's traces than from temperature's). Per-world effects: `forest.png`.", ""]
+    lines += _effect_table(acc_rows, 100.0, 1, "points") + ["", "![forest plot](forest.png)", ""]
+    lines += _ladder_lines(df)
+    if "student_test_nll" in df.columns:
+        lines += ["## Secondary endpoint: student NLL on the true solutions", "",
+                  "Mean NLL per token of the distilled students on the ground-truth test solutions (higher = the "
+                  "student learned the task worse), same contrasts and intervals.", ""]
+        lines += _effect_table(effect_rows(df, y="student_test_nll"), 1.0, 3, "nats/token") + [""]
+    lines += _nll_class_lines(df)
     lines += ["## Matched teacher accuracy", "",
-              "Descriptive: student accuracy (%) from the bootstrapped LOWESS fits at the same teacher accuracy, "
-              "at levels inside the range every method covers; AD − temp with the 95% band of the fits. The "
-              "verdict comes from the pooled model above, not from these levels.", ""]
-    lines += _matched_lines(table, pct=True)
-    lines += ["", "Student NLL per token on the *ground-truth* test solutions at matched teacher accuracy "
-              "(higher = the student learned the task worse; diff = antidistillation − temperature):", ""]
-    lines += _matched_lines(nll_table, pct=False)
-    lines += [""] + _nll_class_lines(df)
-    lines += ["", "## Results (mean over seeds)", "",
-              "| method | param | teacher acc % (sd) | student acc % (sd) | student NLL on test solutions | seeds |",
-              "|---|---|---|---|---|---|"]
-    for r in summary.itertuples():
-        lines.append(f"| {r.method} | {r.param:g} | {_fmt(r.teacher_acc)} ({_fmt(r.teacher_sd)}) | "
-                     f"{_fmt(r.student_acc)} ({_fmt(r.student_sd)}) | {_fmt(r.student_nll, False)} | {r.seeds} |")
-    lines += ["", f"Test problems per evaluation: {int(df.n_test.iloc[0])}. Every run is in `results.parquet`.", "",
-              "## Plots", "", "![trade-off](tradeoff.png)", "", "![loss dynamics](loss_dynamics.png)", ""]
-    if files.calibration.is_file():
-        lines += _calibration_section(json.loads(files.calibration.read_text()))
-    if files.fd_check.is_file():
-        lines += _fd_section(json.loads(files.fd_check.read_text()), cfg["sampling"])
-    lines += ["## Settings", "", "```yaml", files.config.read_text().rstrip(), "```", ""]
+              "Every comparison above is at matched teacher accuracy: paired at the same target (calibrated on the "
+              "holdout) and adjusted by the world's temperature slope for the remaining mismatch, or, in a design "
+              "without targets, against the world's temperature line. The trade-off plot shows every run.", "",
+              "![trade-off](tradeoff.png)", "", "![loss dynamics](loss_dynamics.png)", ""]
+    lines += _results_lines(df)
+    lines += _calibration_lines(sources, labels)
+    lines += _fd_lines(sources, labels, embed=(files.root / "fd_error.png").is_file())
+    lines += MEANING + _settings_lines(sources)
     return write_text_atomic(files.report, "\n".join(lines))
-
-
-def _fd_section(info: dict, sampling: dict) -> list[str]:
-    """The finite-difference check (the sweep's ``fd_check`` stage) at the run's ε and difference."""
-    jvp = [r for r in info["rows"] if r["difference"] == "jvp"]
-    at = [r for r in info["rows"] if r["difference"] == sampling["difference"] and r["dtype"] == "float32"
-          and abs(r["eps"] - sampling["eps"]) < 1e-15]
-    out = ["## Finite-difference check", "", "![fd error](fd_error.png)", "",
-           f"Best ε: {info['best_eps_float32']:g} (float32), {info['best_eps_bfloat16']:g} (bfloat16)."]
-    if at:
-        out.append(f"At the run's ε = {sampling['eps']:g} ({sampling['difference']}, float32) the mean sine error is "
-                   f"{at[0]['mean_sine_error']:.2e}.")
-    if jvp:
-        out.append(f"JVP vs autograd: mean sine error {jvp[0]['mean_sine_error']:.2e}.")
-    return out + [""]
-
-
-def _calibration_section(info: dict) -> list[str]:
-    """The holdout-only calibration (a ``grid: calibrated`` run's first stage): each arm's measured curve
-    and the values chosen for its target teacher accuracies."""
-    out = ["## Calibration (holdout only)", "",
-           f"Teacher accuracy on {info['n_holdout']} holdout problems ({info['scoring']} scoring) over each arm's "
-           "grid; each target's τ or λ is read off the curve by linear interpolation. No student is involved.", "",
-           "| arm | measured: param → teacher acc % | chosen: target → param |", "|---|---|---|"]
-    for arm, ms in info["measured"].items():
-        curve = ", ".join(f"{m['param']:g} → {_fmt(m['teacher_acc'])}" for m in ms)
-        picks = ", ".join(f"{c['target']:.2f} → {c['param']:g}" + ("" if c["inside_measured_range"] else " (outside)")
-                          for c in info["chosen"].get(arm, []))
-        out.append(f"| {arm} | {curve} | {picks} |")
-    return out + [""]

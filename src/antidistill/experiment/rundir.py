@@ -43,6 +43,7 @@ class RunDir:
     results = property(lambda self: self.root / "results.parquet")
     report = property(lambda self: self.root / "report.md")
     tradeoff_plot = property(lambda self: self.root / "tradeoff.png")
+    forest_plot = property(lambda self: self.root / "forest.png")  # arm effects per world and target
     loss_plot = property(lambda self: self.root / "loss_dynamics.png")
 
     def point(self, method: str, param: float, seed: int) -> PointDir:
