@@ -32,6 +32,7 @@ import hmac
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from starlette.responses import JSONResponse
@@ -47,8 +48,6 @@ MODEL_NAME_ENV = "ANTIDISTILL_VLLM_MODEL_NAME"  # /v1/models answers this name o
 
 def policy_to_env(policy: ServingPolicy) -> str:
     """The policy's limits as JSON, for the server process (vLLM imports the guard by name)."""
-    from dataclasses import asdict
-
     return json.dumps({k: v for k, v in asdict(policy).items() if k not in ("refused_fields", "role_aliases", "roles")})
 
 
