@@ -46,7 +46,8 @@ REFUSED_FIELDS = OPERATOR_ONLY | frozenset(
      "bad_words", "chat_template", "chat_template_kwargs", "mm_processor_kwargs", "guided_json", "guided_regex",
      "guided_choice", "guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern",
      "structured_outputs", "tools", "tool_choice", "functions", "function_call", "return_tokens_as_token_ids",
-     "return_token_ids", "prompt_embeds", "kv_transfer_params", "cache_salt"}
+     "return_token_ids", "prompt_embeds", "kv_transfer_params", "cache_salt", "documents",
+     "continue_final_message", "add_generation_prompt", "prompt_token_ids"}
 )
 NONFINITE_RULES = ("refuse",)
 INT64 = (-(2**63), 2**63 - 1)

@@ -38,12 +38,20 @@ from pathlib import Path
 from starlette.responses import JSONResponse
 
 from ...serving_policy import PolicyError, ServingPolicy
+from ...tokenizers import load_tokenizer
+from ...serve.connections import guarded_protocol
+from ...serve.errors import APIError
+from ...serve.middleware import RequestLimit
+from ...serve.prompt import PromptEncoder
 from .policy import POLICY_ENV, SERVE_MIN_TOP_P_ENV, SERVE_TAU_ENV
 
 SERVED_PATHS = frozenset({"/health", "/v1/models", "/v1/completions", "/v1/chat/completions"})
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 KEY_ENV = "VLLM_API_KEY"  # vLLM reads it too
 MODEL_NAME_ENV = "ANTIDISTILL_VLLM_MODEL_NAME"  # /v1/models answers this name only, never a path
+TOKENIZER_ENV = "ANTIDISTILL_VLLM_TOKENIZER"  # the served tokenizer's directory, for text prompts
+MAX_MODEL_LEN_ENV = "ANTIDISTILL_VLLM_MAX_MODEL_LEN"
+GUARDED_PROTOCOL = None  # the connection guard's uvicorn protocol class, built by serve() from the policy
 
 
 def policy_to_env(policy: ServingPolicy) -> str:
@@ -52,6 +60,7 @@ def policy_to_env(policy: ServingPolicy) -> str:
 
 
 _POLICY: list[ServingPolicy] = []
+_ENCODER: list = []
 _STARTED = int(time.time())
 
 
@@ -122,8 +131,62 @@ async def guard(request, call_next):
             except PolicyError as e:
                 return _error(400, e.message, "invalid_request_error", param=e.param)
             _apply(data, work, ENDPOINTS[path])
+            refused = await asyncio.to_thread(_prompt_ids, data, work.max_tokens, ENDPOINTS[path])
+            if refused is not None:
+                return refused
             request._body = json.dumps(data).encode()
     return await call_next(request)
+
+
+def _encoder() -> PromptEncoder:
+    """The embedded server's prompt encoder, on the served tokenizer: the same text-stays-text rule."""
+    if not _ENCODER:
+        limit = int(os.environ.get(MAX_MODEL_LEN_ENV, "0")) or None
+        cap = current_policy().max_prompt_tokens if limit is None else min(current_policy().max_prompt_tokens, limit - 1)
+        _ENCODER.append(PromptEncoder(load_tokenizer(os.environ[TOKENIZER_ENV]), cap))
+    return _ENCODER[0]
+
+
+def _prompt_ids(data: dict, max_tokens: int, endpoint: str):
+    """Tokenize the (policy-checked) prompt here, as the embedded server does, and hand vLLM the ids.
+
+    A control-token string typed in a prompt or a message is those characters, never the control token
+    (:class:`~antidistill.serve.prompt.PromptEncoder`: the chat template is rendered with markers in place
+    of the contents, each content is encoded with special tokens split). Completions get the ids as their
+    prompt; chat gets them as ``kv_transfer_params.prompt_token_ids``, vLLM's way to skip its own
+    templating and tokenization (a client's own ``kv_transfer_params`` is refused by the policy). A prompt
+    that leaves no room for ``max_tokens`` in ``max_model_len`` gets a 400 here. Returns the error response,
+    or None."""
+    enc = _encoder()
+    limit = int(os.environ.get(MAX_MODEL_LEN_ENV, "0")) or None
+    try:
+        if endpoint == "chat":
+            if data.get("echo"):
+                return _error(400, "echo is not served for chat", "invalid_request_error", param="echo")
+            batches = [enc.chat_ids(data["messages"])]
+        else:
+            texts = [data["prompt"]] if isinstance(data["prompt"], str) else data["prompt"]
+            batches = [enc.completion_ids(t) for t in texts]
+    except APIError as e:
+        return _error(400, e.message, "invalid_request_error", param=e.param)
+    for ids in batches:
+        if limit is not None and len(ids) + max_tokens > limit:
+            return _error(400, f"the prompt has {len(ids)} tokens; with max_tokens={max_tokens} that is over this "
+                               f"server's context of {limit} tokens", "invalid_request_error", param="max_tokens")
+    if endpoint == "chat":
+        data["kv_transfer_params"] = {"prompt_token_ids": batches[0]}
+    else:
+        data["prompt"] = batches[0] if isinstance(data["prompt"], str) else batches
+    return None
+
+
+class RequestLimitFromPolicy(RequestLimit):
+    """:class:`~antidistill.serve.middleware.RequestLimit` with this process's policy (vLLM adds middleware
+    classes by name, without arguments): a JSON 503 with Retry-After past ``max_requests``, /health exempt."""
+
+    def __init__(self, app):
+        p = current_policy()
+        super().__init__(app, max_requests=p.max_requests, retry_after_s=p.retry_after_s)
 
 
 def _apply(data: dict, work, endpoint: str) -> None:
@@ -146,16 +209,25 @@ def server_argv(model_dir, *, host: str, port: int, model_name: str, max_model_l
         "--logprobs-mode", "processed_logprobs",
         "--generation-config", "vllm", "--override-generation-config", json.dumps({"temperature": 0.0}),
         "--middleware", "antidistill.engines.vllm.server.guard",
+        "--middleware", "antidistill.engines.vllm.server.RequestLimitFromPolicy",
         "--max-num-seqs", str(max_num_seqs), "--max-logprobs", "20" if allow_logprobs else "0",
         "--disable-uvicorn-access-log",
     ]
-    if policy is not None:  # connections: keep-alive timeout; header/idle guard and caps are in the http protocol
-        argv += ["--timeout-keep-alive", str(max(1, round(policy.keep_alive_s)))]
     if max_model_len is not None:
         argv += ["--max-model-len", str(max_model_len)]
     if kv_cache_memory_bytes is not None:
         argv += ["--kv-cache-memory-bytes", str(kv_cache_memory_bytes)]
     return argv
+
+
+def _install_connection_guard(policy: ServingPolicy) -> None:
+    """Make uvicorn's default ("auto") HTTP protocol the connection guard of ``serve.connections`` (header
+    timeout, per-client and total caps with idle eviction), in this process, which only runs this server."""
+    import uvicorn.config
+
+    global GUARDED_PROTOCOL
+    GUARDED_PROTOCOL = guarded_protocol(policy)
+    uvicorn.config.HTTP_PROTOCOLS["auto"] = f"{__name__}:GUARDED_PROTOCOL"
 
 
 def serve(*, teacher, proxy, grad, lam: float, eps: float, tau: float, difference: str, host: str, port: int,
@@ -197,7 +269,11 @@ def serve(*, teacher, proxy, grad, lam: float, eps: float, tau: float, differenc
     os.environ[POLICY_ENV] = policy_to_env(policy)
     os.environ[MODEL_NAME_ENV] = model_name
     os.environ[KEY_ENV] = api_key
+    os.environ["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] = str(max(1, round(policy.keep_alive_s)))  # vLLM's uvicorn reads it
+    os.environ[TOKENIZER_ENV] = str(model_dir)
+    os.environ[MAX_MODEL_LEN_ENV] = str(max_model_len)
     _POLICY.clear()
+    _install_connection_guard(policy)
     argv = server_argv(model_dir, host=host, port=port, model_name=model_name, max_model_len=max_model_len,
                        max_num_seqs=max_num_seqs, kv_cache_memory_bytes=kv_cache_memory_bytes,
                        allow_logprobs=policy.allow_logprobs, policy=policy) + ["--api-key", api_key] + list(extra_args or [])
