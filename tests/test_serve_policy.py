@@ -20,7 +20,7 @@ from antidistill.settings import Eq11Settings
 from antidistill.tokenizers import load_tokenizer
 
 from helpers_world import toy_tokenizer_dir
-from stepper import Stepper, wait_for
+from stepper import Stepper
 from test_serve import EPS, KEY, LAM, TAU, LiveServer, paths  # noqa: F401  (paths is a fixture)
 
 H = {"Authorization": f"Bearer {KEY}"}
