@@ -15,6 +15,12 @@ Models: unless ``--teacher/--proxy/--grad`` are given, a Llama teacher and a Qwe
 toy world's sizes (``ToyWorldConfig``: 128×3 and 64×2) with random weights and a random g, on the
 toy tokenizer. Their end-of-sequence token is moved outside the model's vocabulary, so every
 request runs to its ``max_tokens`` and all levels do the same work per request.
+
+``--heavy``: an ordinary request (``--max-tokens``) alone, then beside one client that keeps the
+heaviest request the serving policy allows running back to back (``max_tokens`` at the policy's cap,
+``top_logprobs`` 20; the default policy, so n = 1 and one prompt), reported as the ordinary request's
+p50/p99 latency and their ratio to unloaded. The over-limit request of issue 18 (``n`` = 16384,
+``ignore_eos``) is sent first and must be refused with a 400 before any work.
 Loopback only; every loop is bounded.
 """
 
@@ -53,6 +59,73 @@ async def _drive(url: str, key: str, clients: list[int], per_client: int, per_sh
     await asyncio.gather(*(client(i, m) for i, m in enumerate(clients)))
     wall = time.perf_counter() - t0
     return {"wall": wall, "results": results}
+
+
+async def _drive_heavy(url: str, key: str, n: int, max_tokens: int, heavy_tokens: int) -> dict:
+    import httpx
+
+    body = {"model": "antidistill-teacher", "messages": [{"role": "user", "content": QUESTION}], "temperature": 1.0}
+    h = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=url, headers=h, timeout=600) as c:
+        over = await c.post("/v1/completions", json={"model": "antidistill-teacher", "prompt": QUESTION, "n": 16384,
+                                                     "max_tokens": 200, "ignore_eos": True})
+
+        async def ordinary() -> list[float]:
+            lat = []
+            for j in range(n):
+                t = time.perf_counter()
+                r = await c.post("/v1/chat/completions", json={**body, "max_tokens": max_tokens, "seed": j})
+                r.raise_for_status()
+                lat.append(time.perf_counter() - t)
+            return lat
+
+        alone = await ordinary()
+        done, heavy_runs = asyncio.Event(), []
+
+        async def heavy():
+            async with httpx.AsyncClient(base_url=url, headers=h, timeout=600) as hc:
+                while not done.is_set():
+                    r = await hc.post("/v1/chat/completions", json={**body, "max_tokens": heavy_tokens, "seed": 99,
+                                                                     "logprobs": True, "top_logprobs": 20})
+                    heavy_runs.append(r.status_code)
+
+        task = asyncio.create_task(heavy())
+        await asyncio.sleep(0.5)  # let the heavy request reach the engine
+        loaded = await ordinary()
+        done.set()
+        await task
+    return {"over_limit_status": over.status_code, "over_limit_error": over.json().get("error", {}).get("message"),
+            "alone": alone, "loaded": loaded, "heavy_runs": heavy_runs}
+
+
+def heavy_row(args, paths) -> None:
+    from antidistill.serve.config import ServeConfig
+    from antidistill.serve.live import LiveServer
+    from antidistill.settings import Eq11Settings
+
+    cfg = ServeConfig(teacher=paths["teacher"], proxy=paths["proxy"], grad=paths["grad"],
+                      sampling=Eq11Settings(lam=args.lam), api_key=args.key, torch_threads=args.threads)
+    with LiveServer(cfg) as server:
+        drive(server.url, args.key, [2], 2)  # warm-up
+        out = subprocess.run([sys.executable, __file__, "--drive-heavy", server.url, "--key", args.key,
+                              "--per-client", str(args.heavy_n), "--max-tokens", str(args.max_tokens)],
+                             check=True, capture_output=True, text=True, timeout=3600)
+    r = json.loads(out.stdout)
+
+    def q(v, f):
+        v = sorted(v)
+        return v[min(len(v) - 1, round(f * (len(v) - 1)))]
+
+    a, lo = r["alone"], r["loaded"]
+    print(f"\nover-limit request (n=16384, ignore_eos): HTTP {r['over_limit_status']}: {r['over_limit_error']}")
+    print(f"heavy requests completed while measuring: {len(r['heavy_runs'])} (statuses {sorted(set(r['heavy_runs']))}); "
+          f"load average {os.getloadavg()}\n")
+    print(f"| ordinary request ({args.max_tokens} tokens, defended λ = {args.lam:g}) | p50 s | p99 s |")
+    print("|---|---|---|")
+    print(f"| alone | {q(a, .5):.3f} | {q(a, .99):.3f} |")
+    print(f"| beside one heavy request ({cfg.max_tokens} tokens, top_logprobs 20, back to back) | "
+          f"{q(lo, .5):.3f} | {q(lo, .99):.3f} |")
+    print(f"| ratio | {q(lo, .5) / q(a, .5):.2f} | {q(lo, .99) / q(a, .99):.2f} |")
 
 
 def drive(url: str, key: str, clients: list[int], per_client: int, per_short: int | None = None) -> dict:
@@ -115,7 +188,13 @@ def main():
     ap.add_argument("--drive"), ap.add_argument("--key", default="bench-key")
     ap.add_argument("--clients", nargs="+", type=int)
     ap.add_argument("--per-short", type=int)
+    ap.add_argument("--heavy", action="store_true", help="only the ordinary-beside-heavy row (issue 18)")
+    ap.add_argument("--heavy-n", type=int, default=20, help="ordinary requests per phase of --heavy")
+    ap.add_argument("--drive-heavy")
     args = ap.parse_args()
+    if args.drive_heavy:
+        print(json.dumps(asyncio.run(_drive_heavy(args.drive_heavy, args.key, args.per_client, args.max_tokens, 256))))
+        return
     if args.drive:
         print(json.dumps(asyncio.run(_drive(args.drive, args.key, args.clients, args.per_client,
                                             args.per_short or args.per_client))))
@@ -128,6 +207,8 @@ def main():
     tmp = tempfile.TemporaryDirectory()
     paths = ({"teacher": args.teacher, "proxy": args.proxy, "grad": args.grad} if args.teacher
              else toy_models(Path(tmp.name)))
+    if args.heavy:
+        return heavy_row(args, paths)
     if "teacher_params" in paths:
         print(f"models: teacher {paths['teacher_params'] / 1e6:.2f}M params (Llama 128x3), proxy "
               f"{paths['proxy_params'] / 1e6:.2f}M (Qwen2 64x2), random weights; server torch threads "

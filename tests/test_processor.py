@@ -231,21 +231,35 @@ def test_tau_is_given_once_to_the_processor(teacher, proxy, grad):
     check_against_reference(teacher, proxy, grad, runs[0], inputs["input_ids"].shape[1])
 
 
-def test_extreme_lambda_falls_back_to_teacher(teacher, proxy, grad):
-    """λ·Δ̂ overflows float32 to ±inf (as a bf16 proxy can): such rows sample from the teacher alone."""
+def test_extreme_lambda_rows_are_refused_never_the_teacher(teacher, proxy, grad):
+    """λ·Δ̂ overflows float32 to ±inf (as a bf16 proxy can): such rows are refused by the one non-finite
+    rule: they may only emit end-of-sequence, and no score row is ever the teacher's own distribution."""
     big = {k: v * 1e3 for k, v in grad.items()}
-    proc = AntidistillationLogitsProcessor(proxy, big, lam=1e38, eps=EPS, tau=TAU)
+    eos = EOS
+    proc = AntidistillationLogitsProcessor(proxy, big, lam=1e38, eps=EPS, tau=TAU, eos_token_id=eos)
     inputs = left_pad(random_prompts((3, 5), seed=1))
-    with pytest.warns(RuntimeWarning, match="non-finite"):
+    with pytest.warns(RuntimeWarning, match="refused"):
         out = generate(teacher, proc, inputs, max_new_tokens=3)
-    assert proc.n_fallback_rows > 0
+    assert proc.n_refused_rows > 0
     W = inputs["input_ids"].shape[1]
-    for t, scores in enumerate(out.scores):
-        assert torch.isfinite(torch.softmax(scores, -1)).all()
-        for b in range(2):
-            tokens = strip_left_pad(out.sequences[b, : W + t])
-            logp_t = torch.log_softmax(teacher(torch.tensor([tokens])).logits[0, -1].float(), -1)
-            torch.testing.assert_close(torch.softmax(scores[b], -1), torch.softmax(logp_t / TAU, -1), atol=1e-5, rtol=1e-4)
+    first = torch.softmax(out.scores[0], -1)
+    for b in range(first.shape[0]):
+        assert torch.isfinite(first[b]).all()
+        assert first[b, eos] == 1.0  # the refused row can only end
+    assert (out.sequences[:, W] == eos).all()
+    logp_t = torch.log_softmax(teacher(out.sequences[:1, :W]).logits[0, -1].float(), -1)
+    assert not torch.allclose(first[0], torch.softmax(logp_t / TAU, -1), atol=1e-3)
+
+
+def test_refused_row_without_an_eos_id_raises(proxy, grad):
+    from antidistill.functional import NonFiniteScores, refuse_nonfinite
+
+    with pytest.raises(NonFiniteScores):
+        refuse_nonfinite(torch.tensor([[float("nan"), 0.0]]), [])
+    scores = torch.tensor([[0.0, 1.0], [float("inf"), 0.0], [float("-inf"), float("-inf")]])
+    out, bad = refuse_nonfinite(scores, [1])
+    assert bad.tolist() == [False, True, True] and torch.isinf(scores[1, 0])  # input untouched
+    assert out[0].tolist() == [0.0, 1.0] and out[1].tolist() == out[2].tolist() == [float("-inf"), 0.0]
 
 
 def test_vocab_mismatch_names_both_sizes(proxy, grad):

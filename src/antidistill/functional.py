@@ -56,23 +56,34 @@ def finite_difference_delta(
 
 def antidistillation_logits(
     teacher_logits: torch.Tensor,
-    delta: torch.Tensor,
+    delta: torch.Tensor | None,
     lam: float,
     tau: float | torch.Tensor,
+    *,
+    times_tau: bool = False,
 ) -> torch.Tensor:
-    """Adjusted logits of antidistillation sampling (eq. 11).
+    """Adjusted logits of antidistillation sampling (eq. 11): the one place eq. 11 is assembled.
 
     ``log p_T(x)/τ + λ·Δ̂(x)``: the temperature scales the teacher term only. Its softmax is the
-    distribution the next token is drawn from.
+    distribution the next token is drawn from. Every engine calls this: the transformers processor,
+    the embedded server (:func:`sampling_logprobs`) and both vLLM paths.
 
     Args:
         teacher_logits: ``(B, V)`` teacher logits (any per-row shift; they are log-softmaxed here).
-        delta: ``(B, V)`` Δ̂ from :func:`finite_difference_delta` or a JVP.
+        delta: ``(B, V)`` Δ̂ from :func:`finite_difference_delta` or a JVP, or None when λ = 0.
         lam: λ, finite.
         tau: τ > 0, a float or a ``(B,)`` tensor (one τ per row, as a server batching requests needs).
+        times_tau: return τ·eq. 11 = ``log p_T + τλ·Δ̂`` instead, for samplers that divide the
+            scores by the temperature τ themselves (transformers' ``TemperatureLogitsWarper``,
+            vLLM's sampler). Its softmax at temperature τ is eq. 11.
 
     Returns:
         ``(B, V)`` float32 adjusted logits. With λ = 0 this is eq. 1, plain temperature sampling.
+
+    Example:
+        >>> z = antidistillation_logits(torch.zeros(1, 3), torch.tensor([[1.0, 0.0, -1.0]]), 0.5, 2.0)
+        >>> torch.softmax(z, -1).argmax().item()
+        0
     """
     check_lam(lam)
     if isinstance(tau, torch.Tensor):
@@ -81,13 +92,18 @@ def antidistillation_logits(
         tau = tau.float()[:, None]
     else:
         check_tau(tau)
-    if teacher_logits.shape != delta.shape:
+    if delta is None:
+        if lam != 0.0:
+            raise ValueError(f"delta is required when lam != 0 (lam={lam!r})")
+    elif teacher_logits.shape != delta.shape:
         raise ValueError(
             f"teacher logits {tuple(teacher_logits.shape)} and delta {tuple(delta.shape)} differ in shape; "
             "teacher and proxy must share one vocabulary"
         )
     logp_t = torch.log_softmax(teacher_logits.float(), dim=-1)
-    return logp_t / tau + lam * delta.float()
+    if times_tau:
+        return logp_t if delta is None else logp_t + (tau * lam) * delta.float()
+    return logp_t / tau if delta is None else logp_t / tau + lam * delta.float()
 
 
 def permute_delta(delta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -150,6 +166,48 @@ def nonfinite_rows(adjusted: torch.Tensor) -> torch.Tensor:
     """
     bad = torch.isnan(adjusted).any(-1) | torch.isposinf(adjusted).any(-1)
     return bad | torch.isneginf(adjusted).all(-1)
+
+
+class NonFiniteScores(RuntimeError):
+    """eq. 11 scores that cannot be sampled, and no end-of-sequence token to end their rows with."""
+
+
+def refuse_nonfinite(scores: torch.Tensor, eos_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """The non-finite rule, one for every engine: a row that cannot be sampled is refused.
+
+    A row of eq. 11 scores with a NaN or +inf, or with every entry −inf (:func:`nonfinite_rows`:
+    bf16 overflow in the proxy, an extreme λ), is never sampled and never replaced by the teacher's
+    own distribution: that would hand out a raw-teacher sample. The row may only end. Its request
+    ends there; the other rows of the batch go on. A server that can fail a request with an error
+    does so (the embedded server answers ``nonfinite_scores``); a sampler that cannot (vLLM,
+    ``model.generate``) samples the end-of-sequence token.
+
+    Args:
+        scores: ``(B, V)`` eq. 11 scores (or τ·eq. 11).
+        eos_ids: the end-of-sequence token ids the refused rows may emit.
+
+    Returns:
+        ``(scores, refused)``: a new ``(B, V)`` tensor whose refused rows are 0 at ``eos_ids`` and −inf
+        elsewhere (``scores`` itself is not modified), and the ``(B,)`` bool of refused rows.
+
+    Raises:
+        NonFiniteScores: a row is refused and ``eos_ids`` is empty.
+
+    Example:
+        >>> out, bad = refuse_nonfinite(torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), [0])
+        >>> bad.tolist(), out[1].tolist()
+        ([False, True], [0.0, -inf])
+    """
+    bad = nonfinite_rows(scores)
+    if not bool(bad.any()):
+        return scores, bad
+    eos = [int(e) for e in (eos_ids or [])]
+    if not eos:
+        raise NonFiniteScores(f"{int(bad.sum())} row(s) of eq. 11 scores are not finite and there is no "
+                              "end-of-sequence id to end them with; the teacher is never the fallback")
+    only_eos = torch.full_like(scores, float("-inf"))
+    only_eos[:, eos] = 0.0
+    return torch.where(bad[:, None], only_eos, scores), bad
 
 
 # --- validation shared by every entry point (processor, settings, CLI, server) ---------------
@@ -242,10 +300,6 @@ def sampling_logprobs(
         bool that is False for rows whose eq. 11 scores are not finite (:func:`nonfinite_rows`).
         Those rows are NaN: there is no fallback to the teacher; the caller must not sample them.
     """
-    if delta is None:
-        if lam != 0.0:
-            raise ValueError("delta is required when lam != 0")
-        delta = torch.zeros_like(teacher_logits, dtype=torch.float32)
     z = antidistillation_logits(teacher_logits, delta, lam, tau)
     ok = ~nonfinite_rows(z)
     z = z * flattening(tau, temperature.to(z.device))[:, None]

@@ -19,10 +19,11 @@ temperature divide both terms: not eq. 11.)
 
 Non-finite values
 -----------------
-If a row of eq. 11 scores holds NaN or +inf (bf16 overflow in the proxy, or an extreme λ), that
-row falls back to the teacher's own distribution for that token, with a ``RuntimeWarning``; the
-count is kept in ``processor.n_fallback_rows``. NaN never reaches the sampler. (The server does not
-use this fallback: there such a row is an error, so no raw-teacher probability is ever served.)
+A row of eq. 11 scores that holds NaN or +inf, or is all −inf (bf16 overflow in the proxy, or an
+extreme λ), is refused by the one non-finite rule (:func:`antidistill.functional.refuse_nonfinite`),
+as in both servers: it is never sampled from the teacher instead. Its sequence may only end: the
+row's scores allow only the end-of-sequence token, a ``RuntimeWarning`` is emitted, and the count is
+kept in ``processor.n_refused_rows``. The other rows of the batch go on. NaN never reaches the sampler.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from .functional import (
     check_eps,
     check_lam,
     check_tau,
-    nonfinite_rows,
     permute_delta,
+    refuse_nonfinite,
 )
 from .proxy import ProxyDelta
 from .tokenizer_compat import check_same_tokenizer
@@ -77,6 +78,7 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
         teacher_tokenizer=None,
         proxy_tokenizer=None,
         stop_ids=None,
+        eos_token_id=None,
     ):
         check_lam(lam)
         check_eps(eps)
@@ -92,7 +94,12 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
         self.difference = difference
         self.proxy_delta = ProxyDelta(proxy, grad, eps=eps, difference=difference, pad_token_id=pad_token_id)
         self.vocab_size = self.proxy_delta.vocab_size
-        self.n_fallback_rows = 0
+        if eos_token_id is None and teacher_tokenizer is not None:
+            eos_token_id = teacher_tokenizer.eos_token_id
+        if eos_token_id is None:
+            eos_token_id = getattr(self.proxy_delta.models[0].config, "eos_token_id", None)
+        self.eos_ids = [] if eos_token_id is None else [int(e) for e in torch.as_tensor(eos_token_id).flatten()]
+        self.n_refused_rows = 0
         self._temperature = TemperatureLogitsWarper(self.tau)
         self.stop_ids = None if stop_ids is None else torch.as_tensor(list(stop_ids), dtype=torch.long)
         if self.stop_ids is not None and self.stop_ids.numel() == 0:
@@ -118,33 +125,30 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
         return self.proxy_delta(input_ids)
 
     def adjusted_logits(self, input_ids: torch.Tensor, scores: torch.Tensor, tau=None) -> torch.Tensor:
-        """``(B, V)`` final eq. 11 logits log p_T/τ + λΔ̂ (non-finite rows: the teacher's log p_T/τ).
+        """``(B, V)`` final eq. 11 logits log p_T/τ + λΔ̂; a non-finite row is refused (EOS only).
 
         ``tau`` defaults to the processor's τ; a ``(B,)`` tensor gives each row its own τ.
         """
-        tau = self.tau if tau is None else tau
-        tau_col = tau[:, None].float() if isinstance(tau, torch.Tensor) else tau
+        return self._eq11(input_ids, scores, self.tau if tau is None else tau, times_tau=False)
+
+    def _eq11(self, input_ids, scores, tau, *, times_tau: bool) -> torch.Tensor:
         if scores.shape[-1] != self.vocab_size:
             raise ValueError(
                 f"teacher vocabulary size {scores.shape[-1]} differs from proxy vocabulary size {self.vocab_size}: "
                 "antidistillation needs a proxy that shares the teacher's tokenizer"
             )
-        if self.lam == 0.0:
-            return torch.log_softmax(scores.float(), dim=-1) / tau_col
-        delta = self.compute_delta(input_ids).to(scores.device)
-        adjusted = antidistillation_logits(scores, delta, self.lam, tau)
-        bad = nonfinite_rows(adjusted)
-        if bad.any():
-            n = int(bad.sum())
-            self.n_fallback_rows += n
+        delta = None if self.lam == 0.0 else self.compute_delta(input_ids).to(scores.device)
+        adjusted = antidistillation_logits(scores, delta, self.lam, tau, times_tau=times_tau)
+        adjusted, refused = refuse_nonfinite(adjusted, self.eos_ids)
+        if refused.any():
+            n = int(refused.sum())
+            self.n_refused_rows += n
             warnings.warn(
                 f"non-finite antidistillation scores in {n} row(s) (lam={self.lam}, eps={self.eps}); "
-                "sampling those rows from the teacher alone for this token",
+                "those rows are refused and end with end-of-sequence (never sampled from the teacher)",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-            teacher = torch.log_softmax(scores.float(), dim=-1) / tau_col
-            adjusted = torch.where(bad[:, None], teacher, adjusted)
         return adjusted
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -153,9 +157,9 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
             if scores.shape[-1] != self.vocab_size:
                 self.adjusted_logits(input_ids, scores)  # raises the vocabulary error
             return self._temperature(input_ids, scores)  # exactly temperature sampling (eq. 1)
-        # eq. 11 as temperature τ applied to log p_T + τλΔ̂: the same float operations as
+        # eq. 11 as temperature τ applied to τ·eq. 11 = log p_T + τλΔ̂: the same float operations as
         # transformers' temperature sampling of those scores, so λ = 0 is bit-identical to it.
-        out = self._temperature(input_ids, (self.adjusted_logits(input_ids, scores) * self.tau).to(scores.dtype))
+        out = self._temperature(input_ids, self._eq11(input_ids, scores, self.tau, times_tau=True).to(scores.dtype))
         if self.stop_ids is not None:
             done = self.after_stop(input_ids)
             if done.any():  # reasoning-only: these rows sample from the teacher alone (λ = 0)

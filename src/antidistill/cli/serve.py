@@ -52,9 +52,7 @@ def serve(
             s = cfg.sampling
             return serve_vllm(teacher=cfg.teacher, proxy=cfg.proxy, grad=cfg.grad, lam=s.lam, eps=s.eps, tau=s.tau,
                               difference=s.difference, host=cfg.host, port=cfg.port, api_key=cfg.api_key,
-                              model_name=cfg.model_name, max_num_seqs=cfg.max_batch,
-                              max_model_len=cfg.max_prompt_tokens + cfg.max_tokens,
-                              allow_logprobs=cfg.allow_logprobs, min_top_p=cfg.min_top_p,
+                              policy=cfg.policy(), model_name=cfg.model_name, max_num_seqs=cfg.max_batch,
                               workdir=Path(cfg.cache_dir) / "vllm-serve")
         if engine != "hf":
             raise ValueError(f"--engine must be hf or vllm, got {engine!r}")

@@ -35,7 +35,8 @@ from .auth import key_dependency
 from .config import ServeConfig
 from .engine import Engine
 from .errors import install as install_errors
-from .middleware import RequestGuard
+from .connections import uvicorn_kwargs
+from .middleware import RequestGuard, RequestLimit
 from .prompt import PromptEncoder
 from .routes import Context, build_routers
 
@@ -71,7 +72,9 @@ def create_app(cfg: ServeConfig, engine: Engine, tokenizer, *, max_positions: in
         @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_key)])
         async def openapi():
             return app.openapi()
-    app.add_middleware(RequestGuard, max_body_bytes=cfg.max_body_bytes, body_timeout_s=cfg.body_timeout_s)
+    policy = cfg.policy()
+    app.add_middleware(RequestGuard, max_body_bytes=policy.max_body_bytes, body_timeout_s=policy.body_timeout_s)
+    app.add_middleware(RequestLimit, max_requests=policy.max_requests, retry_after_s=policy.retry_after_s)
     app.state.engine, app.state.encoder = engine, ctx.encoder
     return app
 
@@ -110,7 +113,7 @@ def serve_forever(cfg: ServeConfig) -> None:
     """Serve until SIGINT/SIGTERM; then drain for ``cfg.drain_s`` seconds, cancel what is left and exit."""
     app, engine = build_server(cfg)
     try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info",
-                    timeout_graceful_shutdown=cfg.drain_s, limit_concurrency=cfg.max_queue + cfg.max_batch + 64)
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=cfg.drain_s,
+                    **uvicorn_kwargs(cfg.policy()))
     finally:
         engine.stop()

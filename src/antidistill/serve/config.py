@@ -8,6 +8,7 @@ from dataclasses import field
 from pydantic import Field, field_validator
 from pydantic.dataclasses import dataclass
 
+from ..serving_policy import ServingPolicy
 from ..settings import CONFIG, Eq11Settings
 
 # eq. 11's parameters unless the config says otherwise: about the demo's middle antidistillation point on
@@ -46,8 +47,22 @@ class ServeConfig:
     model_name: str = "antidistill-teacher"
     max_tokens: int = Field(256, ge=1)  # cap on a request's max_tokens
     max_prompt_tokens: int = Field(1024, ge=1)
+    max_n: int = Field(1, ge=1, description="the largest n (and best_of) a request may ask for")
+    max_prompts: int = Field(1, ge=1, description="the longest prompt list a /v1/completions request may send")
+    max_work_tokens: int | None = Field(None, ge=1, description="bound on prompts x n x max_tokens x (1 + logprob "
+                                        "entries per token); None: one request at max_tokens with full logprobs")
     max_body_bytes: int = Field(1 << 20, ge=1)  # larger bodies get 413 without being read
     body_timeout_s: float = Field(10.0, gt=0.0, allow_inf_nan=False)  # a body not in by then gets 408 (slowloris)
+    header_timeout_s: float = Field(10.0, gt=0.0, allow_inf_nan=False,
+                                    description="a connection whose request headers are not in by then is closed")
+    keep_alive_s: float = Field(5.0, gt=0.0, allow_inf_nan=False, description="an idle keep-alive connection is "
+                                "closed after this long")
+    max_connections: int = Field(1024, ge=1, description="open connections; at the limit the oldest idle one is "
+                                 "closed for a new one")
+    max_connections_per_client: int = Field(64, ge=1, description="open connections per client address; beyond, "
+                                            "the address's oldest idle one is closed")
+    max_requests: int | None = Field(None, ge=1, description="HTTP requests in flight before a JSON 503 with "
+                                     "Retry-After (/health excepted); None: max_queue + max_batch + 64")
     max_batch: int = Field(32, ge=1)  # requests decoding at once
     max_queue: int = Field(64, ge=1)  # waiting requests beyond this get 429
     retry_after_s: int = Field(1, ge=1)
@@ -56,6 +71,17 @@ class ServeConfig:
     torch_threads: int | None = Field(None, ge=1)  # torch.set_num_threads for the process (None: torch's)
     drain_s: float = Field(3.0, ge=0.0, allow_inf_nan=False)  # on SIGTERM: in-flight requests get this long
     cache_dir: str = ".cache/antidistill"
+
+    def policy(self) -> ServingPolicy:
+        """The one request policy both servers enforce (``antidistill.serving_policy``)."""
+        return ServingPolicy(
+            max_body_bytes=self.max_body_bytes, body_timeout_s=self.body_timeout_s,
+            header_timeout_s=self.header_timeout_s, keep_alive_s=self.keep_alive_s,
+            max_connections=self.max_connections, max_connections_per_client=self.max_connections_per_client,
+            max_requests=self.max_requests or self.max_queue + self.max_batch + 64, retry_after_s=self.retry_after_s,
+            max_n=self.max_n, max_prompts=self.max_prompts, max_tokens=self.max_tokens,
+            max_prompt_tokens=self.max_prompt_tokens, allow_logprobs=self.allow_logprobs,
+            max_work_tokens=self.max_work_tokens, min_top_p=self.min_top_p)
 
     @field_validator("sampling", mode="before")
     @classmethod
@@ -74,3 +100,4 @@ class ServeConfig:
         elif not is_loopback(self.host) and not self.insecure_no_auth:
             raise ValueError(f"no api_key while serving on non-loopback host {self.host!r}: set api_key "
                              "(or ANTIDISTILL_API_KEY), or pass --insecure-no-auth to serve without one")
+        self.policy()  # a policy that cannot be built is a startup error

@@ -42,10 +42,11 @@ class EngineDead(Exception):
 
 @dataclass
 class TokenEvent:
+    """One sampled token. The engine never decodes text: the handler does (``serve.detok.TextStream``)."""
+
     token_id: int
-    text: str
     logprob: float | None = None
-    top_logprobs: list[tuple[str, float]] | None = None
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), most likely first
 
 
 @dataclass
@@ -65,7 +66,7 @@ class GenRequest:
     seed: int | None
     logprobs: bool
     top_logprobs: int
-    stop: list[str]
+    stop: list[str]  # applied by the handler (serve.detok.TextStream), not by the engine
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -83,7 +84,6 @@ class _Live:
     req: GenRequest
     gen: torch.Generator | None
     out_ids: list[int] = field(default_factory=list)
-    text: str = ""
     feed: list[int] | None = None  # tokens to run next step
 
 
@@ -266,24 +266,20 @@ class Engine:
         return {lv.req.rid: (outs[0][i], None if delta is None else delta[i]) for i, lv in enumerate(lives)}
 
     def _emit_token(self, lv: _Live, t: int, logprobs: torch.Tensor) -> None:
+        """Hand the token to the request's handler. No decoding here: text and stop strings are the
+        handler's (incremental, off this thread); a handler that meets a stop string cancels the request."""
         r = lv.req
         lv.out_ids.append(t)
         self.stats["tokens"] += 1
         if t == self.tok.eos_token_id:
             return self._finish(lv, "stop")
-        text = self.tok.decode(lv.out_ids, skip_special_tokens=True)
-        piece = "" if text.endswith("\ufffd") else text[len(lv.text):]  # hold back a partial character
-        lv.text += piece
-        ev = TokenEvent(t, piece)
+        ev = TokenEvent(t)
         if r.logprobs:
             ev.logprob = float(logprobs[t])
             if r.top_logprobs:
                 vals, idx = torch.topk(logprobs, r.top_logprobs)
-                ev.top_logprobs = [(self.tok.decode([int(j)]), float(v)) for v, j in zip(vals, idx)]
+                ev.top_logprobs = list(zip(idx.tolist(), vals.tolist()))
         r.emit(ev)
-        tail = lv.text[-(max(map(len, r.stop), default=0) + len(piece)):]
-        if r.stop and any(s in tail for s in r.stop):
-            return self._finish(lv, "stop")
         if len(lv.out_ids) >= r.max_tokens:
             return self._finish(lv, "length")
         lv.feed = [t]

@@ -10,6 +10,7 @@ import uvicorn
 
 from .app import build_server
 from .config import ServeConfig
+from .connections import uvicorn_kwargs
 
 
 class LiveServer:
@@ -20,8 +21,8 @@ class LiveServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning",
-                                                    timeout_graceful_shutdown=cfg.drain_s))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=cfg.drain_s,
+                                                    **uvicorn_kwargs(cfg.policy())))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 30

@@ -95,3 +95,27 @@ class RequestGuard:
             await self.app(scope, replay, send)
         finally:
             watcher.cancel()
+
+
+class RequestLimit:
+    """Pure ASGI middleware: at most ``max_requests`` HTTP requests in flight; beyond, an OpenAI-format JSON
+    503 with ``Retry-After``. ``/health`` is never refused, so a full server still says it is alive.
+
+    This replaces uvicorn's ``limit_concurrency``, which counts idle connections too and answers ``text/plain``.
+    """
+
+    def __init__(self, app, max_requests: int, retry_after_s: int = 1, exempt: frozenset = frozenset({"/health"})):
+        self.app, self.max_requests, self.retry_after_s, self.exempt = app, int(max_requests), int(retry_after_s), exempt
+        self.in_flight = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") in self.exempt:
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.max_requests:
+            body = error_body(503, "the server is at capacity; retry later", code="server_busy")
+            return await send_json(send, 503, body, [(b"retry-after", str(self.retry_after_s).encode())])
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1

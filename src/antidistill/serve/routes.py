@@ -21,14 +21,14 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from . import schemas as S
+from ..serving_policy import PolicyError, ServingPolicy, Work
 from .config import ServeConfig
 from .engine import DoneEvent, Engine, EngineDead, GenRequest, QueueFull, TokenEvent
 from .errors import APIError, engine_error, error_event, error_response, validation_error
 from .middleware import DISCONNECTED
+from .detok import TextStream
 from .prompt import PromptEncoder
 
-FORBIDDEN_FIELDS = {"lam", "lambda", "eps", "epsilon", "difference", "proxy", "grad", "gradient",
-                    "antidistill", "antidistillation", "logit_bias", "tau"}
 
 
 class _BadBody(Exception):
@@ -57,7 +57,8 @@ def _check_strings(obj, depth: int = 0) -> None:
             _check_strings(v, depth + 1)
 
 
-async def parse_body(request: Request, model: type[BaseModel]):
+async def parse_body(request: Request, model: type[BaseModel], policy: ServingPolicy, endpoint: str):
+    """The body as ``model`` and the :class:`~antidistill.serving_policy.Work` the policy allows, or a 400."""
     raw = await request.body()
     try:
         text = raw.decode("utf-8")
@@ -73,9 +74,21 @@ async def parse_body(request: Request, model: type[BaseModel]):
     if not isinstance(data, dict):
         raise APIError(400, "the body must be a JSON object")
     try:
-        return model.model_validate(data)
+        work = policy.check(data, endpoint)
+    except PolicyError as e:
+        raise APIError(400, e.message, param=e.param, code=e.code) from None
+    try:
+        return model.model_validate(data), work
     except ValidationError as e:
         raise validation_error(e.errors()) from None
+
+
+@dataclass
+class Out:
+    """A piece of a request's text; ``ev`` is the token that made it final (None for held-back text at the end)."""
+
+    text: str
+    ev: TokenEvent | None
 
 
 @dataclass
@@ -90,6 +103,7 @@ class Context:
 
 def build_routers(ctx: Context, require_key) -> list[APIRouter]:
     cfg, engine = ctx.cfg, ctx.engine
+    policy = cfg.policy()
     open_router = APIRouter()
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
@@ -103,23 +117,17 @@ def build_routers(ctx: Context, require_key) -> list[APIRouter]:
     async def models():
         return S.ModelList(data=[S.Model(id=cfg.model_name, created=ctx.created)])
 
-    def check(body: S._Common) -> None:
-        bad = sorted(set((body.model_extra or {}).keys()) & FORBIDDEN_FIELDS)
-        if bad:
-            raise APIError(400, f"field {bad[0]!r} is operator-only: the antidistillation defense cannot be set "
-                                "per request", param=bad[0])
+    def check(body: S._Common, work: Work) -> None:
         if body.model != cfg.model_name:
             raise APIError(400, f"model {body.model!r} does not exist; this server has {cfg.model_name!r}",
                            param="model", code="model_not_found")
-        if body.n not in (None, 1):
-            raise APIError(400, f"n={body.n} is not supported; use n=1", param="n")
+        if work.n != 1 or work.prompts != 1:
+            raise APIError(400, "the embedded engine serves one choice for one prompt per request (n=1)", param="n")
 
-    async def gen_request(body, encode, arg, max_tokens, logprobs: bool, top_logprobs: int) -> GenRequest:
-        if logprobs and not cfg.allow_logprobs:
-            raise APIError(400, "logprobs are disabled by the operator", param="logprobs")
+    async def gen_request(body, encode, arg, work: Work, logprobs: bool, top_logprobs: int) -> GenRequest:
         loop = asyncio.get_running_loop()
         ids = await loop.run_in_executor(ctx.pool, encode, arg)  # off the event loop
-        limit = min(max_tokens or cfg.max_tokens, cfg.max_tokens)
+        limit = work.max_tokens
         if ctx.max_positions is not None:
             limit = min(limit, ctx.max_positions - len(ids))
             if limit < 1:
@@ -127,7 +135,7 @@ def build_routers(ctx: Context, require_key) -> list[APIRouter]:
                                     f"{ctx.max_positions} positions", code="context_length_exceeded")
         return GenRequest(prompt_ids=ids, max_tokens=limit, temperature=float(body.temperature or 0.0),
                           top_p=max(float(body.top_p or 1.0), cfg.min_top_p), seed=body.seed, logprobs=logprobs,
-                          top_logprobs=top_logprobs, stop=body.stop_list(), loop=loop, out=asyncio.Queue())
+                          top_logprobs=top_logprobs, stop=work.stop, loop=loop, out=asyncio.Queue())
 
     def submit(req: GenRequest) -> None:
         try:
@@ -151,21 +159,53 @@ def build_routers(ctx: Context, require_key) -> list[APIRouter]:
         get.cancel()
         return None
 
-    async def collect(req: GenRequest, request: Request) -> list | None:
-        """Every event of a non-streaming request, or None if the client went away first."""
-        events, finished = [], False
+    async def outputs(req: GenRequest, request: Request):
+        """The request's text pieces (:class:`Out`) and then its :class:`DoneEvent`; None once its client left.
+
+        Text is decoded here, incrementally (``detok.TextStream``), not on the model thread. A stop string
+        ends the request with ``finish_reason="stop"``: the text before it is returned, the stop string and
+        what follows are not (OpenAI's and vLLM's semantics), and the engine is told to stop at once."""
+        ts, n, finished = TextStream(engine.tok, req.stop), 0, False
         try:
             while True:
                 ev = await next_event(req, request)
                 if ev is None:
-                    return None
-                events.append(ev)
+                    yield None
+                    return
                 if isinstance(ev, DoneEvent):
                     finished = True
-                    return events
+                    if ev.finish_reason != "error":
+                        tail = ts.flush()
+                        if tail:
+                            yield Out(tail, None)
+                    yield ev
+                    return
+                n += 1
+                yield Out(ts.push(ev.token_id), ev)
+                if ts.stopped:
+                    finished = True
+                    engine.cancel(req)
+                    yield DoneEvent("stop", len(req.prompt_ids), n)
+                    return
         finally:
-            if not finished:
+            if not finished:  # the client went away (or the server is shutting down): stop its generation
                 engine.cancel(req)
+
+    async def collect(req: GenRequest, request: Request) -> tuple[str, list[TokenEvent], DoneEvent] | None:
+        """A non-streaming request's text, token events and end, or None if the client went away first."""
+        texts, toks, gen = [], [], outputs(req, request)
+        try:
+            async for out in gen:
+                if out is None:
+                    return None
+                if isinstance(out, DoneEvent):
+                    return "".join(texts), toks, out
+                texts.append(out.text)
+                if out.ev is not None:
+                    toks.append(out.ev)
+            return None
+        finally:
+            await gen.aclose()
 
     def finish_reason(done: DoneEvent) -> str:
         if done.finish_reason == "error":
@@ -176,34 +216,44 @@ def build_routers(ctx: Context, require_key) -> list[APIRouter]:
         return S.Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
                        total_tokens=done.prompt_tokens + done.completion_tokens)
 
+    def token_text(token_id: int) -> str:
+        return engine.tok.decode([token_id])
+
+    def top_list(t: TokenEvent) -> list[tuple[str, float]]:
+        return [(token_text(j), v) for j, v in (t.top_logprobs or [])]
+
     def chat_lp(t: TokenEvent) -> S.TokenLogprob:
-        return S.TokenLogprob(token=t.text, logprob=t.logprob, bytes=list(t.text.encode()), top_logprobs=[
-            S.TopLogprob(token=s, logprob=v, bytes=list(s.encode())) for s, v in (t.top_logprobs or [])])
+        text = token_text(t.token_id)
+        return S.TokenLogprob(token=text, logprob=t.logprob, bytes=list(text.encode()), top_logprobs=[
+            S.TopLogprob(token=s, logprob=v, bytes=list(s.encode())) for s, v in top_list(t)])
 
     async def stream(req: GenRequest, request: Request, on_token, on_done, first: str | None = None):
-        """Server-sent events: ``first``, a line per token, ``on_done``'s line and ``[DONE]``. An engine
+        """Server-sent events: ``first``, a line per text piece, ``on_done``'s line and ``[DONE]``. An engine
         error is an ``error`` event (never a ``finish_reason``); a client that goes away is cancelled."""
-        finished = False
+        gen, finished = outputs(req, request), False
         try:
             if first is not None:
                 yield first
-            while (ev := await next_event(req, request)) is not None:
-                if isinstance(ev, DoneEvent):
-                    yield error_event(ev.error) if ev.finish_reason == "error" else on_done(ev)
-                    yield "data: [DONE]\n\n"
-                    finished = True
+            async for out in gen:
+                if out is None:
                     return
-                yield on_token(ev)
-        finally:  # the client went away (or the server is shutting down): stop its generation
-            if not finished:
+                if isinstance(out, DoneEvent):
+                    finished = True
+                    yield error_event(out.error) if out.finish_reason == "error" else on_done(out)
+                    yield "data: [DONE]\n\n"
+                    return
+                if out.text or out.ev is not None:
+                    yield on_token(out)
+        finally:
+            if not finished:  # the client went away (or the server is shutting down): stop its generation
                 engine.cancel(req)
+            await gen.aclose()
 
     @v1.post("/chat/completions", response_model=S.ChatCompletion)
     async def chat(request: Request):
-        body = await parse_body(request, S.ChatRequest)
-        check(body)
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        req = await gen_request(body, ctx.encoder.chat_ids, msgs, body.max_completion_tokens or body.max_tokens,
+        body, work = await parse_body(request, S.ChatRequest, policy, "chat")
+        check(body, work)
+        req = await gen_request(body, ctx.encoder.chat_ids, work.messages, work,
                                 bool(body.logprobs or body.top_logprobs), int(body.top_logprobs or 0))
         submit(req)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -214,28 +264,27 @@ def build_routers(ctx: Context, require_key) -> list[APIRouter]:
             return f"data: {c.model_dump_json()}\n\n"
 
         if body.stream:
-            def token_line(ev: TokenEvent) -> str:
-                lp = S.ChoiceLogprobs(content=[chat_lp(ev)]) if req.logprobs else None
-                return chunk(S.ChunkDelta(content=ev.text), lp=lp)
+            def token_line(out: Out) -> str:
+                lp = S.ChoiceLogprobs(content=[chat_lp(out.ev)]) if req.logprobs and out.ev is not None else None
+                return chunk(S.ChunkDelta(content=out.text), lp=lp)
 
             return StreamingResponse(
                 stream(req, request, token_line, lambda done: chunk(S.ChunkDelta(), finish_reason(done)),
                        first=chunk(S.ChunkDelta(role="assistant", content=""))),
                 media_type="text/event-stream")
-        events = await collect(req, request)
-        if events is None:
+        got = await collect(req, request)
+        if got is None:
             return error_response(400, "the client disconnected", code="client_disconnected")
-        done, toks = events[-1], [e for e in events if isinstance(e, TokenEvent)]
-        choice = S.ChatChoice(message=S.AssistantMessage(content="".join(t.text for t in toks)),
-                              finish_reason=finish_reason(done),
+        text, toks, done = got
+        choice = S.ChatChoice(message=S.AssistantMessage(content=text), finish_reason=finish_reason(done),
                               logprobs=S.ChoiceLogprobs(content=[chat_lp(t) for t in toks]) if req.logprobs else None)
         return S.ChatCompletion(id=rid, created=now, model=cfg.model_name, choices=[choice], usage=usage(done))
 
     @v1.post("/completions", response_model=S.Completion)
     async def completions(request: Request):
-        body = await parse_body(request, S.CompletionRequest)
-        check(body)
-        req = await gen_request(body, ctx.encoder.completion_ids, body.prompt, body.max_tokens or 16,
+        body, work = await parse_body(request, S.CompletionRequest, policy, "completions")
+        check(body, work)
+        req = await gen_request(body, ctx.encoder.completion_ids, body.prompt, work,
                                 body.logprobs is not None, int(body.logprobs or 0))
         submit(req)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -246,22 +295,21 @@ def build_routers(ctx: Context, require_key) -> list[APIRouter]:
             return f"data: {c.model_dump_json(exclude={'usage'})}\n\n"
 
         if body.stream:
-            return StreamingResponse(stream(req, request, lambda ev: chunk(ev.text),
+            return StreamingResponse(stream(req, request, lambda out: chunk(out.text),
                                             lambda done: chunk("", finish_reason(done))),
                                      media_type="text/event-stream")
-        events = await collect(req, request)
-        if events is None:
+        got = await collect(req, request)
+        if got is None:
             return error_response(400, "the client disconnected", code="client_disconnected")
-        done, toks = events[-1], [e for e in events if isinstance(e, TokenEvent)]
-        text = "".join(t.text for t in toks)
+        text, toks, done = got
         lp = None
         if req.logprobs:
-            offsets, pos = [], len(body.prompt) if body.echo else 0
-            for t in toks:
+            offsets, pos, strs = [], len(body.prompt) if body.echo else 0, [token_text(t.token_id) for t in toks]
+            for t in strs:
                 offsets.append(pos)
-                pos += len(t.text)
-            lp = S.CompletionLogprobs(tokens=[t.text for t in toks], token_logprobs=[t.logprob for t in toks],
-                                      top_logprobs=[dict(t.top_logprobs or []) for t in toks], text_offset=offsets)
+                pos += len(t)
+            lp = S.CompletionLogprobs(tokens=strs, token_logprobs=[t.logprob for t in toks],
+                                      top_logprobs=[dict(top_list(t)) for t in toks], text_offset=offsets)
         choice = S.CompletionChoice(text=(body.prompt + text) if body.echo else text, finish_reason=finish_reason(done),
                                     logprobs=lp)
         return S.Completion(id=rid, created=now, model=cfg.model_name, choices=[choice], usage=usage(done))

@@ -5,11 +5,9 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 INT64 = (-(2**63), 2**63 - 1)
-MAX_STOP = 4  # as OpenAI allows
-MAX_STOP_CHARS = 256
 LOGPROB_FLOOR = -9999.0  # what OpenAI writes for a token of probability 0
 
 
@@ -24,6 +22,9 @@ Logprob = Annotated[float, AfterValidator(_finite_logprob)]
 
 # --- requests ----------------------------------------------------------------------------------
 class _Common(BaseModel):
+    """Types only: every limit (n, max_tokens, stop, ranges, refused fields) is the serving policy's
+    (``antidistill.serving_policy``), checked on the raw body before this model is built."""
+
     model_config = ConfigDict(extra="allow")
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -34,16 +35,6 @@ class _Common(BaseModel):
     n: int | None = None
     stop: str | list[str] | None = None
     user: str | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v):
-        items = [v] if isinstance(v, str) else list(v or [])
-        if len(items) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences are allowed, got {len(items)}")
-        if any(len(s) == 0 or len(s) > MAX_STOP_CHARS for s in items):
-            raise ValueError(f"each stop sequence must have 1 to {MAX_STOP_CHARS} characters")
-        return v
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

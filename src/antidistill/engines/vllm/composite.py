@@ -99,7 +99,7 @@ class AntidistillForCausalLM(nn.Module):
         if not self.proxies:
             DELTA.delta = None
             if self.output == "eq11":  # λ = 0: eq. 1, times τ
-                return torch.log_softmax(logits.float(), dim=-1)
+                return antidistillation_logits(logits, None, 0.0, self.tau, times_tau=True)
             return logits
         plus = self.proxies[0].compute_logits(parts[1])
         other = self.proxies[1].compute_logits(parts[2])
@@ -107,7 +107,7 @@ class AntidistillForCausalLM(nn.Module):
         delta = finite_difference_delta(plus[..., :v], other[..., :v], self.eps, self.difference)
         if self.output == "eq11":
             DELTA.delta = None
-            return antidistillation_logits(logits, delta, self.lam, self.tau) * self.tau
+            return antidistillation_logits(logits, delta, self.lam, self.tau, times_tau=True)
         DELTA.delta = delta
         return logits
 

@@ -10,16 +10,16 @@ already computed Δ̂ on vLLM's paged KV cache.
     softmax(τ·z/max(T, τ)) with z the eq. 11 logit: q itself for any T < τ (0 and omitted
     included, so temperature 0 is never argmax), q^(τ/T) for T ≥ τ. Because temperature divides
     the whole eq. 11 logit, two requests at different temperatures cannot separate log p_T from
-    Δ̂. ``apply`` only enforces: a row that is not finite, or whose temperature is below τ (a
-    request that bypassed ``validate_params``), can only emit EOS; the teacher is never the
-    fallback.
+    Δ̂. ``apply`` only enforces: a row that is not finite is refused by the one non-finite rule
+    (:func:`antidistill.functional.refuse_nonfinite`: it can only emit EOS, the teacher is never the
+    fallback), and so is a row whose temperature is below τ (a request that bypassed ``validate_params``).
 
 :class:`OfflineLogitsProcessor` (``output="teacher"``: the model returns the raw teacher and Δ̂)
     For the experiment. Each request picks ``extra_args["antidistill_mode"]``: ``"antidistill"``
     (eq. 11, the default), ``"permutation"`` (appendix A) or ``"teacher"`` (plain teacher, for
     greedy decoding, temperature sampling and answer forcing). As with the transformers processor,
-    rows are returned as τ·eq. 11 and the request's temperature must be τ; a non-finite row falls
-    back to the teacher for that token, with a warning, as ``AntidistillLogitsProcessor`` does.
+    rows are returned as τ·eq. 11 and the request's temperature must be τ; a non-finite row is
+    refused (EOS only, with a warning), as ``AntidistillationLogitsProcessor`` does.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from ...functional import antidistillation_logits, nonfinite_rows, permute_delta
+from ...functional import antidistillation_logits, permute_delta, refuse_nonfinite
 from . import composite
 
 from .policy import MODE_KEY, MODES, OPERATOR_ONLY, SERVE_MIN_TOP_P_ENV, SERVE_TAU_ENV
@@ -72,16 +72,10 @@ def _composite_eos_ids(vllm_config) -> list[int]:
     return [int(e) for e in eos]
 
 
-def _only_eos(row: torch.Tensor, eos: list[int]) -> torch.Tensor:
-    out = torch.full_like(row, float("-inf"))
-    out[eos or [0]] = 0.0
-    return out
-
-
 class ServeLogitsProcessor(LogitsProcessor):
     """The serving guard (see the module docstring)."""
 
-    n_blocked_rows = 0  # rows that could only emit EOS (non-finite, or temperature below τ)
+    n_refused_rows = 0  # rows that could only emit EOS (non-finite, or temperature below τ)
     stats: Counter = Counter()  # batch-update bookkeeping, for tests and diagnostics
 
     @classmethod
@@ -129,17 +123,19 @@ class ServeLogitsProcessor(LogitsProcessor):
         _apply_batch_update(self.temps, batch_update, lambda p, _prompt, _out: float(p.temperature), self.stats)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        bad = nonfinite_rows(logits)
+        below = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         for i, t in self.temps.items():
             if i < logits.shape[0] and t < self.tau * (1 - 1e-6):
-                bad[i] = True
-        if bool(bad.any()):
-            idx = torch.nonzero(bad).flatten().tolist()
-            type(self).n_blocked_rows += len(idx)
-            warnings.warn(f"antidistillation: {len(idx)} row(s) not finite or below τ; they can only stop", RuntimeWarning)
-            for i in idx:
-                logits[i] = _only_eos(logits[i], self.eos)
-        return logits
+                below[i] = True
+        if bool(below.any()):  # treated as refused: make the row non-finite, then apply the one rule
+            logits = torch.where(below[:, None], torch.full_like(logits, float("nan")), logits)
+        out, refused = refuse_nonfinite(logits, self.eos)
+        if bool(refused.any()):
+            n = int(refused.sum())
+            type(self).n_refused_rows += n
+            warnings.warn(f"antidistillation: {n} row(s) not finite or below τ were refused; they can only stop",
+                          RuntimeWarning)
+        return out.to(logits.dtype)
 
 
 class _Row:
@@ -152,7 +148,7 @@ class _Row:
 class OfflineLogitsProcessor(LogitsProcessor):
     """Per-request eq. 11 / permutation / plain teacher for the experiment (see the module docstring)."""
 
-    n_fallback_rows = 0
+    n_refused_rows = 0
     stats: Counter = Counter()
 
     @classmethod
@@ -167,6 +163,7 @@ class OfflineLogitsProcessor(LogitsProcessor):
             raise ValueError("OfflineLogitsProcessor needs the composite model in output='teacher' mode")
         self.lam, self.tau = float(ad["lam"]), float(ad["tau"])
         self.has_proxy = bool(ad.get("proxy"))
+        self.eos = _eos_ids(vllm_config)
         self.device = device
         self.rows: dict[int, _Row] = {}
 
@@ -201,12 +198,11 @@ class OfflineLogitsProcessor(LogitsProcessor):
         for i, m in enumerate(modes):
             if m == "permutation":
                 delta[i : i + 1] = permute_delta(delta[i : i + 1], self.rows[i].generator)
-        adjusted = antidistillation_logits(logits, delta, self.lam, self.tau)
-        bad = nonfinite_rows(adjusted)
-        if bool(bad.any()):
-            type(self).n_fallback_rows += int(bad.sum())
-            warnings.warn("non-finite antidistillation scores; sampling those rows from the teacher for this token",
+        adjusted, refused = refuse_nonfinite(
+            antidistillation_logits(logits, delta, self.lam, self.tau, times_tau=True), self.eos)
+        if bool(refused.any()):
+            type(self).n_refused_rows += int(refused.sum())
+            warnings.warn("non-finite antidistillation scores; those rows were refused and can only stop",
                           RuntimeWarning)
-            adjusted = torch.where(bad[:, None], torch.log_softmax(logits.float(), -1) / self.tau, adjusted)
         use = torch.tensor([m != "teacher" for m in modes], device=logits.device)
-        return torch.where(use[:, None], (adjusted * self.tau).to(logits.dtype), logits)
+        return torch.where(use[:, None], adjusted.to(logits.dtype), logits)

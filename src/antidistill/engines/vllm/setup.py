@@ -107,6 +107,34 @@ def check_models(teacher, proxy=None, *, cpu: bool | None = None) -> None:
                 )
 
 
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def positions(path) -> int | None:
+    """A model's position limit from its config.json (None if it names none)."""
+    cfg = _config(path)
+    cfg = cfg.get("text_config", cfg)
+    for k in POSITION_KEYS:
+        if isinstance(cfg.get(k), int) and cfg[k] > 0:
+            return int(cfg[k])
+    return None
+
+
+def serve_max_model_len(teacher, proxy, max_prompt_tokens: int, max_tokens: int) -> int:
+    """vLLM's ``max_model_len`` for serving: the policy's prompt + completion budget, limited to the positions
+    of the teacher and (when it runs) the proxy, so any teacher starts with the default settings and a
+    proxy with fewer positions than the teacher limits the server to its own.
+
+    Raises:
+        ValueError: the models leave fewer than 2 positions (nothing to generate).
+    """
+    limits = [p for p in (positions(teacher), positions(proxy) if proxy is not None else None) if p is not None]
+    n = min([max_prompt_tokens + max_tokens, *limits])
+    if n < 2:
+        raise ValueError(f"the models' position limits {limits} leave no room for a prompt and a token")
+    return n
+
+
 def _teacher_eos_ids(teacher, tcfg: dict) -> list[int]:
     eos = tcfg.get("eos_token_id")
     gen = Path(teacher) / "generation_config.json"
