@@ -40,7 +40,7 @@ def check_against_reference(teacher, proxy, grad, out, prompt_width, difference=
             torch.testing.assert_close(probs[b], ref, atol=atol, rtol=1e-4, msg=f"step {t} row {b}")
 
 
-@pytest.mark.parametrize("difference", ["central", "forward", "jvp"])
+@pytest.mark.parametrize("difference", ["central", "forward", pytest.param("jvp", marks=pytest.mark.slow)])
 def test_matches_brute_force_left_padded_and_repeated_calls(teacher, proxy, grad, difference):
     proc = AntidistillationLogitsProcessor(proxy, grad, lam=LAM, eps=EPS, tau=TAU, difference=difference)
     # three calls on one processor: different lengths, then prompts longer than anything before
@@ -213,8 +213,9 @@ def test_temperature_mismatch_is_an_error(teacher, proxy, grad):
 def test_tau_is_given_once_to_the_processor(teacher, proxy, grad):
     """No stack inspection: the processor applies τ itself, so a bare ``model.generate`` at its default
     temperature, the documented ``**proc.generate_kwargs()``, and ``antidistill.generate`` (with or
-    without the same τ) all sample eq. 11 with identical scores."""
-    proc = AntidistillationLogitsProcessor(proxy, grad, lam=LAM, eps=EPS, tau=TAU)
+    without the same τ) all sample eq. 11 with identical scores. A bare ``model.generate`` does not hand
+    the processor its attention mask, so the processor is given the padding id the calls use."""
+    proc = AntidistillationLogitsProcessor(proxy, grad, lam=LAM, eps=EPS, tau=TAU, pad_token_id=PAD)
     inputs = left_pad(random_prompts((3, 5), seed=1))
     common = dict(max_new_tokens=3, output_scores=True, return_dict_in_generate=True, pad_token_id=PAD,
                   eos_token_id=EOS)
