@@ -189,7 +189,7 @@ def test_jvp_equals_autograd_directional_derivative(proxy, grad):
 
 
 def test_permutation_processor_keeps_abs_multiset(proxy, grad):
-    proc = PermutationLogitsProcessor(proxy, grad, lam=LAM, eps=EPS, tau=TAU, seed=0)
+    proc = PermutationLogitsProcessor(proxy, grad, lam=LAM, eps=EPS, tau=TAU, seed=0, pad_token_id=PAD)
     plain = ProxyDelta(proxy, grad, eps=EPS, pad_token_id=PAD)
     ids = left_pad(random_prompts((4, 7), seed=3))["input_ids"]
     permuted = proc.compute_delta(ids)
@@ -197,7 +197,7 @@ def test_permutation_processor_keeps_abs_multiset(proxy, grad):
     torch.testing.assert_close(permuted.abs().sort(-1).values, true.abs().sort(-1).values, atol=0, rtol=0)
     assert not torch.allclose(permuted, true)
     # seeded: the same seed gives the same permutation
-    proc2 = PermutationLogitsProcessor(proxy, grad, lam=LAM, eps=EPS, tau=TAU, seed=0)
+    proc2 = PermutationLogitsProcessor(proxy, grad, lam=LAM, eps=EPS, tau=TAU, seed=0, pad_token_id=PAD)
     assert torch.equal(proc2.compute_delta(ids), permuted)
 
 
