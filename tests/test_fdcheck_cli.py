@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from antidistill.cli import app
 from antidistill.experiment.fdcheck import fd_check
 from antidistill.io_utils import atomic_path
-from antidistill.tokenizer_compat import check_same_tokenizer, check_vocab_sizes, load_tokenizer
+from antidistill.tokenizer_compat import check_compatible_tokenizers, check_vocab_sizes, load_tokenizer
 
 from conftest import random_grad, tiny_proxy, tiny_teacher
 from helpers_world import tiny, toy_splits, toy_tokenizer_dir
@@ -24,7 +24,7 @@ def test_fd_check_jvp_exact_and_sweet_spot():
     proxy = tiny_proxy()
     grad = random_grad(proxy)
     ids = torch.tensor([[2, 5, 9, 11, 7, 30, 22], [2, 8, 8, 14, 3, 19, 40]])
-    res = fd_check(proxy, grad, ids, eps_grid=[1e-6, 1e-4, 1e-2, 1.0], pad_token_id=0)
+    res = fd_check(proxy, grad, ids, eps_grid=[1e-6, 1e-4, 1e-2, 1.0])
     rows = {(r["dtype"], r["difference"], r["eps"]): r["mean_sine_error"] for r in res.rows}
     jvp = [r for r in res.rows if r["difference"] == "jvp"][0]
     assert jvp["mean_sine_error"] < 1e-5 and jvp["n_positions"] == 14  # exact, to float32 round-off
@@ -127,11 +127,12 @@ def test_tokenizer_checks(tmp_path):
         return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="u")
 
     a = make({"u": 0, "x": 1, "y": 2})
-    with pytest.raises(ValueError, match="teacher has 3 tokens, proxy has 4"):
-        check_same_tokenizer(a, make({"u": 0, "x": 1, "y": 2, "z": 3}))
-    with pytest.raises(ValueError, match="differ in content.*'x': teacher 1 vs proxy 2"):
-        check_same_tokenizer(a, make({"u": 0, "y": 1, "x": 2}))
-    check_same_tokenizer(a, make({"u": 0, "x": 1, "y": 2}))
+    assert check_compatible_tokenizers(a, make({"u": 0, "x": 1, "y": 2, "z": 3})).n_same == 3  # ids the teacher never uses
+    with pytest.raises(ValueError, match=r"id 2 \('y'\) is past the proxy's 2 ids"):
+        check_compatible_tokenizers(a, make({"u": 0, "x": 1}))
+    with pytest.raises(ValueError, match="not compatible.*id 1: teacher 'x' vs proxy 'y'"):
+        check_compatible_tokenizers(a, make({"u": 0, "y": 1, "x": 2}))
+    check_compatible_tokenizers(a, make({"u": 0, "x": 1, "y": 2}))
     with pytest.raises(ValueError, match="teacher vocabulary size 64 differs from proxy vocabulary size 48"):
         check_vocab_sizes(tiny_teacher(vocab=64), tiny_proxy())
 

@@ -40,7 +40,7 @@ def check_against_reference(teacher, proxy, grad, out, prompt_width, difference=
             torch.testing.assert_close(probs[b], ref, atol=atol, rtol=1e-4, msg=f"step {t} row {b}")
 
 
-@pytest.mark.parametrize("difference", ["central", "forward", "jvp"])
+@pytest.mark.parametrize("difference", ["central", "forward", pytest.param("jvp", marks=pytest.mark.slow)])
 def test_matches_brute_force_left_padded_and_repeated_calls(teacher, proxy, grad, difference):
     proc = AntidistillationLogitsProcessor(proxy, grad, lam=LAM, eps=EPS, tau=TAU, difference=difference)
     # three calls on one processor: different lengths, then prompts longer than anything before
@@ -189,7 +189,7 @@ def test_jvp_equals_autograd_directional_derivative(proxy, grad):
 
 
 def test_permutation_processor_keeps_abs_multiset(proxy, grad):
-    proc = PermutationLogitsProcessor(proxy, grad, lam=LAM, eps=EPS, tau=TAU, seed=0)
+    proc = PermutationLogitsProcessor(proxy, grad, lam=LAM, eps=EPS, tau=TAU, seed=0, pad_token_id=PAD)
     plain = ProxyDelta(proxy, grad, eps=EPS, pad_token_id=PAD)
     ids = left_pad(random_prompts((4, 7), seed=3))["input_ids"]
     permuted = proc.compute_delta(ids)
@@ -197,7 +197,7 @@ def test_permutation_processor_keeps_abs_multiset(proxy, grad):
     torch.testing.assert_close(permuted.abs().sort(-1).values, true.abs().sort(-1).values, atol=0, rtol=0)
     assert not torch.allclose(permuted, true)
     # seeded: the same seed gives the same permutation
-    proc2 = PermutationLogitsProcessor(proxy, grad, lam=LAM, eps=EPS, tau=TAU, seed=0)
+    proc2 = PermutationLogitsProcessor(proxy, grad, lam=LAM, eps=EPS, tau=TAU, seed=0, pad_token_id=PAD)
     assert torch.equal(proc2.compute_delta(ids), permuted)
 
 
@@ -213,8 +213,9 @@ def test_temperature_mismatch_is_an_error(teacher, proxy, grad):
 def test_tau_is_given_once_to_the_processor(teacher, proxy, grad):
     """No stack inspection: the processor applies τ itself, so a bare ``model.generate`` at its default
     temperature, the documented ``**proc.generate_kwargs()``, and ``antidistill.generate`` (with or
-    without the same τ) all sample eq. 11 with identical scores."""
-    proc = AntidistillationLogitsProcessor(proxy, grad, lam=LAM, eps=EPS, tau=TAU)
+    without the same τ) all sample eq. 11 with identical scores. A bare ``model.generate`` does not hand
+    the processor its attention mask, so the processor is given the padding id the calls use."""
+    proc = AntidistillationLogitsProcessor(proxy, grad, lam=LAM, eps=EPS, tau=TAU, pad_token_id=PAD)
     inputs = left_pad(random_prompts((3, 5), seed=1))
     common = dict(max_new_tokens=3, output_scores=True, return_dict_in_generate=True, pad_token_id=PAD,
                   eos_token_id=EOS)

@@ -69,6 +69,7 @@ def test_second_run_does_nothing_twice(quick_run):
             assert p.stat().st_mtime_ns == t, f"{p} was rewritten"
 
 
+@pytest.mark.slow  # stage logic on stand-ins: test_sweep_stages.py
 def test_sigkill_then_resume_gives_the_same_results(quick_run):
     tmp, cfg, out, seconds = quick_run
     name = "killed"
@@ -108,6 +109,7 @@ def _session_processes(sid: int) -> list[int]:
     return pids
 
 
+@pytest.mark.slow  # worker clean-up on a stand-in pool: test_sweep_stages.py
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="worker clean-up relies on PR_SET_PDEATHSIG")
 def test_parallel_workers_die_with_a_killed_sweep_and_resume_gives_the_same_results(quick_run):
     tmp, cfg, out, seconds = quick_run
@@ -138,6 +140,7 @@ def test_parallel_workers_die_with_a_killed_sweep_and_resume_gives_the_same_resu
     assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_parallel_world_build_equals_the_serial_one(quick_run, tmp_path):
     """Each worker trains its own role with its own data and seed: the same world, up to the last bits
     that another torch thread count can change."""
@@ -162,6 +165,7 @@ def test_parallel_world_build_equals_the_serial_one(quick_run, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.slow  # the points a calibration chose, on a stand-in calibration.json: test_sweep_stages.py
 def test_a_calibrated_grid_runs_the_points_its_calibration_chose(quick_run):
     """grid=calibrated: the calibration is the run's first stage, and the points are exactly what it chose."""
     tmp, _, _, _ = quick_run

@@ -37,11 +37,12 @@ from .scoring import (
 
 
 def build_processor(settings: SamplingSettings, proxy, grad, teacher_tokenizer=None, proxy_tokenizer=None, *,
-                    reasoning_only: bool = False):
+                    reasoning_only: bool = False, teacher_vocab_size: int | None = None):
     """The logits processor for ``settings.method`` (None for greedy and temperature).
 
     ``reasoning_only``: λ switches off once the answer header (``**Final Answer**``, encoded by
-    ``teacher_tokenizer``) has been generated.
+    ``teacher_tokenizer``) has been generated. ``teacher_vocab_size``: the teacher's output width
+    when it differs from the proxy's.
     """
     if not settings.uses_proxy:
         return None
@@ -51,9 +52,8 @@ def build_processor(settings: SamplingSettings, proxy, grad, teacher_tokenizer=N
         if teacher_tokenizer is None:
             raise ValueError("reasoning_only needs the teacher tokenizer to encode the answer header")
         extra["stop_ids"] = teacher_tokenizer(ANSWER_HEADER, add_special_tokens=False)["input_ids"]
-    return cls.from_settings(
-        proxy, grad, settings, teacher_tokenizer=teacher_tokenizer, proxy_tokenizer=proxy_tokenizer, **extra
-    )
+    return cls.from_settings(proxy, grad, settings, teacher_tokenizer=teacher_tokenizer, proxy_tokenizer=proxy_tokenizer,
+                             teacher_vocab_size=teacher_vocab_size, **extra)
 
 
 def answer_forcing_prefix(completion: str) -> str:

@@ -43,6 +43,11 @@ class ProxyGradient:
     def n_params(self) -> int:
         return sum(t.numel() for t in self.grad.values())
 
+    @property
+    def norm(self) -> float:
+        """‖g‖, the Euclidean norm over every parameter (it sets the scale on which ε acts)."""
+        return grad_norm(self.grad)
+
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The parameters g is defined over: every parameter that requires grad (tied ones once)."""
@@ -136,10 +141,11 @@ def _all_sum(t: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def save_gradient(path: str | Path, result: ProxyGradient, extra: Mapping[str, str] | None = None) -> Path:
-    """Write g atomically as safetensors; metadata records how it was made."""
-    check_gradient_values(result.grad)
+    """Write g atomically as safetensors; metadata records how it was made, and ‖g‖ (``grad_norm``)."""
+    norm = check_gradient_values(result.grad)
     meta = {
         "proxy_name": result.proxy_name,
+        "grad_norm": repr(norm),
         "n_params": str(result.n_params),
         "n_traces": str(result.n_traces),
         "n_tokens": str(result.n_tokens),
@@ -193,10 +199,17 @@ def load_gradient(source, proxy) -> dict[str, torch.Tensor]:
     return grad
 
 
-def check_gradient_values(grad: Mapping[str, torch.Tensor]) -> None:
+def grad_norm(grad: Mapping[str, torch.Tensor]) -> float:
+    """‖g‖ over every tensor of ``grad``, accumulated in float64."""
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in grad.values()))
+
+
+def check_gradient_values(grad: Mapping[str, torch.Tensor]) -> float:
+    """Raise ``ValueError`` if g holds a non-finite value or is all zeros; return ‖g‖."""
     bad = [n for n, t in grad.items() if not torch.isfinite(t).all()]
     if bad:
         raise ValueError(f"gradient has non-finite values in {bad[:MAX_LISTED]}")
-    norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in grad.values()))
+    norm = grad_norm(grad)
     if norm == 0.0:
         raise ValueError("gradient is all zeros: Δ̂ would be 0 and antidistillation sampling would do nothing")
+    return norm

@@ -43,7 +43,7 @@ from .functional import (
     refuse_nonfinite,
 )
 from .proxy import ProxyDelta
-from .tokenizer_compat import check_same_tokenizer
+from .tokenizer_compat import check_compatible_tokenizers
 
 
 class AntidistillationLogitsProcessor(LogitsProcessor):
@@ -56,9 +56,14 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
         eps: ε > 0 of the finite difference.
         tau: τ > 0, the teacher temperature of eq. 11, applied by the processor (see module doc).
         difference: ``"central"`` (the authors'), ``"forward"`` (eq. 10) or ``"jvp"`` (exact, eq. 12-13).
-        pad_token_id: the id ``generate`` pads with; leading runs of it are left padding.
-            Defaults to the proxy config's ``pad_token_id``.
-        teacher_tokenizer, proxy_tokenizer: if both are given, they must agree token for token.
+        pad_token_id: the id ``generate`` pads with (default: ``teacher_tokenizer``'s). Used only when
+            the prompt's attention mask is unknown: :func:`generate` hands the processor the mask it
+            was given (and refuses a different ``pad_token_id``); a bare ``model.generate`` does not,
+            and leading runs of this id then count as left padding (none when it is None).
+        teacher_tokenizer, proxy_tokenizer: if both are given, they must be compatible
+            (:func:`~antidistill.tokenizer_compat.check_compatible_tokenizers`).
+        teacher_vocab_size: the teacher's output width, when it differs from the proxy's (Δ̂ is 0
+            on rows past the proxy's, which no text uses).
         stop_ids: reasoning-only antidistillation. Token ids of the answer header (e.g. the ids of
             ``"**Final Answer**"``): in a row whose ids contain this sequence (anywhere, prompt
             included), λ is 0 from the token after it on, so the delivered answer comes from the
@@ -79,20 +84,24 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
         proxy_tokenizer=None,
         stop_ids=None,
         eos_token_id=None,
+        teacher_vocab_size: int | None = None,
     ):
         check_lam(lam)
         check_eps(eps)
         check_tau(tau)
         check_difference(difference)
         if teacher_tokenizer is not None and proxy_tokenizer is not None:
-            check_same_tokenizer(teacher_tokenizer, proxy_tokenizer)
+            check_compatible_tokenizers(teacher_tokenizer, proxy_tokenizer)
         if pad_token_id is None and teacher_tokenizer is not None:
             pad_token_id = teacher_tokenizer.pad_token_id
         self.lam = float(lam)
         self.eps = float(eps)
         self.tau = float(tau)
         self.difference = difference
-        self.proxy_delta = ProxyDelta(proxy, grad, eps=eps, difference=difference, pad_token_id=pad_token_id)
+        self.pad_token_id = pad_token_id
+        self.prompt_mask: torch.Tensor | None = None  # (B, L0): set by generate() for one call
+        self.proxy_delta = ProxyDelta(proxy, grad, eps=eps, difference=difference, pad_token_id=pad_token_id,
+                                      vocab_size=teacher_vocab_size)
         self.vocab_size = self.proxy_delta.vocab_size
         if eos_token_id is None and teacher_tokenizer is not None:
             eos_token_id = teacher_tokenizer.eos_token_id
@@ -122,7 +131,16 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
 
     def compute_delta(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``(B, L)`` ids → ``(B, V)`` Δ̂ used in eq. 11."""
-        return self.proxy_delta(input_ids)
+        return self.proxy_delta(input_ids, self.attention_mask(input_ids))
+
+    def attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """``(B, L)`` mask of ``input_ids``: the prompt's mask from :func:`generate`, ones after it; None
+        when no mask was handed over (or it belongs to another batch)."""
+        m = self.prompt_mask
+        if m is None or m.shape[0] != input_ids.shape[0] or m.shape[1] > input_ids.shape[1]:
+            return None
+        m = m.to(input_ids.device).long()
+        return torch.cat([m, m.new_ones(m.shape[0], input_ids.shape[1] - m.shape[1])], dim=1)
 
     def adjusted_logits(self, input_ids: torch.Tensor, scores: torch.Tensor, tau=None) -> torch.Tensor:
         """``(B, V)`` final eq. 11 logits log p_T/τ + λΔ̂; a non-finite row is refused (EOS only).
@@ -189,7 +207,7 @@ class PermutationLogitsProcessor(AntidistillationLogitsProcessor):
         self.generator = generator
 
     def compute_delta(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return permute_delta(self.proxy_delta(input_ids), self.generator)
+        return permute_delta(self.proxy_delta(input_ids, self.attention_mask(input_ids)), self.generator)
 
 
 
@@ -197,11 +215,14 @@ def generate(model, *args, processor: AntidistillationLogitsProcessor, logits_pr
     """``model.generate`` with antidistillation sampling, τ given once (by the processor).
 
     Sampling defaults to ``do_sample=True, top_k=0, top_p=1.0``; any ``generate`` argument may be
-    passed. ``logits_processor`` entries run before the antidistillation processor.
+    passed. ``logits_processor`` entries run before the antidistillation processor. The
+    ``attention_mask`` given here is handed to the processor, so the proxy masks exactly the
+    padding the teacher masks.
 
     Raises:
         ValueError: ``temperature`` is given and differs from ``processor.tau`` (eq. 11 has one τ,
-            and it scales the teacher term only).
+            and it scales the teacher term only); ``pad_token_id`` is given and differs from the
+            processor's.
     """
     temperature = kwargs.pop("temperature", None)
     if temperature is not None and abs(float(temperature) - processor.tau) > 1e-12 * max(1.0, processor.tau):
@@ -209,5 +230,13 @@ def generate(model, *args, processor: AntidistillationLogitsProcessor, logits_pr
             f"generate(temperature={temperature}) does not match the processor's tau={processor.tau}: "
             "eq. 11 has one τ, given to the processor; leave temperature out"
         )
+    pad = kwargs.get("pad_token_id")
+    if pad is not None and processor.pad_token_id is not None and int(pad) != processor.pad_token_id:
+        raise ValueError(f"generate(pad_token_id={pad}) does not match the processor's "
+                         f"pad_token_id={processor.pad_token_id}: give both the same padding id")
     procs = LogitsProcessorList([*(logits_processor or []), processor])
-    return model.generate(*args, logits_processor=procs, **(processor.generate_kwargs() | kwargs))
+    processor.prompt_mask = kwargs.get("attention_mask")
+    try:
+        return model.generate(*args, logits_processor=procs, **(processor.generate_kwargs() | kwargs))
+    finally:
+        processor.prompt_mask = None

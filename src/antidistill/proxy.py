@@ -15,8 +15,9 @@ difference    weights                                     KV caches
 ============  ==========================================  ===================
 
 For ``central``, if ``proxy`` is given as a path, θ+εg is built in the loaded model itself and
-only θ−εg is a copy, so the total is 2 P. If a model object is passed, it is left untouched and
-the two perturbed copies are new (the caller may free the original). ``g`` itself is not kept by
+only θ−εg is a copy, so the total is 2 P. A model object passed in is never changed: the
+perturbed models are copies (the caller may free the original), and ``forward``/``jvp`` share it
+only when it is already in eval mode (and, for ``jvp``, on eager attention); otherwise they copy it. ``g`` itself is not kept by
 the finite-difference modes.
 """
 
@@ -81,9 +82,18 @@ class ProxyDelta:
 
     Call it with the ``(B, L)`` ids of a growing batch. When a call's ids extend those of the
     previous call (same rows, same prefix, longer), only the new tokens are run through the
-    proxy with its KV caches; otherwise the caches are reset and the prompt is prefilled. Leading
-    ``pad_token_id`` tokens are left padding: masked, with position ids counted from the first
-    real token, as transformers' ``generate`` does for the teacher.
+    proxy with its KV caches; otherwise the caches are reset and the prompt is prefilled.
+
+    Padding is the caller's, never a guess: on a prefill, ``attention_mask`` (the ``(B, L)`` mask
+    ``generate`` was given) says which positions are real; without one, leading runs of the
+    caller's ``pad_token_id`` are left padding, and with neither every position is real. Padded
+    positions are masked, with position ids counted from the first real token, as transformers'
+    ``generate`` does for the teacher. The proxy's own ``config.pad_token_id`` is never used.
+
+    Args:
+        vocab_size: the teacher's vocabulary width, when it differs from the proxy's: Δ̂ is cut to
+            it, or padded with 0 (rows past both tokenizers are embedding padding that no text uses;
+            :func:`~antidistill.tokenizer_compat.check_vocab_sizes` checks that). Default: the proxy's.
     """
 
     def __init__(
@@ -94,18 +104,21 @@ class ProxyDelta:
         eps: float,
         difference: str = "central",
         pad_token_id: int | None = None,
+        vocab_size: int | None = None,
     ):
         check_eps(eps)
         check_difference(difference)
         owned = not isinstance(proxy, torch.nn.Module)
         proxy = load_causal_lm(proxy)
+        attn = getattr(proxy.config, "_attn_implementation", "eager")
+        if not owned and difference != "central" and (proxy.training or (difference == "jvp" and attn != "eager")):
+            proxy, owned = copy.deepcopy(proxy), True  # the caller's model keeps its mode and attention
         grad = load_gradient(grad, proxy)
         self.eps = float(eps)
         self.difference = difference
         self.config = proxy.config
-        self.vocab_size = proxy.get_output_embeddings().weight.shape[0]
-        if pad_token_id is None:
-            pad_token_id = getattr(proxy.config, "pad_token_id", None)
+        self.proxy_vocab_size = proxy.get_output_embeddings().weight.shape[0]
+        self.vocab_size = self.proxy_vocab_size if vocab_size is None else int(vocab_size)
         self.pad_token_id = pad_token_id
         self._cache_kw = cache_kwarg(proxy)
         if difference == "jvp":
@@ -135,7 +148,7 @@ class ProxyDelta:
         self._mask: torch.Tensor | None = None
         self._caches: list | None = None
 
-    def _plan(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """New tokens to feed and the full attention mask; resets the caches if the prefix changed."""
         prev = self._ids
         if (
@@ -148,13 +161,19 @@ class ProxyDelta:
             mask = torch.cat([self._mask, self._mask.new_ones(input_ids.shape[0], n_new)], dim=1)
             return input_ids[:, prev.shape[1] :], mask
         self.reset()
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
+                                 f"{tuple(input_ids.shape)}: they must match")
+            return input_ids, attention_mask.to(input_ids.device).long()
         return input_ids, left_padding_mask(input_ids, self.pad_token_id)
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``(B, L)`` long ids → ``(B, V)`` float32 Δ̂ for the token after position L."""
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, L)`` long ids (and, on a prefill, their ``(B, L)`` mask) → ``(B, V)`` float32 Δ̂ for
+        the token after position L (V: ``vocab_size``)."""
         input_ids = input_ids.to(self.device)
-        new, mask = self._plan(input_ids)
+        new, mask = self._plan(input_ids, attention_mask)
         pos = position_ids(mask)[:, -new.shape[1] :]
         kwargs = dict(attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         if self.difference == "jvp":
@@ -168,7 +187,14 @@ class ProxyDelta:
             self._caches = caches
             delta = finite_difference_delta(logits[0], logits[1], self.eps, self.difference)
         self._ids, self._mask = input_ids, mask
-        return delta
+        return self._to_width(delta)
+
+    def _to_width(self, delta: torch.Tensor) -> torch.Tensor:
+        if self.vocab_size == delta.shape[-1]:
+            return delta
+        if self.vocab_size < delta.shape[-1]:
+            return delta[..., : self.vocab_size]
+        return torch.nn.functional.pad(delta, (0, self.vocab_size - delta.shape[-1]))
 
     def _jvp(self, new: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Exact Δ = J_θ[log p(·; θ_P)]·g by forward-mode AD (eq. 12-13), with a dual KV cache."""

@@ -10,7 +10,7 @@ import typer
 
 from ..runtime import close_distributed, quiet_libraries
 from . import experiment, serve
-from .common import fail
+from .common import reports_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Antidistillation sampling: sample, check, experiment, serve.")
@@ -22,14 +22,19 @@ def _setup(ctx: typer.Context) -> None:
     ctx.call_on_close(close_distributed)  # under `accelerate launch`, every command ends its process group
 
 
-app.command()(experiment.generate)
-app.command()(experiment.gradient)
-app.command("distill")(experiment.distill_cmd)
-app.command("check-fd")(experiment.check_fd)
-app.command()(experiment.sweep)
-app.command()(experiment.demo)
-app.command("build-world")(experiment.build_world_cmd)
-app.command()(experiment.report)
-app.command("export-world")(experiment.export_world_cmd)
-app.command("calibrate")(experiment.calibrate_cmd)
-app.command()(serve.serve)
+COMMANDS = {
+    "generate": experiment.generate,
+    "gradient": experiment.gradient,
+    "distill": experiment.distill_cmd,
+    "check-fd": experiment.check_fd,
+    "check-tokenizers": experiment.check_tokenizers,
+    "sweep": experiment.sweep,
+    "demo": experiment.demo,
+    "build-world": experiment.build_world_cmd,
+    "report": experiment.report,
+    "export-world": experiment.export_world_cmd,
+    "calibrate": experiment.calibrate_cmd,
+    "serve": serve.serve,
+}
+for _name, _command in COMMANDS.items():
+    app.command(_name)(reports_errors(_command))

@@ -18,6 +18,7 @@ from ..config import load_config
 from ..experiment.calibration import calibrate
 from ..experiment.campaign import parse_world_seeds, run_worlds
 from ..experiment.distill import DistillConfig, distill
+from ..experiment.dryrun import dry_run as plan_sweep
 from ..experiment.evaluate import accuracy_summary
 from ..experiment.fdcheck import fd_check, plot_fd_check
 from ..generation import build_processor, generate_traces
@@ -30,7 +31,7 @@ from ..prompting import prompt_text
 from ..proxy import load_causal_lm
 from ..runtime import distributed_state
 from ..settings import SamplingSettings
-from ..tokenizer_compat import check_same_tokenizer, load_tokenizer
+from ..tokenizer_compat import check_compatible_tokenizers, load_tokenizer
 from ..toyworld.build import build_world
 from ..experiment.defaults import default_artifacts
 from .common import PACKAGE_CONFIGS, fail
@@ -74,7 +75,7 @@ def generate(
             from ..engines.vllm import offline  # an optional extra: imported only when asked for
 
             if s.uses_proxy:
-                check_same_tokenizer(tok, load_tokenizer(proxy))
+                check_compatible_tokenizers(tok, load_tokenizer(proxy))
             llm = offline.build_offline_llm(teacher, proxy, grad, s, workdir=Path(out).with_suffix(".vllm-model"))
             rows = offline.generate_traces(llm, tok, rows_in, s)
         elif engine == "hf":
@@ -100,6 +101,8 @@ def gradient(
     proxy: str = typer.Option(..., help="proxy model path"),
     traces: Path = typer.Option(..., help="JSONL of teacher traces on holdout: {question, completion}"),
     out: Path = typer.Option(..., help="output .safetensors"),
+    teacher: Optional[str] = typer.Option(None, help="the teacher (or its tokenizer folder): g is taken on its token "
+                                                     "ids and chat template (default: the proxy's own tokenizer)"),
     batch_size: int = typer.Option(8),
 ):
     """Compute the proxy gradient g once (eq. 7) and save it as safetensors. Works under `accelerate launch`."""
@@ -107,12 +110,17 @@ def gradient(
         state = distributed_state()  # joins the process group under `accelerate launch`
         rows = read_jsonl(traces)
         require_keys(rows, traces, ("question", "completion"))
-        result = compute_proxy_gradient(load_causal_lm(proxy), load_tokenizer(proxy), rows, batch_size=batch_size)
+        ptok = load_tokenizer(proxy)
+        tok = ptok if teacher is None else load_tokenizer(teacher)
+        if teacher is not None:
+            check_compatible_tokenizers(tok, ptok)
+        result = compute_proxy_gradient(load_causal_lm(proxy), tok, rows, batch_size=batch_size)
     except ValueError as e:
         fail(e)
     if state.is_main_process:
         save_gradient(out, result)
-        typer.echo(f"saved {out}: loss {result.loss:.4f} over {result.n_tokens} tokens of {result.n_traces} traces")
+        typer.echo(f"saved {out}: loss {result.loss:.4f} over {result.n_tokens} tokens of {result.n_traces} traces, "
+                   f"‖g‖ {result.norm:.4g}")
 
 
 def distill_cmd(
@@ -145,10 +153,23 @@ def distill_cmd(
         typer.echo(json.dumps({"out": str(out), "steps": max((h["step"] for h in history), default=0)}))
 
 
+def check_tokenizers(
+    teacher: str = typer.Argument(..., help="the teacher's model or tokenizer folder (or hub name)"),
+    proxy: str = typer.Argument(..., help="the proxy's model or tokenizer folder (or hub name)"),
+):
+    """Check that the proxy reads the teacher's token ids: ordinary ids decode alike, control tokens map by role."""
+    try:
+        match = check_compatible_tokenizers(load_tokenizer(teacher), load_tokenizer(proxy))
+    except ValueError as e:
+        fail(e)
+    typer.echo(match.summary())
+
+
 def check_fd(
     proxy: Optional[str] = typer.Option(None, help="proxy path (default: the toy world's)"),
     grad: Optional[Path] = typer.Option(None, help="gradient .safetensors (default: computed for the toy world)"),
     traces: Optional[Path] = typer.Option(None, help="JSONL with {question, completion} for real positions"),
+    teacher: Optional[str] = typer.Option(None, help="the teacher's tokenizer for the traces (default: the proxy's)"),
     out_dir: Path = typer.Option(Path("runs/fd-check"), help="where the table and PNG go"),
     n_sequences: int = typer.Option(3),
     positions: int = typer.Option(16, help="positions per sequence (the last N tokens)"),
@@ -161,14 +182,14 @@ def check_fd(
             proxy, grad = proxy or defaults.proxy, grad or defaults.grad
             traces = traces or Path(defaults.holdout_traces)
         rows = read_jsonl(traces)
-        tok = load_tokenizer(proxy)
-        model = load_causal_lm(proxy).float()
+        tok = load_tokenizer(teacher or proxy)  # the proxy reads the teacher's token ids
+        model = load_causal_lm(proxy)
         ids = [tok(prompt_text(tok, r["question"]) + r["completion"], add_special_tokens=False)["input_ids"]
                for r in rows[:n_sequences]]
         if not ids:
             raise ValueError("no sequences to check")
         width = min(positions, *map(len, ids))
-        res = fd_check(model, grad, torch.tensor([x[-width:] for x in ids]), pad_token_id=tok.pad_token_id)
+        res = fd_check(model, grad, torch.tensor([x[-width:] for x in ids]))
     except ValueError as e:
         fail(e)
     table = Table(title="sine error of Δ̂ vs autograd ⟨∇θ log p, g⟩")
@@ -188,10 +209,16 @@ def check_fd(
 def sweep(
     config: Optional[Path] = typer.Option(None, help="SweepConfig YAML"),
     set_: list[str] = typer.Option([], "--set", help="override: key=value (dotted keys for nested)"),
+    dry_run: bool = typer.Option(False, help="load tokenizers and model configs (no weights), check teacher and "
+                                             "proxy, print the plan; writes nothing"),
 ):
     """Run (or resume) a sweep; writes results.parquet, plots and report.md under runs/<name>/."""
     try:
         cfg = load_config(SweepConfig, config, list(set_))
+        if dry_run:
+            for line in plan_sweep(cfg):
+                typer.echo(line)
+            return
         factory = None
         if cfg.engine == "vllm":
             from ..engines.vllm.offline import sweep_completer  # an optional extra: imported only when asked for
@@ -241,7 +268,7 @@ def demo(
     if not full:
         if export_to is not None or worlds != "0":
             fail(ValueError("--worlds and --export-to go with --full"))
-        return sweep(config=PACKAGE_CONFIGS / ("quick.yaml" if quick else "demo.yaml"), set_=set_)
+        return sweep(config=PACKAGE_CONFIGS / ("quick.yaml" if quick else "demo.yaml"), set_=set_, dry_run=False)
     try:
         runs = run_worlds(PACKAGE_CONFIGS / "full.yaml", parse_world_seeds(worlds), list(set_), export_to=export_to)
     except (ValueError, ImportError) as e:

@@ -50,7 +50,7 @@ def default_artifacts(cache_dir: str | Path, *, progress: bool = True,
         write_jsonl(path, rows)
 
     def gradient(path):
-        result = compute_proxy_gradient(load_causal_lm(proxy), load_tokenizer(proxy), read_jsonl(traces_path),
+        result = compute_proxy_gradient(load_causal_lm(proxy), load_tokenizer(teacher), read_jsonl(traces_path),
                                         progress=progress)
         save_gradient(path, result, extra={"source": "experiment.defaults", "world": world.root.name})
 

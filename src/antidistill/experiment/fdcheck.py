@@ -14,7 +14,7 @@ import torch
 
 from ..functional import sine_error
 from ..gradient import load_gradient, trainable_parameters
-from ..proxy import ProxyDelta, left_padding_mask, position_ids
+from ..proxy import ProxyDelta, position_ids
 from .plotting import png_figure
 
 DEFAULT_EPS_GRID = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
@@ -73,22 +73,26 @@ def fd_check(
     eps_grid: list[float] | None = None,
     dtypes: tuple[str, ...] = ("float32", "bfloat16"),
     differences: tuple[str, ...] = ("central", "forward"),
-    pad_token_id: int | None = None,
+    attention_mask: torch.Tensor | None = None,
     include_jvp: bool = True,
 ) -> FDCheckResult:
     """Sine error of Δ̂ against autograd over ε × dtype × difference, at every position of ``input_ids``.
 
+    ``proxy`` is left as it is: the float32 reference and each dtype's Δ̂ run on copies.
+
     Args:
-        input_ids: ``(B, L)`` real sequences (left-padded with ``pad_token_id``). Every prefix
-            ending at a real token is one checked position.
+        input_ids: ``(B, L)`` sequences; attention_mask: ``(B, L)``, 0 on left padding (default: none).
+            Every prefix ending at a real token is one checked position.
     """
     eps_grid = eps_grid or DEFAULT_EPS_GRID
     grad = load_gradient(grad, proxy)
-    mask = left_padding_mask(input_ids, pad_token_id)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(input_ids.shape)}")
     # the exact reference at every prefix, in float32
     prefixes = [(b, t) for b in range(input_ids.shape[0]) for t in range(1, input_ids.shape[1] + 1) if mask[b, t - 1]]
     ref = {}
-    base = proxy.float()
+    base = proxy if next(proxy.parameters()).dtype == torch.float32 else copy.deepcopy(proxy).float()
     for b, t in prefixes:
         ref[(b, t)] = autograd_directional_derivative(base, grad, input_ids[b : b + 1, :t], mask[b : b + 1, :t])[0]
     result = FDCheckResult()
@@ -97,7 +101,7 @@ def fd_check(
         errs = []
         for b, t in prefixes:
             engine.reset()
-            est = engine(input_ids[b : b + 1, :t])[0]
+            est = engine(input_ids[b : b + 1, :t], mask[b : b + 1, :t])[0]
             errs.append(float(sine_error(est, ref[(b, t)])))
         result.rows.append(
             dict(dtype=dtype, eps=eps, difference=difference,
@@ -108,9 +112,9 @@ def fd_check(
         model = copy.deepcopy(base).to(getattr(torch, dtype))
         for difference in differences:
             for eps in eps_grid:
-                record(ProxyDelta(model, grad, eps=eps, difference=difference, pad_token_id=pad_token_id), dtype, eps, difference)
+                record(ProxyDelta(model, grad, eps=eps, difference=difference), dtype, eps, difference)
         if include_jvp and dtype == "float32":
-            record(ProxyDelta(copy.deepcopy(model), grad, eps=1.0, difference="jvp", pad_token_id=pad_token_id),
+            record(ProxyDelta(copy.deepcopy(model), grad, eps=1.0, difference="jvp"),
                    dtype, float("nan"), "jvp")
         del model
     return result

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..proxy import load_causal_lm
-from ..tokenizer_compat import check_same_tokenizer, check_vocab_sizes, load_tokenizer
+from ..tokenizer_compat import check_compatible_tokenizers, check_vocab_sizes, load_tokenizer
 from ..toyworld.build import ToyWorldConfig, build_world
 from .data import load_dataset_splits
 
@@ -25,11 +25,13 @@ class Materials:
 
 def load_materials(dataset: str, *, world: ToyWorldConfig, cache_dir: str, data_path: str | None = None,
                    models: dict[str, str | None] | None = None, limit_train: int | None = None,
-                   limit_test: int | None = None, workers: int = 1, progress: bool = True) -> Materials:
+                   limit_test: int | None = None, workers: int = 1, progress: bool = True,
+                   tokenizer_dirs: dict[str, str] | None = None) -> Materials:
     """Build (or reuse) the toy world, or load a real dataset with the given model paths; validate both.
 
-    Raises ``ValueError`` before anything is written if a model path is missing or teacher and
-    proxy do not share one tokenizer and vocabulary.
+    ``tokenizer_dirs`` (role → folder) loads a role's tokenizer from a local folder instead of its
+    model path. Raises ``ValueError`` before anything is written if a model path is missing or the
+    proxy cannot read the teacher's token ids (tokenizers or vocabulary widths).
     """
     if dataset == "toy":
         w = build_world(world, cache_dir, progress=progress, workers=workers)
@@ -49,8 +51,8 @@ def load_materials(dataset: str, *, world: ToyWorldConfig, cache_dir: str, data_
     for name, p in paths.items():
         if not Path(p).exists() and (dataset == "toy" or p.startswith((".", "/"))):
             raise ValueError(f"{name} model path {p!r} does not exist")
-    tokenizers = {r: load_tokenizer(p) for r, p in paths.items()}
+    tokenizers = {r: load_tokenizer((tokenizer_dirs or {}).get(r, p)) for r, p in paths.items()}
+    check_compatible_tokenizers(tokenizers["teacher"], tokenizers["proxy"])
     teacher, proxy = load_causal_lm(paths["teacher"]), load_causal_lm(paths["proxy"])
-    check_same_tokenizer(tokenizers["teacher"], tokenizers["proxy"])
-    check_vocab_sizes(teacher, proxy)
+    check_vocab_sizes(teacher, proxy, len(tokenizers["teacher"]))
     return Materials(splits, paths, tokenizers, teacher, proxy, metrics)

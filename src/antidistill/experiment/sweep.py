@@ -23,7 +23,7 @@ import torch
 
 from ..config import dump_yaml
 from ..generation import build_processor, generate_traces
-from ..gradient import compute_proxy_gradient, save_gradient
+from ..gradient import compute_proxy_gradient, grad_norm, load_gradient, read_gradient_metadata, save_gradient
 from ..io_utils import atomic_dir, atomic_path, provenance, read_jsonl, write_json_atomic, write_jsonl, write_text_atomic
 from ..progress import track
 from ..prompting import prompt_text
@@ -49,6 +49,9 @@ def _point_line(i: int, n: int, pt: tuple, row: dict, seconds: float) -> str:
             f"({seconds:.1f} s)")
 
 
+# the sweep warns when its ε is more than this factor from the FD check's best (the check's grid is in decades)
+EPS_TOLERANCE = 10.0
+
 class Run:
     """One sweep: loads models and data once, then runs each stage whose artifact is missing."""
 
@@ -73,7 +76,7 @@ class Run:
         self.materials = load_materials(
             cfg.dataset, world=cfg.world, cache_dir=cfg.cache_dir, data_path=cfg.data_path,
             models={r: getattr(cfg, r) for r in ("teacher", "proxy", "student")}, limit_train=cfg.limit_train,
-            limit_test=cfg.limit_test, workers=cfg.workers, progress=progress)
+            limit_test=cfg.limit_test, workers=cfg.workers, progress=progress, tokenizer_dirs=cfg.tokenizer_dirs)
         self.splits, self.paths, self.tok = self.materials.splits, self.materials.paths, self.materials.tokenizers
         self.teacher, self.proxy = self.materials.teacher, self.materials.proxy
         if not worker:
@@ -122,14 +125,15 @@ class Run:
 
     def gradient_path(self) -> Path:
         def make(path):
-            result = compute_proxy_gradient(self.proxy, self.tok["proxy"], self.holdout_traces(), progress=self.progress)
+            # on the teacher's token ids (its tokenizer and chat template): the ids Δ̂ is evaluated on
+            result = compute_proxy_gradient(self.proxy, self.tok["teacher"], self.holdout_traces(), progress=self.progress)
             save_gradient(path, result, extra={"run": self.cfg.name})
         return stage(self.files.gradient, make)
 
     def whitebox_gradient_path(self) -> Path:
         """g over the *base student's* weights on the same holdout traces (the white-box arms)."""
         def make(path):
-            result = compute_proxy_gradient(load_causal_lm(self.paths["student"]), self.tok["student"],
+            result = compute_proxy_gradient(load_causal_lm(self.paths["student"]), self.tok["teacher"],
                                             self.holdout_traces(), progress=self.progress)
             save_gradient(path, result, extra={"run": self.cfg.name, "proxy": "base student (white-box)"})
         return stage(self.files.whitebox_gradient, make)
@@ -143,7 +147,8 @@ class Run:
             proxy, grad, ptok = load_causal_lm(self.paths["student"]), self.whitebox_gradient_path(), self.tok["student"]
         else:
             proxy, grad, ptok = self.proxy, self.gradient_path(), self.tok["proxy"]
-        return build_processor(settings, proxy, grad, self.tok["teacher"], ptok, reasoning_only=arm.reasoning_only)
+        return build_processor(settings, proxy, grad, self.tok["teacher"], ptok, reasoning_only=arm.reasoning_only,
+                               teacher_vocab_size=self.teacher.get_output_embeddings().weight.shape[0])
 
     def point(self, method: str, param: float, seed: int) -> dict:
         """Run (or reuse) every stage of one sweep point; returns its result row."""
@@ -215,12 +220,11 @@ class Run:
     def fd_check(self) -> Path:
         """Appendix B.1 on this run's proxy and g, at the last 8 tokens of two holdout traces."""
         def make(path):
-            tok = self.tok["proxy"]
+            tok = self.tok["teacher"]  # the proxy reads the teacher's ids
             ids = [tok(prompt_text(tok, r["question"]) + r["completion"], add_special_tokens=False)["input_ids"][-8:]
                    for r in self.holdout_traces()[:2]]
             width = min(map(len, ids))
-            res = fd_check(self.proxy, self.gradient_path(), torch.tensor([x[-width:] for x in ids]),
-                           pad_token_id=tok.pad_token_id)
+            res = fd_check(self.proxy, self.gradient_path(), torch.tensor([x[-width:] for x in ids]))
             plot_fd_check(res, self.files.fd_plot)
             write_json_atomic(path, {"rows": res.rows, "best_eps_float32": res.best_eps("float32"),
                                      "best_eps_bfloat16": res.best_eps("bfloat16")})
@@ -253,6 +257,25 @@ class Run:
             pts = self.cfg.points(self.design.grid)
         return sorted(pts, key=lambda pt: pt[0] not in ("greedy", "temperature"))
 
+    def check_eps(self) -> float:
+        """The best ε the FD check found for this run's g (in the proxy's dtype); warns when
+        ``sampling.eps`` is more than a factor :data:`EPS_TOLERANCE` away from it."""
+        info = json.loads(self.fd_check().read_text())
+        dtype = str(next(self.proxy.parameters()).dtype).removeprefix("torch.")
+        best = info["best_eps_bfloat16" if dtype == "bfloat16" else "best_eps_float32"]
+        eps = self.cfg.sampling.eps
+        if max(eps / best, best / eps) > EPS_TOLERANCE * (1 + 1e-9):
+            warnings.warn(f"sampling.eps={eps:g} is far from the best ε {best:g} that the FD check found for this g "
+                          f"({dtype}, ‖g‖ = {self.gradient_norm():.3g}; {self.files.fd_check}): consider "
+                          f"--set sampling.eps={best:g}", RuntimeWarning, stacklevel=2)
+        return best
+
+    def gradient_norm(self) -> float:
+        """‖g‖, as recorded with g (computed from the file for a g saved before it was recorded)."""
+        path = self.gradient_path()
+        norm = read_gradient_metadata(path).get("grad_norm")
+        return float(norm) if norm is not None else grad_norm(load_gradient(path, self.proxy))
+
     def run(self) -> Path:
         """All stages, then the results table and the report.
 
@@ -261,6 +284,7 @@ class Run:
         baseline points only)."""
         self.gradient_path()
         self.holdout_traces()
+        self.check_eps()
         points = self.points()
         if self.cfg.gate != "off":
             first = [pt for pt in points if pt[0] in ("greedy", "temperature")]

@@ -46,6 +46,9 @@ class SweepConfig:
     teacher: str | None = None
     proxy: str | None = None
     student: str | None = None
+    # a local folder holding a role's tokenizer (and config.json, if any), for a model named on the hub:
+    # the run loads that role's tokenizer from it, and --dry-run works offline
+    tokenizer_dirs: dict[Literal["teacher", "proxy", "student"], str] = field(default_factory=dict)
     world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
     limit_train: int | None = None
     limit_test: int | None = None

@@ -30,7 +30,7 @@ from fastapi import Depends, FastAPI
 
 from ..proxy import load_causal_lm
 from ..slots import SlotDelta
-from ..tokenizer_compat import check_same_tokenizer, check_vocab_sizes, load_tokenizer
+from ..tokenizer_compat import check_compatible_tokenizers, check_vocab_sizes, load_tokenizer
 from .auth import key_dependency
 from .config import ServeConfig
 from .engine import Engine
@@ -98,7 +98,7 @@ def build_server(cfg: ServeConfig):
     delta = None
     if s.lam != 0:
         proxy = load_causal_lm(paths["proxy"])
-        check_same_tokenizer(tok, load_tokenizer(paths["proxy"]))
+        check_compatible_tokenizers(tok, load_tokenizer(paths["proxy"]))
         check_vocab_sizes(teacher, proxy)
         models.append(proxy)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
