@@ -179,11 +179,10 @@ def _lambda_curve(run, cfg: CalibrationConfig, arm: str, base_tau: float, target
     return out
 
 
-def _lambda_curve_in_worker(sweep_cfg, cfg: CalibrationConfig, arm: str, base_tau: float,
+def _lambda_curve_in_worker(run_type, sweep_cfg, cfg: CalibrationConfig, arm: str, base_tau: float,
                             target_accs: list[float]) -> list[dict]:
-    from .sweep import Run  # the worker loads the run's (cached) world and models
-
-    return _lambda_curve(Run(sweep_cfg, progress=False, worker=True), cfg, arm, base_tau, target_accs, False)
+    """In a pool worker: ``run_type`` (the sweep's ``Run``, pickled by reference) loads the run's cached world."""
+    return _lambda_curve(run_type(sweep_cfg, progress=False, worker=True), cfg, arm, base_tau, target_accs, False)
 
 
 def calibrate(run, cfg: CalibrationConfig, progress: bool = True) -> Path:
@@ -215,7 +214,8 @@ def calibrate(run, cfg: CalibrationConfig, progress: bool = True) -> Path:
         n = min(run.cfg.workers, len(arms))
         if n > 1:
             with worker_pool(n) as pool:
-                futures = {arm: pool.submit(_lambda_curve_in_worker, run.cfg, cfg, arm, base_tau, target_accs)
+                futures = {arm: pool.submit(_lambda_curve_in_worker, type(run), run.cfg, cfg, arm, base_tau,
+                                          target_accs)
                            for arm in arms}
                 measured.update({arm: f.result() for arm, f in futures.items()})
         else:
