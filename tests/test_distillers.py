@@ -271,5 +271,6 @@ def test_distiller_table_gives_each_distillers_gap_and_the_recovered_share():
     assert lines[2] == "| naive | whitebox | -8.0 [-9.0, -7.0] | 4 | 0% |"
     assert lines[3] == "| correct_only | whitebox | -2.0 [-3.0, -1.0] | 4 | 75% |"
     # rows without a distiller column are the naive distiller's; an arm that cannot be fitted is a dash
-    t2 = distiller_table(df[df.distiller == "naive"].drop(columns="distiller"), lambda r, a: None, arms=("whitebox",))
+    naive_only = df[df.distiller == "naive"].drop(columns="distiller")
+    t2 = distiller_table(naive_only, lambda r, a: None, arms=("whitebox",))
     assert t2.distiller.tolist() == ["naive"] and distiller_table_lines(t2)[2] == "| naive | whitebox | – | – | – |"

@@ -211,7 +211,8 @@ class Run:
         torch.manual_seed(seed)
         base = load_causal_lm(start or self.paths["student"])
         holdout = eval_traces if eval_traces is not None else [
-            {"question": r["question"], "completion": r["completion"]} for r in self.holdout_traces()[: self.cfg.n_eval_traces]]
+            {"question": r["question"], "completion": r["completion"]}
+            for r in self.holdout_traces()[: self.cfg.n_eval_traces]]
         with atomic_dir(student_dir) as tmp:
             model, history = distill(base, self.tok["student"], traces, cfg or self.cfg.distill,
                                      output_dir=tmp / "_trainer", eval_traces=holdout or None, seed=seed,
