@@ -98,7 +98,8 @@ def test_harder_training_updates_every_parameter_for_three_times_the_steps(tmp_p
     traces = [{"question": r["question"], "completion": r["solution"]} for r in toy_splits()["train"][:8]]
     cfg = DistillConfig(epochs=1.0, batch_size=4, eval_every=2)  # a logged loss every step
     hard = harder_config(cfg)
-    assert hard.lora is False and hard.epochs == 3.0 and cfg.lora is True  # the sweep's config is untouched
+    assert hard.lora is False and hard.epochs == 3.0 and hard.lr == cfg.lr and cfg.lora is True  # cfg untouched
+    assert harder_config(cfg, 2.0, lr=1e-4).lr == 1e-4
     runs = {}
     for name, c in (("naive", cfg), ("harder", hard)):
         start = tiny("gpt2", tok, seed=4)
@@ -239,7 +240,8 @@ def test_distillers_config_names_defaults_and_errors(tmp_path):
     assert cfg.distillers[1] == CleanMix(fraction=0.1) and cfg.distillers[2] == AnswersOnly(k=2)
     assert "distillers" in config_text(cfg)
     for bad, needle in [("[bogus]", "bogus"), ("[naive, naive]", "more than once"), ("[]", "at least one"),
-                        ("[{kind: clean_mix, fraction: 2}]", "fraction=2"), ("[{kind: harder, lr: 1}]", "unknown")]:
+                        ("[{kind: clean_mix, fraction: 2}]", "fraction=2"), ("[{kind: harder, rank: 1}]", "unknown"),
+                        ("[{kind: harder, lr: 0}]", "lr=0")]:
         with pytest.raises(ValueError, match=needle):
             load_config(SweepConfig, QUICK, [f"distillers={bad}"])
 

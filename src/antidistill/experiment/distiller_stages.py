@@ -130,7 +130,7 @@ class DistillerStages:
                 load_causal_lm(start or self.run.paths["student"]).save_pretrained(tmp)
                 (tmp / "history.json").write_text("[]")
             return
-        cfg = harder_config(self.cfg.distill, d.epochs_factor) if d.kind == "harder" else None
+        cfg = harder_config(self.cfg.distill, d.epochs_factor, d.lr) if d.kind == "harder" else None
         weights = [r["weight"] for r in rows] if d.kind == "grad_align" else None
         self.run._distill(rows, seed, student_dir, start=start, cfg=cfg, weights=weights)
 

@@ -65,10 +65,12 @@ class CleanMix:
 
 @dataclass(config=CONFIG)
 class Harder:
-    """Full fine-tuning (no LoRA) for ``epochs_factor`` × the sweep's epochs."""
+    """Full fine-tuning (no LoRA) for ``epochs_factor`` × the sweep's epochs, at learning rate ``lr`` (None: the
+    sweep's ``distill.lr``, which was chosen for LoRA)."""
 
     kind: Literal["harder"] = "harder"
     epochs_factor: float = Field(3.0, gt=0.0, allow_inf_nan=False)
+    lr: float | None = Field(None, gt=0.0, allow_inf_nan=False)
 
 
 @dataclass(config=CONFIG)
@@ -169,9 +171,9 @@ def clean_mix(traces: Sequence[Mapping], problems: Mapping[str, Mapping], fracti
     return [dict(t) for t in traces] + clean_rows([problems[i] for i in chosen])
 
 
-def harder_config(cfg: DistillConfig, epochs_factor: float = 3.0) -> DistillConfig:
-    """``cfg`` with LoRA off (every parameter trains) and ``epochs_factor`` × its epochs."""
-    return dataclasses.replace(cfg, lora=False, epochs=cfg.epochs * epochs_factor)
+def harder_config(cfg: DistillConfig, epochs_factor: float = 3.0, lr: float | None = None) -> DistillConfig:
+    """``cfg`` with LoRA off (every parameter trains), ``epochs_factor`` × its epochs, and ``lr`` if given."""
+    return dataclasses.replace(cfg, lora=False, epochs=cfg.epochs * epochs_factor, lr=cfg.lr if lr is None else lr)
 
 
 def cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
