@@ -3,6 +3,7 @@ weighted per trace (:class:`WeightedSFTTrainer`, the gradient-alignment distille
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -162,7 +163,7 @@ class _WeightCollator:
 def _check_weights(weights: list[float], n: int) -> None:
     if len(weights) != n:
         raise ValueError(f"weights must give one weight per trace: {len(weights)} weights for {n} traces")
-    bad = [w for w in weights if not (isinstance(w, (int, float)) and w >= 0 and w == w and w != float("inf"))]
+    bad = [w for w in weights if not (math.isfinite(float(w)) and float(w) >= 0)]
     if bad:
         raise ValueError(f"weights must be finite and ≥ 0, got {bad[:5]}")
 
