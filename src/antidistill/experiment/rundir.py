@@ -49,6 +49,11 @@ class RunDir:
     def point(self, method: str, param: float, seed: int) -> PointDir:
         return PointDir(self.root / "points" / point_name(method, param, seed))
 
+    def distiller(self, kind: str) -> Path:
+        """Run-level artifacts of an adaptive distiller, shared by every point of a seed (warm-start students,
+        the student's own samples, the clean-set gradient)."""
+        return self.root / "distillers" / kind
+
 
 class PointDir:
     """The files of one sweep point, in the order its stages write them."""
@@ -62,3 +67,23 @@ class PointDir:
     history = property(lambda self: self.root / "student" / "history.json")  # its loss history, in one rename
     student_test = property(lambda self: self.root / "student_test.jsonl")
     result = property(lambda self: self.root / "result.json")  # the point's row, written last
+
+    def distiller(self, kind: str) -> DistillerDir:
+        """The files of this point's student under an adaptive distiller (the naive one keeps the paths above)."""
+        return DistillerDir(self, kind)
+
+
+class DistillerDir(PointDir):
+    """One point's student under adaptive distiller ``kind``: ``points/<point>/distillers/<kind>/``.
+
+    The teacher's traces stay the point's own (``traces``, ``teacher_test``); the training set the distiller
+    made from them, its student, the student's test rows and the row are its own.
+    """
+
+    def __init__(self, point: PointDir, kind: str):
+        super().__init__(point.root / "distillers" / kind)
+        self.point = point
+
+    traces = property(lambda self: self.point.traces)
+    teacher_test = property(lambda self: self.point.teacher_test)
+    train_set = property(lambda self: self.root / "train.jsonl")  # what the student trains on (with weights)

@@ -21,7 +21,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..config import dump_yaml
 from ..generation import build_processor, generate_traces
 from ..gradient import compute_proxy_gradient, grad_norm, load_gradient, read_gradient_metadata, save_gradient
 from ..io_utils import atomic_dir, atomic_path, provenance, read_jsonl, write_json_atomic, write_jsonl, write_text_atomic
@@ -33,19 +32,21 @@ from ..settings import SamplingSettings
 from .arms import ARMS
 from .calibration import Design, calibrate, outside_picks
 from .distill import distill
+from .distiller_stages import DistillerStages, with_distiller
 from .evaluate import accuracy_summary, mean_completion_nll, nll_by_token_class
 from .fdcheck import fd_check, plot_fd_check
 from .gate import world_gate
 from .materials import load_materials
 from .report import write_report
 from .rundir import RunDir, point_name, stage
-from .sweepconfig import SweepConfig
+from .sweepconfig import SweepConfig, config_text
 
 __all__ = ["Run", "SweepConfig"]
 
 
 def _point_line(i: int, n: int, pt: tuple, row: dict, seconds: float) -> str:
-    return (f"[{i}/{n}] {point_name(*pt)}: teacher {row['teacher_acc']:.2f}, student {row['student_acc']:.2f} "
+    by = "" if row.get("distiller", "naive") == "naive" else f" [{row['distiller']}]"
+    return (f"[{i}/{n}] {point_name(*pt)}{by}: teacher {row['teacher_acc']:.2f}, student {row['student_acc']:.2f} "
             f"({seconds:.1f} s)")
 
 
@@ -79,6 +80,7 @@ class Run:
             limit_test=cfg.limit_test, workers=cfg.workers, progress=progress, tokenizer_dirs=cfg.tokenizer_dirs)
         self.splits, self.paths, self.tok = self.materials.splits, self.materials.paths, self.materials.tokenizers
         self.teacher, self.proxy = self.materials.teacher, self.materials.proxy
+        self.adaptive = DistillerStages(self)  # the distillers other than the naive one
         if not worker:
             self._check_config(write=True)
             self._remove_stale_temporaries()
@@ -87,7 +89,7 @@ class Run:
 
     # --- setup ---------------------------------------------------------------------------
     def _check_config(self, write: bool) -> None:
-        text = dump_yaml(self.cfg)
+        text = config_text(self.cfg)
         path = self.files.config
         if path.is_file() and path.read_text() != text:
             raise ValueError(
@@ -151,10 +153,35 @@ class Run:
                                teacher_vocab_size=self.teacher.get_output_embeddings().weight.shape[0])
 
     def point(self, method: str, param: float, seed: int) -> dict:
-        """Run (or reuse) every stage of one sweep point; returns its result row."""
+        """Run (or reuse) every stage of one sweep point; returns its result row (the naive distiller's)."""
         files = self.files.point(method, param, seed)
         if files.result.is_file():
             return json.loads(files.result.read_text())
+        settings = self.teacher_stages(method, param, seed)
+        label = f"{method} {param:g} seed {seed}"
+        stage(files.student, lambda path: self._distill(read_jsonl(files.traces), seed, path))
+        student = load_causal_lm(str(files.student))
+        greedy = self.cfg.settings_for("greedy", 0.0, seed)
+        stage(files.student_test, self._traces(student, self.tok["student"], "test", greedy,
+                                               f"student on test [{label}]", scoring="forced"))
+        row = self._result_row(method, param, seed, settings, files, student)
+        write_json_atomic(files.result, row)
+        return row
+
+    def point_rows(self, method: str, param: float, seed: int) -> list[dict]:
+        """One point's rows, one per configured distiller (in config order), each with its ``distiller``."""
+        return [with_distiller(self.point(method, param, seed), d.kind) if d.kind == "naive"
+                else self.adaptive.row(method, param, seed, d) for d in self.cfg.distillers]
+
+    def point_done(self, method: str, param: float, seed: int) -> bool:
+        """Whether every configured distiller's row of this point is written."""
+        files = self.files.point(method, param, seed)
+        return all((files.result if d.kind == "naive" else files.distiller(d.kind).result).is_file()
+                   for d in self.cfg.distillers)
+
+    def teacher_stages(self, method: str, param: float, seed: int) -> SamplingSettings:
+        """The point's teacher traces on train and on test (made once, whoever distils them); its settings."""
+        files = self.files.point(method, param, seed)
         settings = self.cfg.settings_for(method, param, seed, tau=self.design.base_tau if self.design else None)
         label = f"{method} {param:g} seed {seed}"
         teacher, tok = self.teacher, self.tok["teacher"]
@@ -172,27 +199,25 @@ class Run:
                                                    processor=proc))
         if engine:
             teacher.close()
-        stage(files.student, lambda path: self._distill(read_jsonl(files.traces), seed, path))
-        student = load_causal_lm(str(files.student))
-        greedy = self.cfg.settings_for("greedy", 0.0, seed)
-        stage(files.student_test, self._traces(student, self.tok["student"], "test", greedy,
-                                               f"student on test [{label}]", scoring="forced"))
-        row = self._result_row(method, param, seed, settings, files, student)
-        write_json_atomic(files.result, row)
-        return row
+        return settings
 
-    def _distill(self, traces, seed, student_dir: Path) -> None:
-        """Distil the base student on ``traces`` into ``student_dir``, with its loss history inside.
+    def _distill(self, traces, seed, student_dir: Path, *, start: str | None = None, cfg=None, weights=None,
+                 eval_traces: list[dict] | None = None) -> None:
+        """Distil the base student (or the model at ``start``) on ``traces`` into ``student_dir``, with its loss
+        history inside; ``cfg`` (default: the sweep's ``distill``), ``weights`` and ``eval_traces`` (default: the
+        first ``n_eval_traces`` holdout traces) as :func:`~antidistill.experiment.distill.distill` takes them.
 
         Model and ``history.json`` land in one rename, so a kill at any moment leaves both or neither.
         """
         torch.manual_seed(seed)
-        base = load_causal_lm(self.paths["student"])
-        holdout = [{"question": r["question"], "completion": r["completion"]}
-                   for r in self.holdout_traces()[: self.cfg.n_eval_traces]]
+        base = load_causal_lm(start or self.paths["student"])
+        holdout = eval_traces if eval_traces is not None else [
+            {"question": r["question"], "completion": r["completion"]}
+            for r in self.holdout_traces()[: self.cfg.n_eval_traces]]
         with atomic_dir(student_dir) as tmp:
-            model, history = distill(base, self.tok["student"], traces, self.cfg.distill, output_dir=tmp / "_trainer",
-                                     eval_traces=holdout, seed=seed, progress=False)
+            model, history = distill(base, self.tok["student"], traces, cfg or self.cfg.distill,
+                                     output_dir=tmp / "_trainer", eval_traces=holdout or None, seed=seed,
+                                     progress=False, weights=weights)
             shutil.rmtree(tmp / "_trainer", ignore_errors=True)
             model.save_pretrained(tmp)
             (tmp / "history.json").write_text(json.dumps(history))
@@ -286,10 +311,11 @@ class Run:
         self.holdout_traces()
         self.check_eps()
         points = self.points()
+        self.adaptive.prepare(sorted({s for _, _, s in points}))
         if self.cfg.gate != "off":
             first = [pt for pt in points if pt[0] in ("greedy", "temperature")]
-            gate = world_gate(pd.DataFrame(self._run_points(first)), self.cfg.gate_min_greedy_student,
-                              self.cfg.gate_min_slope)
+            naive = [r for r in self._run_points(first) if r.get("distiller", "naive") == "naive"]
+            gate = world_gate(pd.DataFrame(naive), self.cfg.gate_min_greedy_student, self.cfg.gate_min_slope)
             write_json_atomic(self.files.gate, gate)
             if not gate["passes"]:
                 warnings.warn(f"the world fails the gate ({gate['reason']}); {self.files.gate}", RuntimeWarning,
@@ -305,18 +331,22 @@ class Run:
         return self.dir
 
     def _run_points(self, points: list[tuple[str, float, int]]) -> list[dict]:
+        """Every point's rows (one per distiller), serially or in ``cfg.workers`` processes."""
         if self.cfg.workers > 1:
             return self._run_points_parallel(points)
         rows = []
         for i, pt in enumerate(points, 1):
             t0 = time.perf_counter()
-            rows.append(self.point(*pt))
+            point_rows = self.point_rows(*pt)
+            rows += point_rows
             if self.progress:
-                print(_point_line(i, len(points), pt, rows[-1], time.perf_counter() - t0), flush=True)
+                for row in point_rows:
+                    print(_point_line(i, len(points), pt, row, time.perf_counter() - t0), flush=True)
         return rows
 
     def _run_points_parallel(self, points: list[tuple[str, float, int]]) -> list[dict]:
-        """Run the points in ``cfg.workers`` spawned processes; rows come back in ``points`` order.
+        """Run the points in ``cfg.workers`` spawned processes; rows come back in ``points`` order (a point's
+        distillers in config order, all in the worker that has the point).
 
         Each point's stages are atomic, so this is as resumable as the serial loop. The workers die
         with this process (Linux ``PR_SET_PDEATHSIG``), so a killed sweep leaves no writer behind.
@@ -325,9 +355,8 @@ class Run:
             raise ValueError("workers > 1 cannot be combined with accelerate launch; use one or the other")
         rows = {}
         for pt in points:
-            result = self.files.point(*pt).result
-            if result.is_file():
-                rows[pt] = json.loads(result.read_text())
+            if self.point_done(*pt):
+                rows[pt] = self.point_rows(*pt)
         todo = [pt for pt in points if pt not in rows]
         if todo:
             n = min(self.cfg.workers, len(todo))
@@ -339,11 +368,12 @@ class Run:
                         pt = futures[fut]
                         rows[pt], seconds = fut.result()
                         if self.progress:
-                            print(_point_line(len(rows), len(points), pt, rows[pt], seconds), flush=True)
+                            for row in rows[pt]:
+                                print(_point_line(len(rows), len(points), pt, row, seconds), flush=True)
                 except BaseException:
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
-        return [rows[pt] for pt in points]
+        return [row for pt in points for row in rows[pt]]
 
     def write_results(self, rows: list[dict]) -> pd.DataFrame:
         df = pd.DataFrame(rows)
@@ -355,8 +385,9 @@ class Run:
         return df
 
 
-def _run_point_in_worker(cfg: SweepConfig, pt: tuple[str, float, int], completer_factory=None) -> tuple[dict, float]:
-    """One point in a pool worker; the worker loads the run's (cached) world and models for it."""
+def _run_point_in_worker(cfg: SweepConfig, pt: tuple[str, float, int],
+                         completer_factory=None) -> tuple[list[dict], float]:
+    """One point (every distiller of it) in a pool worker; the worker loads the run's (cached) world and models."""
     t0 = time.perf_counter()
-    row = Run(cfg, progress=False, worker=True, completer_factory=completer_factory).point(*pt)
-    return row, time.perf_counter() - t0
+    rows = Run(cfg, progress=False, worker=True, completer_factory=completer_factory).point_rows(*pt)
+    return rows, time.perf_counter() - t0

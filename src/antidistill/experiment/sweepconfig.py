@@ -12,9 +12,11 @@ from dataclasses import field
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from pydantic import field_validator
 from pydantic.dataclasses import dataclass
 
+from ..config import to_dict
 from ..functional import check_lam, check_tau
 from ..settings import CONFIG, METHODS, SamplingSettings
 from ..toyworld.build import ToyWorldConfig
@@ -22,6 +24,7 @@ from .arms import ARMS, EXTRA_ARMS
 from .calibration import CalibrationConfig
 from .data import DATASETS
 from .distill import DistillConfig
+from .distillers import DistillerConfig, Naive, check_distillers, distiller_entries
 from .rundir import point_name
 
 # what the sweep's points start from unless its config says otherwise
@@ -68,6 +71,9 @@ class SweepConfig:
     sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(**SWEEP_SAMPLING))
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     distill: DistillConfig = field(default_factory=DistillConfig)
+    # who distils each point's traces: every point's traces are distilled once per entry (experiment.distillers:
+    # naive, correct_only, clean_mix, harder, grad_align, answers_only, warm_start; a bare name takes its defaults)
+    distillers: list[DistillerConfig] = field(default_factory=lambda: [Naive()])
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # antidistill calibrate
     n_eval_traces: int = 100  # clean holdout traces for the student's loss-dynamics record (Fig. 5)
     # sweep points run in this many processes at once, each with cores // workers torch threads. On a
@@ -92,6 +98,11 @@ class SweepConfig:
         """A partial ``sampling`` mapping fills in from the sweep's defaults, not the library's."""
         return SWEEP_SAMPLING | v if isinstance(v, dict) else v
 
+    @field_validator("distillers", mode="before")
+    @classmethod
+    def _distiller_names(cls, v):
+        return distiller_entries(v)
+
     def __post_init__(self):
         if not self.name or "/" in self.name:
             raise ValueError(f"name must be a plain directory name, got name={self.name!r}")
@@ -115,6 +126,7 @@ class SweepConfig:
         if self.engine != "hf" and any(self.arms.values()):
             raise ValueError(f"engine={self.engine!r} runs greedy, temperature, antidistill and permutation points; "
                              f"the arms {sorted(k for k, v in self.arms.items() if v)} run on engine='hf'")
+        check_distillers(self.distillers)
         unknown = sorted(set(self.arms) - set(EXTRA_ARMS))
         if unknown:
             raise ValueError(f"unknown arms {unknown}; arms may list {list(EXTRA_ARMS)}")
@@ -165,3 +177,12 @@ class SweepConfig:
             if tau is not None:
                 base["tau"] = tau
         return SamplingSettings(**base)
+
+
+def config_text(cfg: SweepConfig) -> str:
+    """The run directory's ``config.yaml``: the config as YAML, leaving out ``distillers`` when it is only the
+    naive one, so a config written before distillers existed keeps its text and its run directory resumes."""
+    data = to_dict(cfg)
+    if [d.kind for d in cfg.distillers] == ["naive"]:
+        del data["distillers"]
+    return yaml.safe_dump(data, sort_keys=False)  # as config.dump_yaml writes it

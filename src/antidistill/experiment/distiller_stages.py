@@ -1,0 +1,155 @@
+"""The sweep's stages for the adaptive distillers (``experiment.distillers``): each point's traces, once per distiller.
+
+The naive distiller is the sweep's own point stages (``Run.point``), paths and rows unchanged. Every other
+distiller ``kind`` adds, under ``points/<point>/distillers/<kind>/`` (``rundir.DistillerDir``):
+
+1. ``train.jsonl``: the training set it made from the point's delivered traces (weights included);
+2. ``student/``: the student distilled on it (with ``history.json``);
+3. ``student_test.jsonl``, then ``result.json``: the point's row with ``distiller`` and ``n_train``.
+
+What depends on the seed only (the warm-started student, the student's own samples, the clean-set gradient)
+is made once per seed under ``distillers/<kind>/`` (:meth:`DistillerStages.prepare`, run by the parent
+before any worker starts). Every artifact goes through ``rundir.stage``, so resuming redoes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from ..gradient import compute_proxy_gradient, load_gradient, save_gradient
+from ..io_utils import atomic_dir, write_json_atomic
+from ..proxy import load_causal_lm
+from .data import read_jsonl, write_jsonl
+from .distillers import (
+    NAIVE,
+    alignment_weights,
+    answers_only,
+    clean_mix,
+    clean_set,
+    correct_only,
+    harder_config,
+    sample_student,
+    trace_cosines,
+)
+from .rundir import stage
+
+
+def with_distiller(row: dict, kind: str) -> dict:
+    """``row`` with ``distiller`` = ``kind`` right after ``seed`` (a naive row's ``result.json`` has none)."""
+    out = {}
+    for k, v in row.items():
+        if k != "distiller":
+            out[k] = v
+        if k == "seed":
+            out["distiller"] = kind
+    return out if "distiller" in out else out | {"distiller": kind}
+
+
+class DistillerStages:
+    """The adaptive distillers' stages of one :class:`~antidistill.experiment.sweep.Run`."""
+
+    def __init__(self, run):
+        self.run = run
+        self.cfg = run.cfg
+        self.adaptive = [d for d in self.cfg.distillers if d.kind != NAIVE]
+
+    # --- shared by every point of a seed ------------------------------------------------------------
+    def clean(self, n: int, seed: int) -> list[dict]:
+        """The distiller's clean data: ground-truth solutions of ``n`` training problems drawn with ``seed``."""
+        return clean_set(self.run.splits["train"], n, seed)
+
+    def warm_student(self, d, seed: int) -> Path:
+        """The base student fine-tuned on the clean set (``warm_start``), as a model folder."""
+        path = self.run.files.distiller(d.kind) / f"student_s{seed}"
+        cfg = self.cfg.distill if d.epochs is None else dataclasses.replace(self.cfg.distill, epochs=d.epochs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return stage(path, lambda p: self.run._distill(self.clean(d.n_clean, seed), seed, p, cfg=cfg, eval_traces=[]))
+
+    def student_samples(self, d, seed: int) -> list[dict]:
+        """The base student's own ``k`` samples per training problem (``answers_only``)."""
+        path = self.run.files.distiller(d.kind) / f"samples_s{seed}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+        def make(p):
+            settings = self.cfg.settings_for("temperature", d.tau, seed)
+            shots = self.clean(d.few_shot, seed) if d.few_shot else None
+            student = load_causal_lm(self.run.paths["student"])
+            write_jsonl(p, sample_student(student, self.run.tok["student"], self.run.splits["train"], d.k, settings,
+                                          few_shot=shots, progress=self.run.progress))
+        return read_jsonl(stage(path, make))
+
+    def clean_gradient(self, d, seed: int) -> Path:
+        """∇θ of the base student's mean completion-token NLL on the clean set (``grad_align``)."""
+        path = self.run.files.distiller(d.kind) / f"clean_grad_s{seed}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+        def make(p):
+            student = load_causal_lm(self.run.paths["student"])
+            result = compute_proxy_gradient(student, self.run.tok["student"], self.clean(d.n_clean, seed),
+                                            max_length=self.cfg.distill.max_length)
+            save_gradient(p, result, extra={"run": self.cfg.name, "what": "base student on the clean set"})
+        return stage(path, make)
+
+    def prepare(self, seeds) -> None:
+        """Make every seed-level artifact now (in the parent of a parallel sweep, so no two workers race)."""
+        for d in self.adaptive:
+            for seed in sorted(set(seeds)):
+                if d.kind == "warm_start":
+                    self.warm_student(d, seed)
+                elif d.kind == "answers_only":
+                    self.student_samples(d, seed)
+                elif d.kind == "grad_align":
+                    self.clean_gradient(d, seed)
+
+    # --- per point ----------------------------------------------------------------------------------
+    def train_rows(self, d, traces: list[dict], seed: int) -> list[dict]:
+        """What distiller ``d`` trains on, made from one point's delivered ``traces``."""
+        if d.kind in ("harder", "warm_start"):
+            return traces
+        if d.kind == "correct_only":
+            return correct_only(traces)
+        if d.kind == "clean_mix":
+            return clean_mix(traces, {p["id"]: p for p in self.run.splits["train"]}, d.fraction, seed)
+        if d.kind == "answers_only":
+            return answers_only(traces, self.student_samples(d, seed))
+        if d.kind == "grad_align":
+            student = load_causal_lm(self.run.paths["student"])
+            cos = trace_cosines(student, self.run.tok["student"], traces,
+                                load_gradient(self.clean_gradient(d, seed), student),
+                                max_length=self.cfg.distill.max_length)
+            return [t | {"alignment": c, "weight": w} for t, c, w in zip(traces, cos, alignment_weights(cos))]
+        raise ValueError(f"unknown distiller kind {d.kind!r}")
+
+    def distill_student(self, d, rows: list[dict], seed: int, student_dir: Path) -> None:
+        """Distil (or, with nothing to train on, keep) the student that ``d`` starts from into ``student_dir``."""
+        start = str(self.warm_student(d, seed)) if d.kind == "warm_start" else None
+        if not rows:  # every trace filtered out: the distiller keeps its starting student
+            with atomic_dir(student_dir) as tmp:
+                load_causal_lm(start or self.run.paths["student"]).save_pretrained(tmp)
+                (tmp / "history.json").write_text("[]")
+            return
+        cfg = harder_config(self.cfg.distill, d.epochs_factor, d.lr) if d.kind == "harder" else None
+        weights = [r["weight"] for r in rows] if d.kind == "grad_align" else None
+        self.run._distill(rows, seed, student_dir, start=start, cfg=cfg, weights=weights)
+
+    def row(self, method: str, param: float, seed: int, d) -> dict:
+        """Run (or reuse) distiller ``d``'s stages at one point; returns its result row."""
+        files = self.run.files.point(method, param, seed).distiller(d.kind)
+        if files.result.is_file():
+            return json.loads(files.result.read_text())
+        settings = self.run.teacher_stages(method, param, seed)
+        files.root.mkdir(parents=True, exist_ok=True)
+        stage(files.train_set, lambda p: write_jsonl(p, self.train_rows(d, read_jsonl(files.traces), seed)))
+        rows = read_jsonl(files.train_set)
+        stage(files.student, lambda p: self.distill_student(d, rows, seed, p))
+        student = load_causal_lm(str(files.student))
+        greedy = self.cfg.settings_for("greedy", 0.0, seed)
+        stage(files.student_test, self.run._traces(student, self.run.tok["student"], "test", greedy,
+                                                   f"student on test [{method} {param:g} seed {seed}, {d.kind}]",
+                                                   scoring="forced"))
+        row = with_distiller(self.run._result_row(method, param, seed, settings, files, student), d.kind)
+        row["n_train"] = len(rows)
+        write_json_atomic(files.result, row)
+        return row

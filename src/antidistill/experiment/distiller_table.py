@@ -1,0 +1,84 @@
+"""The distiller × arm table: each defense's gap to temperature under each distiller, and how much of the naive
+gap an adaptive distiller recovers.
+
+The comparison is fair when a distiller's variant is applied to the temperature traces too: the gap of arm A
+under distiller D is the arm effect estimated from D's runs alone (A's and temperature's, at matched teacher
+accuracy). The estimator is passed in (``inference.pooled_effect`` today), so this table follows whatever
+estimate the report uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pandas as pd
+
+from .distillers import DISTILLERS, NAIVE
+
+# (runs of one distiller, arm) -> {"estimate", "ci_low", "ci_high", ...} or None when it cannot be fitted
+Estimator = Callable[[pd.DataFrame, str], "dict | None"]
+
+COLUMNS = ("distiller", "arm", "estimate", "ci_low", "ci_high", "n_runs", "naive_estimate", "recovered")
+
+
+def recovered_fraction(gap: float, naive_gap: float) -> float:
+    """The share of the naive gap a distiller recovers: 1 − gap / naive_gap (1: no gap left; 0: the naive gap;
+    < 0: a larger gap than naive). NaN when the naive distiller shows no gap (naive_gap ≥ 0) to recover.
+
+    >>> recovered_fraction(-2.0, -8.0)
+    0.75
+    """
+    if not naive_gap < 0:
+        return float("nan")
+    return 1.0 - gap / naive_gap
+
+
+def distiller_table(df: pd.DataFrame, estimator: Estimator, arms: Sequence[str] = ("whitebox", "antidistill"),
+                    ) -> pd.DataFrame:
+    """One row per (distiller, arm): the arm's gap to temperature under that distiller, and the share of the
+    naive gap it recovers.
+
+    Args:
+        df: results rows with ``distiller`` (rows without one are the naive distiller's), ``method`` and
+            whatever ``estimator`` reads.
+        estimator: ``(runs, arm) -> dict | None``, the arm-effect estimator (e.g. ``inference.pooled_effect``),
+            called on one distiller's runs at a time; its ``estimate``, ``ci_low``, ``ci_high`` and ``n_runs``
+            (if present) are copied.
+        arms: the defended arms, each against temperature.
+
+    Returns:
+        A frame with :data:`COLUMNS`; ``recovered`` is :func:`recovered_fraction` of the point estimates (the
+        naive row's own is 0), NaN where either gap could not be fitted. Distillers come in
+        ``experiment.distillers`` order. The fraction has no interval: it is a ratio of two estimates.
+    """
+    runs = df.assign(distiller=df["distiller"].fillna(NAIVE)) if "distiller" in df else df.assign(distiller=NAIVE)
+    present = [d for d in DISTILLERS if (runs.distiller == d).any()]
+    present += sorted(set(runs.distiller) - set(present))
+    fits = {(d, a): estimator(runs[runs.distiller == d], a) for d in present for a in arms}
+    rows = []
+    for d in present:
+        for a in arms:
+            e, naive = fits[(d, a)], fits.get((NAIVE, a))
+            nan = float("nan")
+            est = e["estimate"] if e else nan
+            naive_est = naive["estimate"] if naive else nan
+            rows.append({"distiller": d, "arm": a, "estimate": est, "ci_low": e["ci_low"] if e else nan,
+                         "ci_high": e["ci_high"] if e else nan, "n_runs": e.get("n_runs") if e else None,
+                         "naive_estimate": naive_est,
+                         "recovered": recovered_fraction(est, naive_est) if e and naive else nan})
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def distiller_table_lines(table: pd.DataFrame) -> list[str]:
+    """The table as report markdown: gaps in points with their intervals, the recovered share in %."""
+    def pts(v):
+        return "–" if pd.isna(v) else f"{100 * v:+.1f}"
+
+    out = ["| distiller | arm | gap to temperature (points, 95% CI) | runs | naive gap recovered |",
+           "|---|---|---|---|---|"]
+    for r in table.itertuples():
+        gap = "–" if pd.isna(r.estimate) else f"{pts(r.estimate)} [{pts(r.ci_low)}, {pts(r.ci_high)}]"
+        rec = "–" if pd.isna(r.recovered) else f"{100 * r.recovered:.0f}%"
+        runs = "–" if r.n_runs is None or pd.isna(r.n_runs) else str(int(r.n_runs))
+        out.append(f"| {r.distiller} | {r.arm} | {gap} | {runs} | {rec} |")
+    return out
