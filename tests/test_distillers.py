@@ -28,12 +28,12 @@ from antidistill.experiment.distillers import (
     sample_student,
     trace_cosines,
 )
-from antidistill.experiment.scoring import is_correct, written_answer
+from antidistill.scoring import is_correct, written_answer
 from antidistill.experiment.sweepconfig import SweepConfig, config_text
 from antidistill.functional import completion_nll
 from antidistill.prompting import encode_example
 from antidistill.settings import SamplingSettings
-from antidistill.tokenizers import load_tokenizer
+from antidistill.tokenizer_compat import load_tokenizer
 
 from helpers_world import tiny, toy_splits, toy_tokenizer_dir
 

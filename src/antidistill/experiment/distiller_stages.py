@@ -21,7 +21,7 @@ from pathlib import Path
 from ..gradient import compute_proxy_gradient, load_gradient, save_gradient
 from ..io_utils import atomic_dir, write_json_atomic
 from ..proxy import load_causal_lm
-from .data import read_jsonl, write_jsonl
+from ..io_utils import read_jsonl, write_jsonl
 from .distillers import (
     NAIVE,
     alignment_weights,

@@ -37,8 +37,8 @@ from pydantic.dataclasses import dataclass
 from ..gradient import compute_proxy_gradient
 from ..settings import CONFIG, SamplingSettings
 from .distill import DistillConfig
-from .generation import generate_traces
-from .scoring import is_correct
+from ..generation import generate_traces
+from ..scoring import is_correct
 
 
 @dataclass(config=CONFIG)

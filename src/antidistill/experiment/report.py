@@ -15,6 +15,7 @@ import pandas as pd
 
 from ..io_utils import write_text_atomic
 from .arms import ORDER
+from .distiller_table import distiller_table, distiller_table_lines
 from .figures import plot_forest, plot_loss_dynamics, plot_tradeoff
 from .gate import world_gate
 from .inference import (
@@ -314,6 +315,21 @@ MEANING = ["## What the intervals mean", "",
            "multiplicity: the verdict rests on the pre-registered primary endpoint alone.", ""]
 
 
+def _distiller_lines(df: pd.DataFrame) -> list[str]:
+    """The distiller × arm table (issue 17), at the primary target when the design has targets."""
+    if "distiller" not in df.columns or df.distiller.fillna("naive").nunique() < 2:
+        return []
+    target = PRIMARY_TARGET if PRIMARY_TARGET in targets_of(df) else None
+    arms = [a for a in ("whitebox", "antidistill") if (df.method == a).any()]
+    table = distiller_table(df, lambda runs, arm: pooled_effect(runs, arm, target=target), arms)
+    where = f"at the {target:+g}-point target" if target is not None else "over all runs"
+    return ["## Adaptive distillers", "",
+            f"Each defended arm's gap to temperature {where}, when the distiller applies the same variant to both "
+            "arms' traces (world-level intervals as above), and the share of the naive gap that variant recovers "
+            "(a ratio of two estimates, no interval). What each variant does: `docs/threat-model.md`.", "",
+            *distiller_table_lines(table), ""]
+
+
 def write_report(path: str | Path, pool=(), out: str | Path | None = None) -> Path:
     """Write ``report.md``, ``forest.png``, ``tradeoff.png`` and ``loss_dynamics.png`` into ``out``
     (default ``path``) from the results under ``path`` and ``pool`` (each a run directory, a compact
@@ -327,6 +343,11 @@ def write_report(path: str | Path, pool=(), out: str | Path | None = None) -> Pa
     # pre-registered (docs/design.md): a world that fails the gate is reported, not pooled
     failing = {r["world"] for r in worlds if np.isfinite(r["gate"]["greedy_student_acc"]) and not r["gate"]["passes"]}
     everything, df = df, df[~df.world.isin(failing)]
+    # every section but the distiller table reads the naive distiller's rows (issue 17's variants are beside them)
+    by_distiller = df
+    if "distiller" in df.columns:
+        everything = everything[everything.distiller.fillna("naive") == "naive"]
+        df = df[df.distiller.fillna("naive") == "naive"]
     acc_rows = effect_rows(df)
     plot_forest(acc_rows, labels, files.forest_plot)
     plot_tradeoff(everything, files.tradeoff_plot)
@@ -354,6 +375,7 @@ def write_report(path: str | Path, pool=(), out: str | Path | None = None) -> Pa
                   "student learned the task worse), same contrasts and intervals.", ""]
         lines += _effect_table(effect_rows(df, y="student_test_nll"), 1.0, 3, "nats/token") + [""]
     lines += _nll_class_lines(df)
+    lines += _distiller_lines(by_distiller)
     lines += ["## Matched teacher accuracy", "",
               "Every comparison above is at matched teacher accuracy: paired at the same target (calibrated on the "
               "holdout) and adjusted by the world's temperature slope for the remaining mismatch, or, in a design "
