@@ -122,7 +122,7 @@ class _StubRun:
         return Path(self.cfg.runs_dir) / self.cfg.name
 
 
-@pytest.mark.parametrize("flags, name", [([], "demo"), (["--quick"], "quick"), (["--full"], "full")])
+@pytest.mark.parametrize("flags, name", [([], "demo"), (["--quick"], "quick")])
 def test_demo_runs_the_packaged_config(flags, name, monkeypatch):
     _StubRun.configs = []
     monkeypatch.setattr("antidistill.cli.experiment.Run", _StubRun)
@@ -130,6 +130,20 @@ def test_demo_runs_the_packaged_config(flags, name, monkeypatch):
     (cfg,) = _StubRun.configs
     assert cfg.name == name and cfg.world == _packaged(name).world
     assert f"report: runs/{name}/report.md" in out
+
+
+def test_demo_full_runs_one_sweep_per_world_seed_and_exports_each(monkeypatch, tmp_path):
+    _StubRun.configs = []
+    exported, reports = [], []
+    monkeypatch.setattr("antidistill.experiment.campaign.Run", _StubRun)
+    monkeypatch.setattr("antidistill.experiment.campaign.export_world", lambda run, dest: exported.append((run, dest)))
+    monkeypatch.setattr("antidistill.experiment.campaign.write_report", lambda src, out: reports.append((src, out)))
+    out = _ok(runner.invoke(app, ["demo", "--full", "--worlds", "3-4", "--export-to", str(tmp_path / "worlds")]))
+    assert [(c.name, c.world.seed) for c in _StubRun.configs] == [("full-w3", 3), ("full-w4", 4)]
+    assert all(c.calibration == _packaged("full").calibration for c in _StubRun.configs)
+    assert exported == [(Path("runs/full-w3"), tmp_path / "worlds" / "w3"), (Path("runs/full-w4"), tmp_path / "worlds" / "w4")]
+    assert reports == [(tmp_path / "worlds", tmp_path)] * 2  # the pooled report, rewritten after each world
+    assert "report: runs/full-w4/report.md" in out
 
 
 def _packaged(name):
@@ -160,11 +174,12 @@ def test_calibrate_calibrates_the_demo_config(monkeypatch, tmp_path):
     _StubRun.configs = []
     monkeypatch.setattr("antidistill.cli.experiment.Run", _StubRun)
     path = tmp_path / "calibration.json"
-    path.write_text(json.dumps({"chosen": {"temperature": [{"target": 0.5, "param": 1.2, "inside_measured_range": True}]}}))
+    path.write_text(json.dumps({"best_undefended": 0.9, "base_tau": 0.4, "base_tau_reason": "why",
+                                "chosen": {"temperature": [{"target": -5.0, "param": 1.2, "inside_measured_range": True}]}}))
     monkeypatch.setattr("antidistill.cli.experiment.calibrate", lambda run, cfg: path)
     out = _ok(runner.invoke(app, ["calibrate"]))
     assert _StubRun.configs[0].name == "demo-calibration"
-    assert "temperature: 0.50 → 1.2" in out
+    assert "temperature: -5 → 1.2" in out and "base τ 0.4" in out
 
 
 def test_sweep_dry_run_of_the_toy_config_writes_nothing(tmp_path):

@@ -12,7 +12,8 @@ from antidistill.config import load_config
 from antidistill.experiment.sweep import Run, SweepConfig
 
 QUICK = Path(__file__).resolve().parents[1] / "src" / "antidistill" / "configs" / "quick.yaml"
-ONE_POINT = ["temperatures=[1.0]", "ad_lambdas=[]", "perm_lambdas=[]", "arms={}", "seeds=[0]"]
+ONE_POINT = ["grid=config", "include_greedy=false", "gate=skip", "teacher_eval=test", "temperatures=[1.0]", "ad_lambdas=[]",
+             "perm_lambdas=[]", "arms={}", "seeds=[0]"]
 
 
 def _cfg(tmp: Path, name: str, *extra: str) -> SweepConfig:

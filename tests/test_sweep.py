@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from antidistill.config import load_config
+from antidistill.experiment.calibration import Design
 from antidistill.experiment.sweep import Run, SweepConfig
 
 QUICK = Path(__file__).resolve().parents[1] / "src" / "antidistill" / "configs" / "quick.yaml"
@@ -37,16 +38,22 @@ def quick_run(tmp_path_factory):
 def test_quick_demo_writes_everything(quick_run):
     tmp, cfg, out, seconds = quick_run
     df = pd.read_parquet(out / "results.parquet")
-    assert len(df) == len(cfg.points()) == 13
-    assert set(df.method) == {"temperature", "antidistill", "permutation", "reasoning_only", "whitebox",
-                              "whitebox_permutation"}
+    design = Design.load(out / "calibration.json")
+    assert set(df.method) == {"greedy", "temperature", "antidistill", "whitebox", "whitebox_permutation"}
+    assert len(df) == 1 + sum(len(v) for v in design.grid.values())
+    # the owner's-regime design: every non-greedy run carries its target; λ arms sample at the base τ
+    assert set(df[df.method != "greedy"].target) <= {-5.0, -20.0} and df[df.method == "greedy"].target.isna().all()
+    assert (df[df.method.isin(["antidistill", "whitebox", "whitebox_permutation"])].tau == design.base_tau).all()
+    assert (df.teacher_eval == "traces").all() and (df.n_teacher == df.n_traces).all()
+    gate = json.loads((out / "gate.json").read_text())
+    assert set(gate) >= {"greedy_student_acc", "temperature_slope", "passes"}
     for col in ("teacher_acc", "student_acc", "student_test_nll", "teacher_ci_low", "config", "torch_version",
                 "student_nll_result", "student_nll_reasoning", "student_nll_final", "teacher_forced_frac", "world",
                 "transformers_version", "antidistill_version", "settings"):
         assert col in df.columns
     assert df.teacher_acc.between(0, 1).all() and df.student_acc.between(0, 1).all()
     assert json.loads(df.config.iloc[0])["name"] == "quick"
-    for f in ("report.md", "tradeoff.png", "loss_dynamics.png", "fd_error.png", "proxy_grad.safetensors",
+    for f in ("report.md", "tradeoff.png", "forest.png", "loss_dynamics.png", "fd_error.png", "proxy_grad.safetensors",
               "student_grad.safetensors",
               "config.yaml", "holdout_traces.jsonl"):
         assert (out / f).is_file(), f
@@ -56,7 +63,8 @@ def test_quick_demo_writes_everything(quick_run):
         assert section in report
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*.tmp"))
     # the loss-dynamics record: train loss and clean-holdout loss over steps
-    hist = json.loads((out / "points" / "antidistill_0.2_s0" / "student" / "history.json").read_text())
+    ad = df[df.method == "antidistill"].param.iloc[0]
+    hist = json.loads((out / "points" / f"antidistill_{ad:g}_s0" / "student" / "history.json").read_text())
     assert any("eval_loss" in h for h in hist) and any("loss" in h for h in hist)
 
 
@@ -165,29 +173,21 @@ def test_parallel_world_build_equals_the_serial_one(quick_run, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-@pytest.mark.slow  # the points a calibration chose, on a stand-in calibration.json: test_sweep_stages.py
-def test_a_calibrated_grid_runs_the_points_its_calibration_chose(quick_run):
-    """grid=calibrated: the calibration is the run's first stage, and the points are exactly what it chose."""
-    tmp, _, _, _ = quick_run
-    cfg = quick_cfg(tmp, name="calibrated", grid="calibrated",  # quick.yaml's own lists and arms must not leak in
-                    **{"calibration.grids": "{temperature: [0.5, 2.0], antidistill: [0.05, 0.4]}",
-                       "calibration.targets": "[0.5]", "calibration.arm_targets": "{temperature: [0.9, 0.5, 0.01]}",
-                       "calibration.n_holdout": "16"})
-    out = Run(cfg, progress=False).run()
+def test_the_calibration_is_the_first_stage_and_holdout_only(quick_run):
+    """grid=calibrated: calibration.json measured greedy, temperature and each λ arm on the holdout only,
+    chose each arm's parameter per target, and the run's points are exactly those."""
+    tmp, cfg, out, _ = quick_run
     info = json.loads((out / "calibration.json").read_text())
-    assert info["split"] == "holdout" and info["n_holdout"] == 16
-    assert [c["target"] for c in info["chosen"]["temperature"]] == [0.9, 0.5, 0.01]
-    chosen = {arm: sorted({c["param"] for c in picks}) for arm, picks in info["chosen"].items()}
+    assert info["split"] == "holdout" and 0 < info["n_holdout"] <= 32 and info["best_from"] == "greedy"
+    assert set(info["measured"]) == {"greedy", "temperature", "antidistill", "whitebox", "whitebox_permutation"}
+    for arm, picks in info["chosen"].items():
+        assert [c["target"] for c in picks] == [-5.0, -20.0], arm
     df = pd.read_parquet(out / "results.parquet")
-    assert sorted(zip(df.method, df.param)) == sorted((arm, x) for arm, xs in chosen.items() for x in xs)
-    assert set(df.method) == {"temperature", "antidistill"}
-    assert "## Calibration (holdout only)" in (out / "report.md").read_text()
+    grid = Design.load(out / "calibration.json").grid
+    assert sorted(zip(df[df.method != "greedy"].method, df[df.method != "greedy"].param)) == \
+        sorted((arm, x) for arm, xs in grid.items() for x in xs)
     with pytest.raises(ValueError, match="points come from the run's calibration"):
         cfg.points()
-    # resumed: the calibration and every point are reused, not redone
-    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in (".json", ".jsonl", ".safetensors")}
-    Run(cfg, progress=False).run()
-    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 
 def test_config_mismatch_on_resume_is_an_error(quick_run):
@@ -208,15 +208,12 @@ def test_config_mismatch_on_resume_is_an_error(quick_run):
         ({"workers": "0"}, "workers=0"),
         ({"arms": "{blackbox: [0.1]}"}, "unknown arms"),
         ({"grid": "guess"}, "grid"),
-        ({"calibration.arm_targets": "{blackbox: [0.5]}"}, "have no grid"),
-        ({"calibration.targets": "[1.2]"}, "must be accuracies in"),
-        ({"calibration.grids": "{temperature: [0.0]}"}, "tau=0.0"),
-        ({"calibration.grids": "{greedy: [0.1]}"}, "calibration.grids: unknown arms"),
-        ({"calibration.grids": "{antidistill: []}"}, "calibration.grids.antidistill is empty"),
-        ({"calibration.arm_targets": "{whitebox: [0.5]}", "calibration.grids": "{antidistill: [0.1]}"},
-         "have no grid"),
+        ({"calibration.arms": "[antidistill]"}, "must include temperature"),
+        ({"calibration.arms": "[temperature, greedy]"}, "unknown arms"),
+        ({"calibration.targets": "[1.2]"}, "points below"),
+        ({"calibration.temperatures": "[0.0, 1.0]"}, "tau=0.0"),
         ({"calibration.n_holdout": "0"}, "n_holdout must be"),
-        ({"grid": "calibrated", "calibration.grids": "{}"}, "at least one arm"),
+        ({"world.n_holdout": "500"}, "n_holdout"),
         ({"world.format": "1"}, "format"),
     ],
 )

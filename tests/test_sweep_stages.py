@@ -87,19 +87,21 @@ def test_pool_workers_die_with_a_killed_parent(tmp_path):
 
 def test_a_calibrated_grid_runs_the_points_its_calibration_chose(tmp_path):
     cfg = SweepConfig(grid="calibrated", seeds=[0, 1], include_greedy=True, ad_lambdas=[9.0], temperatures=[9.0],
-                      calibration={"grids": {"temperature": [0.5, 2.0], "antidistill": [0.05, 0.4]},
-                               "targets": [0.5]})
+                      calibration={"arms": ["temperature", "antidistill"], "targets": [-5.0, -10.0]})
     path = tmp_path / "calibration.json"
-    path.write_text(json.dumps({"chosen": {
-        "temperature": [{"target": 0.9, "param": 0.5, "inside_measured_range": False},
-                        {"target": 0.5, "param": 1.1, "inside_measured_range": True},
-                        {"target": 0.95, "param": 0.5, "inside_measured_range": False}],
-        "antidistill": [{"target": 0.5, "param": 0.12, "inside_measured_range": True}]}}))
+    path.write_text(json.dumps({"base_tau": 0.4, "chosen": {
+        "temperature": [{"target": -5.0, "param": 0.5, "inside_measured_range": False},
+                        {"target": -10.0, "param": 1.1, "inside_measured_range": True}],
+        "antidistill": [{"target": -5.0, "param": 0.12, "inside_measured_range": True},
+                        {"target": -10.0, "param": 0.12, "inside_measured_range": False}]}}))
     grid = chosen_grid(path)
     assert grid == {"temperature": [0.5, 1.1], "antidistill": [0.12]}  # sorted, duplicates merged
-    assert outside_picks(path) == ["temperature 0.9 → 0.5", "temperature 0.95 → 0.5"]
+    assert outside_picks(path) == ["temperature -5 → 0.5", "antidistill -10 → 0.12"]
     points = cfg.points(grid)  # the config's own lists (9.0) never leak in
     assert points == [(m, x, s) for s in (0, 1) for m, x in
                       (("greedy", 0.0), ("temperature", 0.5), ("temperature", 1.1), ("antidistill", 0.12))]
+    # the λ arms sample at the calibration's base τ; temperature points at their own τ
+    assert cfg.settings_for("antidistill", 0.12, 0, tau=0.4).tau == 0.4
+    assert cfg.settings_for("temperature", 1.1, 0, tau=0.4).tau == 1.1
     with pytest.raises(ValueError, match="points come from the run's calibration"):
         cfg.points()

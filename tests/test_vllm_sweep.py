@@ -23,11 +23,13 @@ WORLD = ["world.teacher={family: llama, hidden: 64, layers: 1, heads: 2, interme
 
 
 def test_bad_engine_config_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="arms .* run on engine='hf'"):
+    with pytest.raises(ValueError, match="grid='calibrated' needs engine='hf'"):
         load_config(SweepConfig, QUICK, ["engine=vllm", f"runs_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="arms .* run on engine='hf'"):
+        load_config(SweepConfig, QUICK, ["engine=vllm", "grid=config", "arms={whitebox: [0.1]}", f"runs_dir={tmp_path}"])
     with pytest.raises(ValueError, match="engine must be one of"):
         load_config(SweepConfig, QUICK, ["engine=sglang", f"runs_dir={tmp_path}"])
-    cfg = load_config(SweepConfig, QUICK, ["engine=vllm", "arms={}", f"runs_dir={tmp_path}"])
+    cfg = load_config(SweepConfig, QUICK, ["engine=vllm", "grid=config", f"runs_dir={tmp_path}"])
     with pytest.raises(ValueError, match="needs its completer"):
         Run(cfg, progress=False)
 
@@ -38,7 +40,8 @@ def test_vllm_sweep_generates_the_teacher_traces(tmp_path, monkeypatch):
     from antidistill.engines.vllm.offline import sweep_completer
     from antidistill.engines.vllm.processor import OfflineLogitsProcessor
 
-    sets = [f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", "engine=vllm", "arms={}",
+    sets = [f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", "engine=vllm", "grid=config",
+            "teacher_eval=test", "gate=skip",
             "seeds=[0]", "temperatures=[1.0]", "ad_lambdas=[0.2]", "perm_lambdas=[0.2]", "include_greedy=true",
             "limit_train=16", "limit_test=8", "sampling.max_new_tokens=24", *WORLD]
     cfg = load_config(SweepConfig, QUICK, sets)

@@ -236,7 +236,7 @@ def calibrate_cmd(
     config: Optional[Path] = typer.Option(None, help="SweepConfig YAML (default: the demo's); its `calibration` section"),
     set_: list[str] = typer.Option([], "--set", help="override: key=value (dotted keys for nested)"),
 ):
-    """Holdout-only calibration: each arm's τ/λ for target teacher accuracies on delivered traces.
+    """Holdout-only calibration: each arm's τ/λ for teacher-accuracy targets below greedy, on delivered traces.
 
     Writes runs/<name>-calibration/calibration.json (measured curves and the chosen grids).
     """
@@ -247,9 +247,12 @@ def calibrate_cmd(
     except ValueError as e:
         fail(e)
     info = json.loads(path.read_text())
+    if info.get("base_tau") is not None:
+        typer.echo(f"best undefended (greedy) {info['best_undefended']:.3f}; base τ {info['base_tau']:g} "
+                   f"({info['base_tau_reason']})")
     for arm, picks in info["chosen"].items():
-        typer.echo(f"{arm}: " + ", ".join(f"{p['target']:.2f} → {p['param']:g}" + ("" if p["inside_measured_range"]
-                                                                                  else " (outside)") for p in picks))
+        typer.echo(f"{arm}: " + ", ".join(f"{p['target']:+g} → {p['param']:g}" + ("" if p["inside_measured_range"]
+                                                                                 else " (outside)") for p in picks))
     typer.echo(f"calibration: {path}")
 
 

@@ -67,8 +67,10 @@ def dry_run(cfg: SweepConfig) -> list[str]:
     lines.append(f"sampling: τ {s.tau:g}, ε {s.eps:g} ({s.difference}), top-p {s.top_p:g}, "
                  f"{s.max_new_tokens} new tokens, batch {s.batch_size}")
     if cfg.grid == "calibrated":
-        grids = {arm: len(v) for arm, v in cfg.calibration.grids.items()}
-        lines.append(f"points: from the run's calibration (grids: {grids}) × seeds {cfg.seeds}")
+        c = cfg.calibration
+        lines.append(f"points: from the run's calibration: arms {c.arms} at targets {c.targets} (points below "
+                     f"greedy) × seeds {cfg.seeds}, plus greedy" if cfg.include_greedy else
+                     f"points: from the run's calibration: arms {c.arms} at targets {c.targets} × seeds {cfg.seeds}")
     else:
         points = cfg.points()
         by_arm: dict[str, list[float]] = {}

@@ -312,11 +312,12 @@ class Run:
         self.check_eps()
         points = self.points()
         self.adaptive.prepare(sorted({s for _, _, s in points}))
-        if self.cfg.gate != "off":
+        if self.cfg.gate != "skip":
             first = [pt for pt in points if pt[0] in ("greedy", "temperature")]
             naive = [r for r in self._run_points(first) if r.get("distiller", "naive") == "naive"]
-            gate = world_gate(pd.DataFrame(naive), self.cfg.gate_min_greedy_student, self.cfg.gate_min_slope)
-            write_json_atomic(self.files.gate, gate)
+            stage(self.files.gate, lambda p: write_json_atomic(p, world_gate(
+                pd.DataFrame(naive), self.cfg.gate_min_greedy_student, self.cfg.gate_min_slope)))
+            gate = json.loads(self.files.gate.read_text())
             if not gate["passes"]:
                 warnings.warn(f"the world fails the gate ({gate['reason']}); {self.files.gate}", RuntimeWarning,
                               stacklevel=2)

@@ -87,8 +87,8 @@ class SweepConfig:
     # what the student receives, no extra generation) or on the test split ("test")
     teacher_eval: Literal["traces", "test"] = "test"
     # the student-learns-from-teacher gate, checked on greedy and temperature points before any other arm
-    # runs: "stop" ends the run there when a world fails it, "warn" goes on, "off" skips it
-    gate: Literal["stop", "warn", "off"] = "off"
+    # runs: "stop" ends the run there when a world fails it, "warn" goes on, "skip" does not check it
+    gate: Literal["stop", "warn", "skip"] = "skip"
     gate_min_greedy_student: float = 0.45  # a student distilled on greedy traces reaches this test accuracy
     gate_min_slope: float = 0.2  # student points per teacher point under temperature sampling
 

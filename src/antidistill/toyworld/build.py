@@ -50,7 +50,7 @@ class ToyWorldConfig:
     n_train_pool: int = 3300  # train (traces to distil) and holdout (for g and the calibration)
     n_holdout: int | None = 300  # holdout problems taken from the pool (None: 30% of it)
     n_test: int = 4000
-    n_world_eval: int = 1000  # test problems for the build's own greedy teacher and base-student metrics
+    n_world_eval: int = 1000  # the first N test problems, for the build's own greedy-teacher and base-student metrics
     n_teacher_problems: int = 20000  # the teacher's own training problems, disjoint from every split
     n_generic: int = 6000  # generic toy-language lines for pretraining
     n_stories: int = 6000  # problems told as prose with their computation (pretraining), disjoint from every split
@@ -62,6 +62,13 @@ class ToyWorldConfig:
     teacher_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=1600, lr=3e-3, warmup=60))
     # student and proxy pretraining: more, smaller steps than the teacher's (docs/results/tuning.md)
     pretrain: TrainSpec = field(default_factory=lambda: TrainSpec(steps=2000, batch_size=16, lr=4e-3, warmup=40))
+
+    def __post_init__(self):
+        if self.n_holdout is not None and not 0 < self.n_holdout < self.n_train_pool:
+            raise ValueError(f"world.n_holdout must be in (0, n_train_pool={self.n_train_pool}), "
+                             f"got n_holdout={self.n_holdout}")
+        if self.n_world_eval < 1:
+            raise ValueError(f"world.n_world_eval must be ≥ 1, got n_world_eval={self.n_world_eval}")
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]

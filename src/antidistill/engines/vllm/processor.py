@@ -163,7 +163,7 @@ class OfflineLogitsProcessor(LogitsProcessor):
             raise ValueError("OfflineLogitsProcessor needs the composite model in output='teacher' mode")
         self.lam, self.tau = float(ad["lam"]), float(ad["tau"])
         self.has_proxy = bool(ad.get("proxy"))
-        self.eos = _eos_ids(vllm_config)
+        self.eos = _composite_eos_ids(vllm_config)
         self.device = device
         self.rows: dict[int, _Row] = {}
 
