@@ -210,7 +210,10 @@ def calibrate(run, cfg: CalibrationConfig, progress: bool = True) -> Path:
         chosen = {"temperature": interpolate_params(*zip(*above), target_accs)}
         arms = [a for a in cfg.arms if a != "temperature"]
         for arm in arms:  # their gradients exist before any worker needs them
-            run.processor_for(arm, run.cfg.settings_for(arm, cfg.lam_range[0], cfg.seed, tau=base_tau))
+            if ARMS[arm].proxy == "student":
+                run.whitebox_gradient_path()
+            elif ARMS[arm].proxy is not None:
+                run.gradient_path()
         n = min(run.cfg.workers, len(arms))
         if n > 1:
             with worker_pool(n) as pool:

@@ -19,9 +19,8 @@ import json
 from pathlib import Path
 
 from ..gradient import compute_proxy_gradient, load_gradient, save_gradient
-from ..io_utils import atomic_dir, write_json_atomic
+from ..io_utils import atomic_dir, read_jsonl, write_json_atomic, write_jsonl
 from ..proxy import load_causal_lm
-from ..io_utils import read_jsonl, write_jsonl
 from .distillers import (
     NAIVE,
     alignment_weights,
