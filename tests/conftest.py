@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see antidistill/__init__.py
 
 import pytest
 import torch

@@ -4,6 +4,7 @@ module top; the package's ``__init__`` counts as core, and ``import antidistill`
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +143,18 @@ def test_imports_sit_at_module_top():
 def test_no_module_over_400_lines():
     long = {m: n for m, p in modules().items() if (n := len(p.read_text().splitlines())) > 400}
     assert not long, long
+
+
+def _wait_policy(env_value: str | None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if env_value is not None:
+        env["OMP_WAIT_POLICY"] = env_value
+    code = "import os, antidistill; print(os.environ['OMP_WAIT_POLICY'])"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env=env).stdout.strip()
+
+
+def test_openmp_threads_sleep_while_waiting_unless_the_user_chose():
+    """Spinning OpenMP waiters made a 2-thread run 26x slower beside one busy process (docs/benchmarks.md)."""
+    assert _wait_policy(None) == "PASSIVE"
+    assert _wait_policy("ACTIVE") == "ACTIVE"

@@ -1,5 +1,12 @@
 """antidistill: antidistillation sampling (Savani et al., 2025) and everything to test it."""
 
+import os
+
+# OpenMP threads that spin while waiting make a 2-thread process 10-26x slower beside one busy process
+# on 2 cores (docs/benchmarks.md, "Contention"); sleeping waiters cost nothing measurable when the
+# machine is quiet. It takes effect only if torch is not imported yet, and a value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .functional import antidistillation_logits, finite_difference_delta, permute_delta, sine_error
 from .gradient import ProxyGradient, compute_proxy_gradient, load_gradient, save_gradient
 from .processor import AntidistillationLogitsProcessor, PermutationLogitsProcessor, generate

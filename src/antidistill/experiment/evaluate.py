@@ -58,24 +58,36 @@ def token_classes(tokenizer, completion: str) -> list[str]:
     return out
 
 
-@torch.no_grad()
 def nll_by_token_class(model, tokenizer, rows: list[dict], *, batch_size: int = 32,
                        system_prompt: str | None = None) -> dict[str, float]:
     """Mean NLL per token of the ground-truth ``solution`` of ``rows``, split by :func:`token_classes`."""
+    return solution_nll(model, tokenizer, rows, batch_size=batch_size, system_prompt=system_prompt)[1]
+
+
+@torch.no_grad()
+def solution_nll(model, tokenizer, rows: list[dict], *, batch_size: int = 32,
+                 system_prompt: str | None = None) -> tuple[float, dict[str, float]]:
+    """One pass over ``rows``: the mean NLL per completion token of the ground-truth ``solution``
+    (exactly :func:`mean_completion_nll`) and its split by :func:`token_classes`."""
     examples = [encode_example(tokenizer, r["question"], r["solution"], system_prompt) for r in rows]
     classes = [token_classes(tokenizer, r["solution"]) for r in rows]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     totals = {c: 0.0 for c in TOKEN_CLASSES}
     counts = {c: 0 for c in TOKEN_CLASSES}
+    total, count = 0.0, 0
     model.eval()
     for i in range(0, len(examples), batch_size):
-        ids, labels, mask = pad_right(examples[i : i + batch_size], pad)
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].to(model.device),
+        ids, labels, mask = (x.to(model.device) for x in pad_right(examples[i : i + batch_size], pad))
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        total += completion_nll(logits, labels).item()
+        count += int((labels[:, 1:] != -100).sum())
+        nll = torch.nn.functional.cross_entropy(logits.float()[:, :-1].transpose(1, 2), labels[:, 1:],
                                                 ignore_index=-100, reduction="none").cpu()
+        labels = labels.cpu()
         for j, cls in enumerate(classes[i : i + batch_size]):
             pos = (labels[j, 1:] != -100).nonzero().flatten()  # completion tokens, in order
             for p, c in zip(pos.tolist(), cls):
                 totals[c] += float(nll[j, p])
                 counts[c] += 1
-    return {c: totals[c] / counts[c] if counts[c] else float("nan") for c in TOKEN_CLASSES}
+    by_class = {c: totals[c] / counts[c] if counts[c] else float("nan") for c in TOKEN_CLASSES}
+    return total / max(count, 1), by_class

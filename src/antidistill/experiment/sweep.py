@@ -33,7 +33,7 @@ from .arms import ARMS
 from .calibration import Design, calibrate, outside_picks
 from .distill import distill
 from .distiller_stages import DistillerStages, with_distiller
-from .evaluate import accuracy_summary, mean_completion_nll, nll_by_token_class
+from .evaluate import accuracy_summary, solution_nll
 from .fdcheck import fd_check, plot_fd_check
 from .gate import world_gate
 from .materials import load_materials
@@ -227,8 +227,7 @@ class Run:
         teacher_rows = traces if self.cfg.teacher_eval == "traces" else read_jsonl(files.teacher_test)
         teacher = accuracy_summary(teacher_rows)
         student_acc = accuracy_summary(read_jsonl(files.student_test))
-        nll = mean_completion_nll(student, self.tok["student"], self.splits["test"])
-        by_class = nll_by_token_class(student, self.tok["student"], self.splits["test"])
+        nll, by_class = solution_nll(student, self.tok["student"], self.splits["test"])
         target = self.design.targets.get((method, param)) if self.design else None
         return {
             "method": method, "param": param, "seed": seed, "target": float("nan") if target is None else target,
