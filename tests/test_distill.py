@@ -40,4 +40,3 @@ def test_bf16_and_checkpointing_when_asked(tmp_path):
     dtypes, calls = _trace_dtypes_and_block_calls(tmp_path, bf16=True, gradient_checkpointing=True)
     assert dtypes == {torch.bfloat16}
     assert calls == 4  # each step's forward runs again in the backward pass
-
