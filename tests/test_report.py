@@ -158,6 +158,17 @@ def test_one_world_is_that_builds_estimate(tmp_path):
     assert "**One world build: no verdict.**" in text and "this world build only" in text
 
 
+def test_one_run_of_an_outcome_without_a_sampling_variance_has_no_interval(tmp_path):
+    """One world, one seed: accuracy has its binomial interval; the NLL has none, and says so."""
+    df = simulate(np.random.default_rng(3), worlds=1, seeds=1, n_test=1000, sigma_world=0.0)
+    _fake_run(tmp_path / "runs", df.assign(world="toyworld-00"), "world00", seed=0)
+    text = write_report(tmp_path / "runs").read_text()
+    secondary = next(line for line in text.splitlines() if line.startswith("Secondary endpoint"))
+    assert "no interval (one run)" in secondary
+    primary = _section(text, "## Effects: student accuracy")
+    assert "no interval" not in primary and "[" in primary
+
+
 def test_an_old_results_table_without_targets_still_reports(tmp_path):
     old = tmp_path / "full"
     shutil.copytree(REPO / "docs" / "results" / "full-format2", old,

@@ -146,13 +146,14 @@ def summarize(we: pd.DataFrame, level: float = LEVEL) -> dict | None:
         n, sd = int(we["n_seeds"].iloc[0]), float(we["sd_seeds"].iloc[0])
         if n >= 2 and np.isfinite(sd):
             se, q, df_ = sd / np.sqrt(n), _t_quantile(level, n - 1), n - 1
-        else:
-            se, q, df_ = float(np.sqrt(we["var"].iloc[0])), _t_quantile(level, float("inf")), float("inf")
+        else:  # one run: its test-sampling variance, known for accuracy outcomes only (0 means unknown)
+            var = float(we["var"].iloc[0])
+            se, q, df_ = (np.sqrt(var) if var > 0 else float("nan")), _t_quantile(level, float("inf")), float("inf")
         claim = THIS_WORLD
     lo, hi = est - q * se, est + q * se
     return {"estimate": est, "ci_low": lo, "ci_high": hi, "se": se, "df": df_, "n_worlds": k, "claim": claim,
             "n_runs": int(we["n_runs"].to_numpy().sum()), "worlds": dict(zip(map(str, we["world"].tolist()), d.tolist())),
-            "significant": bool(hi < 0 or lo > 0)}
+            "significant": bool(hi < 0 or lo > 0)}  # False when there is no interval (NaN)
 
 
 def pooled_effect(df: pd.DataFrame, arm: str, baseline: str = "temperature", *, y: str = "student_acc",

@@ -72,6 +72,13 @@ def _claim_cell(e: dict) -> str:
     return f"next world build (t({e['n_worlds'] - 1}))" if e["claim"] == NEXT_WORLD else "this world build only"
 
 
+def interval_text(e: dict, fmt: str, scale: float = 1.0) -> str:
+    """``[lo, hi]`` in ``fmt``, or why there is none (one run of an outcome without a known sampling variance)."""
+    if not (np.isfinite(e["ci_low"]) and np.isfinite(e["ci_high"])):
+        return "no interval (one run)"
+    return f"[{fmt.format(scale * e['ci_low'])}, {fmt.format(scale * e['ci_high'])}]"
+
+
 def _effect_table(rows: list[dict], scale: float, digits: int, unit: str) -> list[str]:
     if not rows:
         return ["(no defended arm was run: only the baselines)"]
@@ -84,8 +91,7 @@ def _effect_table(rows: list[dict], scale: float, digits: int, unit: str) -> lis
             continue
         f = f"{{:+.{digits}f}}"
         out.append(f"| {r['label']} | {_target_cell(r['target'])} | {f.format(scale * e['estimate'])} | "
-                   f"[{f.format(scale * e['ci_low'])}, {f.format(scale * e['ci_high'])}] | {e['n_worlds']} | "
-                   f"{e['n_runs']} | {_claim_cell(e)} |")
+                   f"{interval_text(e, f, scale)} | {e['n_worlds']} | {e['n_runs']} | {_claim_cell(e)} |")
     return out
 
 
@@ -160,7 +166,7 @@ def _verdict_lines(df: pd.DataFrame) -> list[str]:
         where = "" if nll["target"] is None else f", {nll['target']:+g}-point target"
         out += [f"Secondary endpoint, student NLL per token on the ground-truth test solutions "
                 f"(antidistillation − temperature{where}): {nll['estimate']:+.3f} nats "
-                f"[{nll['ci_low']:+.3f}, {nll['ci_high']:+.3f}] ({claim_note(nll)}).", ""]
+                f"{interval_text(nll, '{:+.3f}')} ({claim_note(nll)}).", ""]
     design = (f"Primary endpoint (pre-registered): student accuracy at the {PRIMARY_TARGET:+g}-point target, "
               "antidistillation − temperature at the same world, seed and target, adjusted by the world's "
               "temperature slope for the small teacher-accuracy mismatch." if PRIMARY_TARGET in targets_of(df) else
@@ -199,7 +205,7 @@ def _nll_class_lines(df: pd.DataFrame) -> list[str]:
     cells = []
     for c in cols:
         e = pooled_effect(df, "antidistill", y=c, target=target)
-        cells.append("–" if e is None else f"{e['estimate']:+.3f} [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}]")
+        cells.append("–" if e is None else f"{e['estimate']:+.3f} {interval_text(e, '{:+.3f}')}")
     return out + ["| AD − temperature | " + " | ".join(cells) + " |", ""]
 
 
