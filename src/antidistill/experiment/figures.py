@@ -101,8 +101,10 @@ def plot_tradeoff(df: pd.DataFrame, path, *, n_boot: int | None = None) -> None:
         worlds = df["world"].nunique() if "world" in df.columns else 1
         ax.set_title(f"Teacher vs distilled-student accuracy ({worlds} world build{'s' * (worlds != 1)})", fontsize=10)
         ax.grid(alpha=0.3)
+        lines = any(h.get_linewidth() > 0 for h in handles)
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False,
-                  title="arm (line: LOWESS mean, 95% band)", title_fontsize=7)
+                  title="arm (line: LOWESS mean, 95% band)" if lines else "arm (too few runs\nfor a fitted line)",
+                  title_fontsize=7)
 
 
 def _target_label(t: float | None) -> str:
@@ -159,8 +161,8 @@ def plot_forest(rows: list[dict], world_labels: dict[str, str], path, *, unit: s
             ax.set_title(f"{label}" + (f"  [{', '.join(sorted(claims))}]" if claims else ""), fontsize=9, loc="left")
             ax.grid(axis="x", alpha=0.3)
         axes[-1, 0].set_xlabel(f"effect ({unit}); negative: students learn less from the first arm's traces")
-        pooled = "mean over world builds" if len(world_labels) > 1 else "this world build's estimate"
-        handles = [Line2D([], [], ls="", marker="D", color="k", label=f"{pooled}, 95% CI")]
+        pooled = "mean over\nworld builds" if len(world_labels) > 1 else "this world\nbuild's estimate"
+        handles = [Line2D([], [], ls="", marker="D", color="k", label=f"{pooled},\n95% CI")]
         if colored:
             handles += [Line2D([], [], ls="", marker=style[w][1], color=style[w][0], label=lab)
                         for w, lab in world_labels.items()]
