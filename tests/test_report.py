@@ -167,6 +167,8 @@ def test_one_run_of_an_outcome_without_a_sampling_variance_has_no_interval(tmp_p
     assert "no interval (one run)" in secondary
     primary = _section(text, "## Effects: student accuracy")
     assert "no interval" not in primary and "[" in primary
+    assert "this world build only (one run: test-set sampling only)" in primary
+    assert "not the distillation seed's variation" in text.split("## Worlds")[0]
 
 
 def test_an_old_results_table_without_targets_still_reports(tmp_path):

@@ -140,6 +140,7 @@ def summarize(we: pd.DataFrame, level: float = LEVEL) -> dict | None:
     k = len(we)
     d = we["d"].to_numpy(float)
     est = float(d.mean())
+    seeds_only = False  # one world and one run: the interval counts test-set sampling, not the seed's variation
     if k >= 2:
         se, q, df_, claim = float(d.std(ddof=1) / np.sqrt(k)), _t_quantile(level, k - 1), k - 1, NEXT_WORLD
     else:
@@ -147,11 +148,13 @@ def summarize(we: pd.DataFrame, level: float = LEVEL) -> dict | None:
         if n >= 2 and np.isfinite(sd):
             se, q, df_ = sd / np.sqrt(n), _t_quantile(level, n - 1), n - 1
         else:  # one run: its test-sampling variance, known for accuracy outcomes only (0 means unknown)
+            seeds_only = True
             var = float(we["var"].iloc[0])
             se, q, df_ = (np.sqrt(var) if var > 0 else float("nan")), _t_quantile(level, float("inf")), float("inf")
         claim = THIS_WORLD
     lo, hi = est - q * se, est + q * se
     return {"estimate": est, "ci_low": lo, "ci_high": hi, "se": se, "df": df_, "n_worlds": k, "claim": claim,
+            "test_sampling_only": seeds_only,
             "n_runs": int(we["n_runs"].to_numpy().sum()), "worlds": dict(zip(map(str, we["world"].tolist()), d.tolist())),
             "significant": bool(hi < 0 or lo > 0)}  # False when there is no interval (NaN)
 
@@ -195,7 +198,10 @@ def claim_note(e: dict) -> str:
     if e["claim"] == NEXT_WORLD:
         return (f"{e['n_worlds']} world builds, t({e['n_worlds'] - 1}) interval: a claim about the mean effect over "
                 "world builds made like these, the next one included")
-    return "one world build: an estimate for this build only, not a finding about the method"
+    note = "one world build: an estimate for this build only, not a finding about the method"
+    if e.get("test_sampling_only"):
+        note += "; one run, so the interval counts test-set sampling only, not the distillation seed's variation"
+    return note
 
 
 def verdict_sentence(effect: dict | None, max_student_acc: float | None = None) -> str:

@@ -69,7 +69,9 @@ def effect_rows(df: pd.DataFrame, y: str = "student_acc") -> list[dict]:
 
 
 def _claim_cell(e: dict) -> str:
-    return f"next world build (t({e['n_worlds'] - 1}))" if e["claim"] == NEXT_WORLD else "this world build only"
+    if e["claim"] == NEXT_WORLD:
+        return f"next world build (t({e['n_worlds'] - 1}))"
+    return "this world build only" + (" (one run: test-set sampling only)" if e.get("test_sampling_only") else "")
 
 
 def interval_text(e: dict, fmt: str, scale: float = 1.0) -> str:
