@@ -1,7 +1,8 @@
 """antidistill: antidistillation sampling (Savani et al., 2025) and everything to test it."""
 
-from .functional import antidistillation_logits, finite_difference_delta, permute_delta, sine_error
-from .gradient import ProxyGradient, compute_proxy_gradient, load_gradient, save_gradient
+from .functional import antidistillation_logits, finite_difference_delta, permute_delta, proxy_mix_logits, sine_error
+from .gradient import ProxyGradient, compute_proxy_gradient, load_gradient, random_direction, save_gradient
+from .mixing import ProxyMixLogitsProcessor
 from .processor import AntidistillationLogitsProcessor, PermutationLogitsProcessor, generate
 from .proxy import ProxyDelta
 from .settings import Eq11Settings, SamplingSettings
@@ -12,6 +13,7 @@ __all__ = [
     "AntidistillationLogitsProcessor",
     "PermutationLogitsProcessor",
     "ProxyDelta",
+    "ProxyMixLogitsProcessor",
     "ProxyGradient",
     "Eq11Settings",
     "SamplingSettings",
@@ -23,6 +25,8 @@ __all__ = [
     "generate",
     "load_gradient",
     "permute_delta",
+    "proxy_mix_logits",
+    "random_direction",
     "save_gradient",
     "sine_error",
 ]
