@@ -22,7 +22,16 @@ import pandas as pd
 import torch
 
 from ..generation import build_processor, generate_traces
-from ..gradient import compute_proxy_gradient, grad_norm, load_gradient, read_gradient_metadata, save_gradient
+from ..gradient import (
+    ProxyGradient,
+    compute_proxy_gradient,
+    grad_norm,
+    load_gradient,
+    random_direction,
+    read_gradient_metadata,
+    save_gradient,
+)
+from ..mixing import ProxyMixLogitsProcessor
 from ..io_utils import atomic_dir, atomic_path, provenance, read_jsonl, write_json_atomic, write_jsonl, write_text_atomic
 from ..progress import track
 from ..prompting import prompt_text
@@ -140,17 +149,40 @@ class Run:
             save_gradient(path, result, extra={"run": self.cfg.name, "proxy": "base student (white-box)"})
         return stage(self.files.whitebox_gradient, make)
 
-    def processor_for(self, method: str, settings: SamplingSettings):
-        """The logits processor of arm ``method`` (None for greedy and temperature)."""
+    def random_direction_path(self) -> Path:
+        """The ``random_direction`` arm's stand-in for g: a Gaussian direction of ‖g‖ over the cross-family
+        proxy's parameters (:func:`~antidistill.gradient.random_direction`), seeded with the world's seed."""
+        def make(path):
+            g = self.gradient_path()
+            seed = self.cfg.world.seed
+            rand = random_direction(load_gradient(g, self.proxy), seed)
+            meta = read_gradient_metadata(g)
+            save_gradient(path, ProxyGradient(grad=rand, loss=float("nan"), n_traces=int(meta.get("n_traces", 0)),
+                                              n_tokens=int(meta.get("n_tokens", 0)), proxy_name=meta.get("proxy_name", "")),
+                          extra={"run": self.cfg.name, "direction": "random Gaussian, scaled to ‖g‖ of proxy_grad",
+                                 "seed": str(seed), "g_norm": meta.get("grad_norm", "")})
+        return stage(self.files.random_direction, make)
+
+    def processor_for(self, method: str, settings: SamplingSettings, param: float | None = None):
+        """The logits processor of arm ``method`` (None for greedy and temperature); ``param`` is the point's
+        parameter, needed by a γ arm (proxy-logit mixing), whose γ is not a sampling setting."""
         arm = ARMS.get(method)
+        width = self.teacher.get_output_embeddings().weight.shape[0]
+        if arm is not None and arm.param == "gamma":
+            if param is None:
+                raise ValueError(f"arm {method!r} needs its γ: pass param")
+            return ProxyMixLogitsProcessor(self.proxy, gamma=param, tau=settings.tau,
+                                           teacher_tokenizer=self.tok["teacher"], proxy_tokenizer=self.tok["proxy"],
+                                           teacher_vocab_size=width)
         if not settings.uses_proxy or arm is None:
             return None
         if arm.proxy == "student":
             proxy, grad, ptok = load_causal_lm(self.paths["student"]), self.whitebox_gradient_path(), self.tok["student"]
         else:
-            proxy, grad, ptok = self.proxy, self.gradient_path(), self.tok["proxy"]
+            grad = self.random_direction_path() if arm.direction == "random" else self.gradient_path()
+            proxy, ptok = self.proxy, self.tok["proxy"]
         return build_processor(settings, proxy, grad, self.tok["teacher"], ptok, reasoning_only=arm.reasoning_only,
-                               teacher_vocab_size=self.teacher.get_output_embeddings().weight.shape[0])
+                               teacher_vocab_size=width)
 
     def point(self, method: str, param: float, seed: int) -> dict:
         """Run (or reuse) every stage of one sweep point; returns its result row (the naive distiller's)."""
@@ -188,7 +220,7 @@ class Run:
         engine = self.completer_factory is not None and not (
             files.traces.exists() and (files.teacher_test.exists() or self.cfg.teacher_eval == "traces"))
         # another engine, if any, generates the teacher's traces (built only if one is missing); students stay HF
-        proc = self.processor_for(method, settings) if self.completer_factory is None else None
+        proc = self.processor_for(method, settings, param) if self.completer_factory is None else None
         if engine:
             grad = str(self.gradient_path()) if settings.uses_proxy else None
             teacher = self.completer_factory(self.paths["teacher"], self.paths["proxy"], grad, tok, settings,
@@ -325,6 +357,8 @@ class Run:
                     points = first
         if any(ARMS[m].proxy == "student" for m, _, _ in points):
             self.whitebox_gradient_path()
+        if any(ARMS[m].direction == "random" for m, _, _ in points):
+            self.random_direction_path()
         rows = self._run_points(points)
         self.write_results(rows)
         self.fd_check()
