@@ -106,34 +106,22 @@ def antidistillation_logits(
     return logp_t / tau if delta is None else logp_t / tau + lam * delta.float()
 
 
-def proxy_mix_logits(
-    teacher_logits: torch.Tensor,
-    proxy_logits: torch.Tensor | None,
-    gamma: float,
-    tau: float | torch.Tensor,
-    *,
-    times_tau: bool = False,
-) -> torch.Tensor:
-    """Proxy-logit mixing, the "product of experts" baseline (Allouah et al., arXiv 2605.22737).
+def proxy_mix_logits(teacher_logits: torch.Tensor, proxy_logits: torch.Tensor | None, gamma: float,
+                     tau: float | torch.Tensor, *, times_tau: bool = False) -> torch.Tensor:
+    """Proxy-logit mixing, the "product of experts" baseline of the Distillation Game (arXiv 2605.22737).
 
-    ``((1−γ)·log p_T(x) + γ·log p_P(x)) / τ``: the teacher's and the proxy's log-probabilities,
-    weighted, at temperature τ. Its softmax is ∝ p_T^((1−γ)/τ)·p_P^(γ/τ), a product of experts. No
-    gradient, no finite difference: the proxy only votes. Each term is log-softmaxed first, so any
-    per-row shift of either input cancels (the authors mix raw logits: the same distribution).
-
-    Samplers apply it as they apply eq. 11 (:func:`antidistillation_logits`): these scores, then top-k/
-    top-p on them, then softmax, so the nucleus is taken on the *mixed* distribution.
-
-    A −inf entry of either input (a token another processor banned) stays −inf, even when its weight
-    is 0: either expert can veto a token. NaN or +inf yields a row that :func:`refuse_nonfinite` refuses.
+    ``((1−γ)·log p_T(x) + γ·log p_P(x)) / τ``: softmax ∝ p_T^((1−γ)/τ)·p_P^(γ/τ), with no gradient and no
+    finite difference. Each term is log-softmaxed, so per-row shifts cancel (the authors mix raw logits:
+    the same distribution). Samplers apply it as they apply eq. 11: these scores, then top-k/top-p on
+    them, then softmax. A −inf entry of either input (a banned token) stays −inf whatever its weight;
+    NaN or +inf gives a row that :func:`refuse_nonfinite` refuses.
 
     Args:
         teacher_logits: ``(B, V)`` teacher logits.
         proxy_logits: ``(B, V)`` proxy logits on the same ids and vocabulary; may be None when γ = 0.
-        gamma: γ in [0, 1]. 0: plain temperature-τ sampling of the teacher (eq. 1); 1: the proxy's own
-            temperature-τ distribution.
+        gamma: γ in [0, 1]. 0: temperature-τ sampling of the teacher (eq. 1); 1: the proxy's at τ.
         tau: τ > 0, a float or a ``(B,)`` tensor.
-        times_tau: return τ·(the scores) instead, for samplers that divide by τ themselves.
+        times_tau: return τ·(the scores), for samplers that divide by τ themselves.
 
     Returns:
         ``(B, V)`` float32 scores.
@@ -146,19 +134,14 @@ def proxy_mix_logits(
     check_gamma(gamma)
     if gamma == 0.0:
         return antidistillation_logits(teacher_logits, None, 0.0, tau, times_tau=times_tau)
-    if proxy_logits is None:
-        raise ValueError(f"proxy_logits are required when gamma != 0 (gamma={gamma!r})")
-    if proxy_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"teacher logits {tuple(teacher_logits.shape)} and proxy logits {tuple(proxy_logits.shape)} differ in "
-            "shape; teacher and proxy must share one vocabulary"
-        )
+    if proxy_logits is None or proxy_logits.shape != teacher_logits.shape:
+        raise ValueError(f"proxy_logits must have the teacher logits' shape {tuple(teacher_logits.shape)} when gamma "
+                         f"!= 0 (gamma={gamma!r}), got {None if proxy_logits is None else tuple(proxy_logits.shape)}")
     logp_t = antidistillation_logits(teacher_logits, None, 0.0, tau, times_tau=True)  # log p_T; checks τ
     mixed = _weighted(logp_t, 1.0 - gamma) + _weighted(torch.log_softmax(proxy_logits.float(), -1), gamma)
     if times_tau:
         return mixed
-    tau = tau.float()[:, None] if isinstance(tau, torch.Tensor) else tau
-    return mixed / tau
+    return mixed / (tau.float()[:, None] if isinstance(tau, torch.Tensor) else tau)
 
 
 def _weighted(logp: torch.Tensor, weight: float) -> torch.Tensor:

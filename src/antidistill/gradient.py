@@ -222,6 +222,18 @@ def random_direction(grad: Mapping[str, torch.Tensor], seed: int) -> dict[str, t
     return {n: (draws[n] * scale).to(grad[n].dtype) for n in grad}
 
 
+def save_random_direction(path: str | Path, grad_path: str | Path, seed: int,
+                          extra: Mapping[str, str] | None = None) -> Path:
+    """Save :func:`random_direction` of the g saved at ``grad_path`` (safetensors), with that g's facts, the
+    seed and ``extra`` in the metadata, atomically."""
+    with safe_open(str(grad_path), framework="pt") as f:
+        grad, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    result = ProxyGradient(random_direction(grad, seed), loss=float("nan"), n_traces=int(meta.get("n_traces", 0)),
+                           n_tokens=int(meta.get("n_tokens", 0)), proxy_name=meta.get("proxy_name", ""))
+    return save_gradient(path, result, extra={"direction": f"random Gaussian scaled to the norm of {Path(grad_path).name}",
+                                              "seed": str(seed), **(extra or {})})
+
+
 def grad_norm(grad: Mapping[str, torch.Tensor]) -> float:
     """‖g‖ over every tensor of ``grad``, accumulated in float64."""
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in grad.values()))

@@ -21,6 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..generation import build_processor
+from ..mixing import ProxyMixLogitsProcessor
+
 
 @dataclass(frozen=True)
 class Arm:
@@ -59,3 +62,19 @@ ORDER = ("temperature", "antidistill", "permutation", "reasoning_only", "whitebo
 COLORS = {"temperature": "tab:blue", "antidistill": "tab:red", "permutation": "tab:gray", "greedy": "k",
           "reasoning_only": "tab:orange", "whitebox": "tab:purple", "whitebox_permutation": "tab:olive",
           "proxy_mix": "tab:green", "random_direction": "tab:brown"}
+
+
+def arm_processor(arm: Arm, settings, proxy, grad, teacher_tokenizer, proxy_tokenizer, *, param: float | None = None,
+                  teacher_vocab_size: int | None = None):
+    """The logits processor of ``arm`` at ``settings`` (a point's :class:`~antidistill.SamplingSettings`) with its
+    ``proxy`` and ``grad`` (g, or its stand-in; a γ arm uses no g); None for greedy and temperature.
+
+    ``param``: the point's parameter. A γ arm (``proxy_mix``) needs it: its γ is not a sampling setting.
+    """
+    if arm.param == "gamma":
+        if param is None:
+            raise ValueError(f"a γ arm ({arm}) needs its γ: pass param")
+        return ProxyMixLogitsProcessor(proxy, gamma=param, tau=settings.tau, teacher_tokenizer=teacher_tokenizer,
+                                       proxy_tokenizer=proxy_tokenizer, teacher_vocab_size=teacher_vocab_size)
+    return build_processor(settings, proxy, grad, teacher_tokenizer, proxy_tokenizer,
+                           reasoning_only=arm.reasoning_only, teacher_vocab_size=teacher_vocab_size)

@@ -21,24 +21,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..generation import build_processor, generate_traces
-from ..gradient import (
-    ProxyGradient,
-    compute_proxy_gradient,
-    grad_norm,
-    load_gradient,
-    random_direction,
-    read_gradient_metadata,
-    save_gradient,
-)
-from ..mixing import ProxyMixLogitsProcessor
+from ..generation import generate_traces
+from ..gradient import compute_proxy_gradient, grad_norm, load_gradient, read_gradient_metadata, save_gradient, save_random_direction
 from ..io_utils import atomic_dir, atomic_path, provenance, read_jsonl, write_json_atomic, write_jsonl, write_text_atomic
 from ..progress import track
 from ..prompting import prompt_text
 from ..proxy import load_causal_lm
 from ..runtime import distributed_state, worker_pool
 from ..settings import SamplingSettings
-from .arms import ARMS
+from .arms import ARMS, arm_processor
 from .calibration import Design, calibrate, outside_picks
 from .distill import distill
 from .distiller_stages import DistillerStages, with_distiller
@@ -150,39 +141,20 @@ class Run:
         return stage(self.files.whitebox_gradient, make)
 
     def random_direction_path(self) -> Path:
-        """The ``random_direction`` arm's stand-in for g: a Gaussian direction of ‖g‖ over the cross-family
-        proxy's parameters (:func:`~antidistill.gradient.random_direction`), seeded with the world's seed."""
-        def make(path):
-            g = self.gradient_path()
-            seed = self.cfg.world.seed
-            rand = random_direction(load_gradient(g, self.proxy), seed)
-            meta = read_gradient_metadata(g)
-            save_gradient(path, ProxyGradient(grad=rand, loss=float("nan"), n_traces=int(meta.get("n_traces", 0)),
-                                              n_tokens=int(meta.get("n_tokens", 0)), proxy_name=meta.get("proxy_name", "")),
-                          extra={"run": self.cfg.name, "direction": "random Gaussian, scaled to ‖g‖ of proxy_grad",
-                                 "seed": str(seed), "g_norm": meta.get("grad_norm", "")})
-        return stage(self.files.random_direction, make)
+        """g's norm-matched random stand-in (``random_direction`` arm), seeded with the world's seed."""
+        return stage(self.files.random_direction, lambda p: save_random_direction(p, self.gradient_path(), self.cfg.world.seed))
 
     def processor_for(self, method: str, settings: SamplingSettings, param: float | None = None):
-        """The logits processor of arm ``method`` (None for greedy and temperature); ``param`` is the point's
-        parameter, needed by a γ arm (proxy-logit mixing), whose γ is not a sampling setting."""
+        """The logits processor of arm ``method`` at a point with parameter ``param`` (None if it has none)."""
         arm = ARMS.get(method)
-        width = self.teacher.get_output_embeddings().weight.shape[0]
-        if arm is not None and arm.param == "gamma":
-            if param is None:
-                raise ValueError(f"arm {method!r} needs its γ: pass param")
-            return ProxyMixLogitsProcessor(self.proxy, gamma=param, tau=settings.tau,
-                                           teacher_tokenizer=self.tok["teacher"], proxy_tokenizer=self.tok["proxy"],
-                                           teacher_vocab_size=width)
-        if not settings.uses_proxy or arm is None:
+        if arm is None or not (settings.uses_proxy or arm.param == "gamma"):
             return None
         if arm.proxy == "student":
             proxy, grad, ptok = load_causal_lm(self.paths["student"]), self.whitebox_gradient_path(), self.tok["student"]
-        else:
-            grad = self.random_direction_path() if arm.direction == "random" else self.gradient_path()
-            proxy, ptok = self.proxy, self.tok["proxy"]
-        return build_processor(settings, proxy, grad, self.tok["teacher"], ptok, reasoning_only=arm.reasoning_only,
-                               teacher_vocab_size=width)
+        else:  # the cross-family proxy, with g or its random stand-in (a γ arm, proxy-logit mixing, ignores it)
+            proxy, ptok, grad = self.proxy, self.tok["proxy"], (self.random_direction_path() if arm.direction == "random" else self.gradient_path())
+        return arm_processor(arm, settings, proxy, grad, self.tok["teacher"], ptok, param=param,
+                             teacher_vocab_size=self.teacher.get_output_embeddings().weight.shape[0])
 
     def point(self, method: str, param: float, seed: int) -> dict:
         """Run (or reuse) every stage of one sweep point; returns its result row (the naive distiller's)."""
