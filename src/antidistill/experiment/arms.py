@@ -61,7 +61,7 @@ ORDER = ("temperature", "antidistill", "permutation", "reasoning_only", "whitebo
          "proxy_mix", "random_direction")
 COLORS = {"temperature": "tab:blue", "antidistill": "tab:red", "permutation": "tab:gray", "greedy": "k",
           "reasoning_only": "tab:orange", "whitebox": "tab:purple", "whitebox_permutation": "tab:olive",
-          "proxy_mix": "tab:green", "random_direction": "tab:brown"}
+          "proxy_mix": "tab:green", "random_direction": "tab:pink"}
 
 
 def arm_processor(arm: Arm, settings, proxy, grad, teacher_tokenizer, proxy_tokenizer, *, param: float | None = None,
