@@ -14,6 +14,7 @@ from antidistill.experiment.calibration import (
     base_temperature,
     interpolate_params,
     outside_picks,
+    search_gamma,
     search_lambda,
 )
 
@@ -54,6 +55,42 @@ def test_lambda_search_brackets_every_target_and_refines_inside():
         assert pick["inside_measured_range"] and math.isclose(pick["param"], exact, rel_tol=0.15)
 
 
+def test_lambda_grid_is_the_geometric_one_rounded_step_by_step():
+    calls = []
+    search_lambda(lambda lam: calls.append(lam) or 0.9, [0.5], (1e-4, 10.0), 2.5, refine=0)
+    lam, grid = 1e-4, []
+    while lam <= 10.0 * (1 + 1e-9):
+        lam = float(f"{lam:.6g}")
+        grid.append(lam)
+        lam *= 2.5
+    assert calls == grid  # never fell below the target: the whole grid, each value rounded before the next step
+
+
+def test_gamma_search_brackets_every_target_and_bisects_linearly():
+    calls = []
+
+    def measure(gamma):  # a stand-in: 90% at γ = 0, falling linearly then faster
+        calls.append(gamma)
+        return 0.9 - 0.3 * gamma - 0.4 * gamma**2
+
+    targets = [0.85, 0.75]
+    curve = search_gamma(measure, targets, [0.0, 0.25, 0.5, 0.75, 1.0], refine=3)
+    assert calls[:3] == [0.0, 0.25, 0.5]  # the grid stops once below the deepest target (0.9 − 0.25 = 0.65 at 0.5)
+    assert 0.75 not in curve and len(calls) == len(set(calls)) == len(curve)
+    # bisections are arithmetic midpoints inside a bracket
+    assert 0.125 in curve and all(0.0 <= g <= 0.5 for g in curve)
+    for t, pick in zip(targets, interpolate_params(list(curve), list(curve.values()), targets)):
+        exact = (-0.3 + math.sqrt(0.09 + 1.6 * (0.9 - t))) / 0.8  # the stand-in inverted
+        assert pick["inside_measured_range"] and abs(pick["param"] - exact) < 0.01
+
+
+def test_gamma_search_that_never_reaches_the_target_ends_at_one():
+    curve = search_gamma(lambda g: 0.9 - 0.05 * g, [0.5], [0.0, 0.5, 1.0], refine=2)
+    assert list(curve) == [0.0, 0.5, 1.0]
+    assert interpolate_params(list(curve), list(curve.values()), [0.5])[0] == {
+        "target_acc": 0.5, "param": 1.0, "inside_measured_range": False}
+
+
 def _calibration_file(tmp_path, chosen):
     path = tmp_path / "calibration.json"
     path.write_text(json.dumps({"chosen": chosen, "base_tau": 0.35}))
@@ -82,6 +119,9 @@ def test_design_reads_targets_grid_and_base_tau(tmp_path):
     ({"lam_range": (0.1, 0.01)}, "lam_range"),
     ({"lam_factor": 1.0}, "lam_factor"),
     ({"n_holdout": 0}, "n_holdout"),
+    ({"gammas": [0.0, 1.5]}, "gamma=1.5"),
+    ({"gammas": [0.5, 0.25]}, "gammas needs at least 2 increasing"),
+    ({"gammas": [0.5]}, "gammas needs at least 2 increasing"),
 ])
 def test_bad_calibration_configs_are_refused_naming_the_field(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -7,8 +7,9 @@ import os
 # machine is quiet. It takes effect only if torch is not imported yet, and a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .functional import antidistillation_logits, finite_difference_delta, permute_delta, sine_error
-from .gradient import ProxyGradient, compute_proxy_gradient, load_gradient, save_gradient
+from .functional import antidistillation_logits, finite_difference_delta, permute_delta, proxy_mix_logits, sine_error
+from .gradient import ProxyGradient, compute_proxy_gradient, load_gradient, random_direction, save_gradient
+from .mixing import ProxyMixLogitsProcessor
 from .processor import AntidistillationLogitsProcessor, PermutationLogitsProcessor, generate
 from .proxy import ProxyDelta
 from .settings import Eq11Settings, SamplingSettings
@@ -19,6 +20,7 @@ __all__ = [
     "AntidistillationLogitsProcessor",
     "PermutationLogitsProcessor",
     "ProxyDelta",
+    "ProxyMixLogitsProcessor",
     "ProxyGradient",
     "Eq11Settings",
     "SamplingSettings",
@@ -30,6 +32,8 @@ __all__ = [
     "generate",
     "load_gradient",
     "permute_delta",
+    "proxy_mix_logits",
+    "random_direction",
     "save_gradient",
     "sine_error",
 ]

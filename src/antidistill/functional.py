@@ -106,6 +106,49 @@ def antidistillation_logits(
     return logp_t / tau if delta is None else logp_t / tau + lam * delta.float()
 
 
+def proxy_mix_logits(teacher_logits: torch.Tensor, proxy_logits: torch.Tensor | None, gamma: float,
+                     tau: float | torch.Tensor, *, times_tau: bool = False) -> torch.Tensor:
+    """Proxy-logit mixing, the "product of experts" baseline of the Distillation Game (arXiv 2605.22737).
+
+    ``((1−γ)·log p_T(x) + γ·log p_P(x)) / τ``: softmax ∝ p_T^((1−γ)/τ)·p_P^(γ/τ), with no gradient and no
+    finite difference. Each term is log-softmaxed, so per-row shifts cancel (the authors mix raw logits:
+    the same distribution). Samplers apply it as they apply eq. 11: these scores, then top-k/top-p on
+    them, then softmax. A −inf entry of either input (a banned token) stays −inf whatever its weight;
+    NaN or +inf gives a row that :func:`refuse_nonfinite` refuses.
+
+    Args:
+        teacher_logits: ``(B, V)`` teacher logits.
+        proxy_logits: ``(B, V)`` proxy logits on the same ids and vocabulary; may be None when γ = 0.
+        gamma: γ in [0, 1]. 0: temperature-τ sampling of the teacher (eq. 1); 1: the proxy's at τ.
+        tau: τ > 0, a float or a ``(B,)`` tensor.
+        times_tau: return τ·(the scores), for samplers that divide by τ themselves.
+
+    Returns:
+        ``(B, V)`` float32 scores.
+
+    Example:
+        >>> t, p = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+        >>> torch.softmax(proxy_mix_logits(t, p, 0.5, 1.0), -1).tolist()
+        [[0.5, 0.5]]
+    """
+    check_gamma(gamma)
+    if gamma == 0.0:
+        return antidistillation_logits(teacher_logits, None, 0.0, tau, times_tau=times_tau)
+    if proxy_logits is None or proxy_logits.shape != teacher_logits.shape:
+        raise ValueError(f"proxy_logits must have the teacher logits' shape {tuple(teacher_logits.shape)} when gamma "
+                         f"!= 0 (gamma={gamma!r}), got {None if proxy_logits is None else tuple(proxy_logits.shape)}")
+    logp_t = antidistillation_logits(teacher_logits, None, 0.0, tau, times_tau=True)  # log p_T; checks τ
+    mixed = _weighted(logp_t, 1.0 - gamma) + _weighted(torch.log_softmax(proxy_logits.float(), -1), gamma)
+    if times_tau:
+        return mixed
+    return mixed / (tau.float()[:, None] if isinstance(tau, torch.Tensor) else tau)
+
+
+def _weighted(logp: torch.Tensor, weight: float) -> torch.Tensor:
+    """``weight·logp`` with −inf kept as −inf (a veto survives a weight of 0)."""
+    return torch.where(torch.isneginf(logp), logp, logp * weight)
+
+
 def permute_delta(delta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """The permutation baseline of appendix A: shuffle Δ̂ within each row and flip each row's sign.
 
@@ -226,6 +269,11 @@ def check_tau(tau: float) -> None:
 def check_lam(lam: float) -> None:
     if not isinstance(lam, (int, float)) or not math.isfinite(lam):
         raise ValueError(f"lam must be a finite number, got lam={lam!r}")
+
+
+def check_gamma(gamma: float) -> None:
+    if not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be a number in [0, 1], got gamma={gamma!r}")
 
 
 def check_difference(difference: str) -> None:

@@ -199,6 +199,41 @@ def load_gradient(source, proxy) -> dict[str, torch.Tensor]:
     return grad
 
 
+def random_direction(grad: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """A seeded Gaussian direction in g's place: the baseline that asks whether g's *direction* matters.
+
+    Every entry is drawn i.i.d. N(0, 1) (parameters in sorted name order, from one CPU
+    ``torch.Generator`` seeded with ``seed``), then the whole direction is scaled to g's global L2 norm,
+    so ε and λ act on it at g's scale. Unlike the permutation of Δ̂ (appendix A), which keeps each
+    row's |Δ̂| values, this keeps nothing of g but its names, shapes, dtypes and ‖g‖.
+
+    Args:
+        grad: g, name → tensor (not all zero, finite).
+        seed: any integer; the same seed gives the same direction.
+
+    Returns:
+        name → tensor, with ``grad``'s names (in its order), shapes and dtypes, on the CPU, and
+        ‖r‖ = ‖g‖ (float64 accumulation; to the dtype's rounding).
+    """
+    norm = check_gradient_values(grad)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed) % 2**64)
+    draws = {n: torch.randn(tuple(grad[n].shape), generator=gen, dtype=torch.float64) for n in sorted(grad)}
+    scale = norm / grad_norm(draws)
+    return {n: (draws[n] * scale).to(grad[n].dtype) for n in grad}
+
+
+def save_random_direction(path: str | Path, grad_path: str | Path, seed: int,
+                          extra: Mapping[str, str] | None = None) -> Path:
+    """Save :func:`random_direction` of the g saved at ``grad_path`` (safetensors), with that g's facts, the
+    seed and ``extra`` in the metadata, atomically."""
+    with safe_open(str(grad_path), framework="pt") as f:
+        grad, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    result = ProxyGradient(random_direction(grad, seed), loss=float("nan"), n_traces=int(meta.get("n_traces", 0)),
+                           n_tokens=int(meta.get("n_tokens", 0)), proxy_name=meta.get("proxy_name", ""))
+    return save_gradient(path, result, extra={"direction": f"random Gaussian scaled to the norm of {Path(grad_path).name}",
+                                              "seed": str(seed), **(extra or {})})
+
+
 def grad_norm(grad: Mapping[str, torch.Tensor]) -> float:
     """‖g‖ over every tensor of ``grad``, accumulated in float64."""
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in grad.values()))

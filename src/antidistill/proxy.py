@@ -69,6 +69,19 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp_min(0)
 
 
+def to_width(x: torch.Tensor, width: int, fill: float = 0.0) -> torch.Tensor:
+    """``(..., V)`` → ``(..., width)``: cut to the first ``width`` columns, or pad on the right with ``fill``.
+
+    How a proxy's per-token output meets a teacher whose output width differs: the columns past one
+    tokenizer are embedding padding that no text uses (:func:`~antidistill.tokenizer_compat.check_vocab_sizes`).
+    """
+    if width == x.shape[-1]:
+        return x
+    if width < x.shape[-1]:
+        return x[..., :width]
+    return torch.nn.functional.pad(x, (0, width - x.shape[-1]), value=fill)
+
+
 @torch.no_grad()
 def perturbed(model: torch.nn.Module, grad: Mapping[str, torch.Tensor], scale: float) -> torch.nn.Module:
     """In place: θ ← θ + scale·g, computed in float32 and rounded once to each parameter's dtype."""

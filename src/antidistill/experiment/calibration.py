@@ -13,7 +13,10 @@ decoding, delivered scoring, on the holdout). The calibration then
 4. for each λ arm, at the base τ, searches λ on a geometric grid from ``lam_range[0]`` (factor
    ``lam_factor``) until accuracy falls below the deepest target, then bisects (in log λ)
    ``refine`` times inside the bracket of each target, and reads each target's λ off the curve by
-   interpolation in log λ.
+   interpolation in log λ;
+5. for proxy-logit mixing (``proxy_mix``, a γ in [0, 1]), also at the base τ, measures γ on the grid
+   ``gammas`` until accuracy falls below the deepest target, bisects (in γ) ``refine`` times inside
+   each target's bracket, and reads each target's γ off the curve by linear interpolation.
 
 Every measurement samples the holdout problems (never train or test) with one seed and scores the
 delivered traces, exactly as the sweep scores them. No student is trained or looked at. A target
@@ -35,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from pydantic.dataclasses import dataclass
 
-from ..functional import check_tau
+from ..functional import check_gamma, check_tau
 from ..generation import generate_traces
 from ..io_utils import provenance, write_json_atomic
 from ..runtime import worker_pool
@@ -57,6 +60,7 @@ class CalibrationConfig:
     base_tau: float | None = None  # a fixed base τ for the λ arms instead of the calibrated one
     lam_range: tuple[float, float] = (1e-4, 10.0)
     lam_factor: float = 2.5
+    gammas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # proxy_mix's γ grid
     refine: int = 2  # bisection steps inside each target's bracket
     n_holdout: int | None = 300  # the first N holdout problems (None: all)
     seed: int = 0
@@ -77,6 +81,10 @@ class CalibrationConfig:
         lo, hi = self.lam_range
         if not (0.0 < lo < hi and math.isfinite(hi)):
             raise ValueError(f"calibration.lam_range must be 0 < low < high < inf, got {self.lam_range!r}")
+        for g in self.gammas:
+            check_gamma(g)
+        if len(self.gammas) < 2 or sorted(set(self.gammas)) != list(self.gammas):
+            raise ValueError(f"calibration.gammas needs at least 2 increasing values in [0, 1], got {self.gammas!r}")
         if self.lam_factor <= 1.0:
             raise ValueError(f"calibration.lam_factor must be > 1, got {self.lam_factor!r}")
         if self.refine < 0 or self.base_tolerance < 0:
@@ -128,21 +136,37 @@ def search_lambda(measure, target_accs: list[float], lam_range: tuple[float, flo
                   refine: int) -> dict[float, float]:
     """λ → accuracy: a geometric grid until accuracy falls below the deepest target, then ``refine``
     bisections (geometric mean) inside each target's bracket. ``measure(λ)`` returns an accuracy."""
-    seen: dict[float, float] = {}
-    lam, deepest = lam_range[0], min(target_accs)
+    grid, lam = [], lam_range[0]
     while lam <= lam_range[1] * (1 + 1e-9):
         lam = float(f"{lam:.6g}")
-        seen[lam] = measure(lam)
-        if seen[lam] < deepest:
-            break
+        grid.append(lam)
         lam *= factor
+    return _search(measure, target_accs, grid, refine, lambda a, b: math.sqrt(a * b))
+
+
+def search_gamma(measure, target_accs: list[float], gammas: list[float], refine: int) -> dict[float, float]:
+    """γ → accuracy for proxy-logit mixing: the increasing grid ``gammas`` (in [0, 1]) until accuracy falls
+    below the deepest target, then ``refine`` bisections (arithmetic mean) inside each target's bracket."""
+    return _search(measure, target_accs, gammas, refine, lambda a, b: (a + b) / 2)
+
+
+def _search(measure, target_accs: list[float], grid: list[float], refine: int, midpoint) -> dict[float, float]:
+    """Measure ``grid`` in order until accuracy falls below the deepest target, then bisect each target's
+    bracket ``refine`` times with ``midpoint``; parameters are rounded to 6 significant digits."""
+    seen: dict[float, float] = {}
+    deepest = min(target_accs)
+    for x in grid:
+        x = float(f"{x:.6g}")
+        seen[x] = measure(x)
+        if seen[x] < deepest:
+            break
     for t in target_accs:
         for _ in range(refine):
             p, a = monotone(list(seen), list(seen.values()))
             i = np.flatnonzero((a[:-1] >= t) & (a[1:] < t))
             if not i.size:
                 break
-            mid = float(f"{math.sqrt(p[i[0]] * p[i[0] + 1]):.6g}")
+            mid = float(f"{midpoint(p[i[0]], p[i[0] + 1]):.6g}")
             if mid in seen:
                 break
             seen[mid] = measure(mid)
@@ -155,7 +179,7 @@ def _measure(run, cfg: CalibrationConfig, holdout: list[dict], arm: str, param: 
     t0 = time.perf_counter()
     settings = run.cfg.settings_for(arm, param, cfg.seed, tau=tau)
     rows = generate_traces(run.teacher, run.tok["teacher"], holdout, settings,
-                           processor=run.processor_for(arm, settings), progress=progress,
+                           processor=run.processor_for(arm, settings, param), progress=progress,
                            description=f"calibrate {arm} {param:g}")
     acc = accuracy_summary(rows)
     return {"param": param, "tau": settings.tau, "teacher_acc": acc["accuracy"], "ci_low": acc["ci_low"],
@@ -167,22 +191,26 @@ def _holdout(run, cfg: CalibrationConfig) -> list[dict]:
     return run.splits["holdout"][: cfg.n_holdout] if cfg.n_holdout else run.splits["holdout"]
 
 
-def _lambda_curve(run, cfg: CalibrationConfig, arm: str, base_tau: float, target_accs: list[float],
-                  progress: bool) -> list[dict]:
-    """The λ search of one arm at the base τ (:func:`search_lambda`); its measurements in order."""
+def _arm_curve(run, cfg: CalibrationConfig, arm: str, base_tau: float, target_accs: list[float],
+               progress: bool) -> list[dict]:
+    """One arm's search at the base τ: :func:`search_gamma` for a γ arm, :func:`search_lambda` otherwise;
+    its measurements in order."""
     holdout, out = _holdout(run, cfg), []
 
-    def measure(lam: float) -> float:
-        out.append(_measure(run, cfg, holdout, arm, lam, base_tau, progress))
+    def measure(x: float) -> float:
+        out.append(_measure(run, cfg, holdout, arm, x, base_tau, progress))
         return out[-1]["teacher_acc"]
-    search_lambda(measure, target_accs, cfg.lam_range, cfg.lam_factor, cfg.refine)
+    if ARMS[arm].param == "gamma":
+        search_gamma(measure, target_accs, cfg.gammas, cfg.refine)
+    else:
+        search_lambda(measure, target_accs, cfg.lam_range, cfg.lam_factor, cfg.refine)
     return out
 
 
-def _lambda_curve_in_worker(run_type, sweep_cfg, cfg: CalibrationConfig, arm: str, base_tau: float,
-                            target_accs: list[float]) -> list[dict]:
+def _arm_curve_in_worker(run_type, sweep_cfg, cfg: CalibrationConfig, arm: str, base_tau: float,
+                         target_accs: list[float]) -> list[dict]:
     """In a pool worker: ``run_type`` (the sweep's ``Run``, pickled by reference) loads the run's cached world."""
-    return _lambda_curve(run_type(sweep_cfg, progress=False, worker=True), cfg, arm, base_tau, target_accs, False)
+    return _arm_curve(run_type(sweep_cfg, progress=False, worker=True), cfg, arm, base_tau, target_accs, False)
 
 
 def calibrate(run, cfg: CalibrationConfig, progress: bool = True) -> Path:
@@ -212,21 +240,23 @@ def calibrate(run, cfg: CalibrationConfig, progress: bool = True) -> Path:
         for arm in arms:  # their gradients exist before any worker needs them
             if ARMS[arm].proxy == "student":
                 run.whitebox_gradient_path()
+            elif ARMS[arm].direction == "random":
+                run.random_direction_path()
             elif ARMS[arm].proxy is not None:
                 run.gradient_path()
         n = min(run.cfg.workers, len(arms))
         if n > 1:
             with worker_pool(n) as pool:
-                futures = {arm: pool.submit(_lambda_curve_in_worker, type(run), run.cfg, cfg, arm, base_tau,
-                                          target_accs)
+                futures = {arm: pool.submit(_arm_curve_in_worker, type(run), run.cfg, cfg, arm, base_tau,
+                                            target_accs)
                            for arm in arms}
                 measured.update({arm: f.result() for arm, f in futures.items()})
         else:
-            measured.update({arm: _lambda_curve(run, cfg, arm, base_tau, target_accs, progress) for arm in arms})
+            measured.update({arm: _arm_curve(run, cfg, arm, base_tau, target_accs, progress) for arm in arms})
         for arm in arms:
             ms = measured[arm]
             chosen[arm] = interpolate_params([m["param"] for m in ms], [m["teacher_acc"] for m in ms], target_accs,
-                                             log=True)
+                                             log=ARMS[arm].param != "gamma")
         for picks in chosen.values():
             for c, t in zip(picks, cfg.targets):
                 c["target"] = t
@@ -247,7 +277,7 @@ def outside_picks(path: Path) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Design:
-    """What a calibration chose: each arm's parameters, each point's target, and the λ arms' base τ."""
+    """What a calibration chose: each arm's parameters, each point's target, and the λ and γ arms' base τ."""
 
     grid: dict[str, list[float]]
     targets: dict[tuple[str, float], float]  # (arm, param) → target (points); the first target on a shared value

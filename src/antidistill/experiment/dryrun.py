@@ -9,6 +9,7 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from ..tokenizer_compat import check_compatible_tokenizers, load_tokenizer
+from .arms import ARM_NOTES
 from .data import load_dataset_splits
 from .sweepconfig import SweepConfig
 
@@ -80,6 +81,11 @@ def dry_run(cfg: SweepConfig) -> list[str]:
                 by_arm[method].append(param)
         arms = "; ".join(f"{m} {', '.join(f'{p:g}' for p in ps)}" for m, ps in by_arm.items())
         lines.append(f"points: {len(points)} ({len(points) // len(cfg.seeds)} per seed: {arms}; seeds {cfg.seeds})")
+    used = cfg.calibration.arms if cfg.grid == "calibrated" else [a for a, grid in cfg.arms.items() if grid]
+    lines += [f"arm {a}: {ARM_NOTES[a]}" for a in used if a in ARM_NOTES]
+    if cfg.grid == "calibrated" and "proxy_mix" in used:
+        lines.append(f"calibration of proxy_mix: γ on {cfg.calibration.gammas}, then {cfg.calibration.refine} "
+                     f"bisection(s) per target; λ arms: λ from {cfg.calibration.lam_range[0]:g} ×{cfg.calibration.lam_factor:g}")
     d = cfg.distill
     lines.append(f"distillation: {'LoRA r ' + str(d.lora_r) if d.lora else 'full'}, lr {d.lr:g}, {d.epochs:g} epochs, "
                  f"batch {d.batch_size}; engine {cfg.engine}, {cfg.workers} worker(s)")

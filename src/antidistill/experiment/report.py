@@ -39,7 +39,11 @@ CONTRASTS = [("antidistill", "antidistillation (cross-family proxy) − temperat
              ("reasoning_only", "antidistillation on the reasoning only − temperature", "reasoning_only", None),
              ("whitebox", "white-box antidistillation − temperature", "whitebox", None),
              ("whitebox_permutation", "permuted white-box Δ̂ − temperature", "whitebox_permutation", None),
-             ("whitebox_vs_permutation", "white-box − its permutation", "whitebox", "whitebox_permutation")]
+             ("whitebox_vs_permutation", "white-box − its permutation", "whitebox", "whitebox_permutation"),
+             ("proxy_mix", "proxy-logit mixing (cross-family proxy, no g) − temperature", "proxy_mix", None),
+             ("random_direction", "norm-matched random direction in g's place − temperature", "random_direction", None),
+             ("antidistill_vs_random", "antidistillation − its norm-matched random direction", "antidistill",
+              "random_direction")]
 FEW_WORLDS = 3  # up to this many worlds, the calibration is shown in full per world
 
 

@@ -36,6 +36,7 @@ class RunDir:
     holdout_traces = property(lambda self: self.root / "holdout_traces.jsonl")
     gradient = property(lambda self: self.root / "proxy_grad.safetensors")
     whitebox_gradient = property(lambda self: self.root / "student_grad.safetensors")  # white-box arms' g
+    random_direction = property(lambda self: self.root / "random_direction.safetensors")  # g's norm-matched stand-in
     calibration = property(lambda self: self.root / "calibration.json")
     gate = property(lambda self: self.root / "gate.json")  # the student-learns-from-teacher gate
     fd_check = property(lambda self: self.root / "fd_check.json")

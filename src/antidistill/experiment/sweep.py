@@ -21,15 +21,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..generation import build_processor, generate_traces
-from ..gradient import compute_proxy_gradient, grad_norm, load_gradient, read_gradient_metadata, save_gradient
+from ..generation import generate_traces
+from ..gradient import compute_proxy_gradient, grad_norm, load_gradient, read_gradient_metadata, save_gradient, save_random_direction
 from ..io_utils import atomic_dir, atomic_path, provenance, read_jsonl, write_json_atomic, write_jsonl, write_text_atomic
 from ..progress import track
 from ..prompting import prompt_text
 from ..proxy import load_causal_lm
 from ..runtime import distributed_state, worker_pool
 from ..settings import SamplingSettings
-from .arms import ARMS
+from .arms import ARMS, arm_processor
 from .calibration import Design, calibrate, outside_picks
 from .distill import distill
 from .distiller_stages import DistillerStages, with_distiller
@@ -140,17 +140,21 @@ class Run:
             save_gradient(path, result, extra={"run": self.cfg.name, "proxy": "base student (white-box)"})
         return stage(self.files.whitebox_gradient, make)
 
-    def processor_for(self, method: str, settings: SamplingSettings):
-        """The logits processor of arm ``method`` (None for greedy and temperature)."""
+    def random_direction_path(self) -> Path:
+        """g's norm-matched random stand-in (``random_direction`` arm), seeded with the world's seed."""
+        return stage(self.files.random_direction, lambda p: save_random_direction(p, self.gradient_path(), self.cfg.world.seed))
+
+    def processor_for(self, method: str, settings: SamplingSettings, param: float | None = None):
+        """The logits processor of arm ``method`` at a point with parameter ``param`` (None if it has none)."""
         arm = ARMS.get(method)
-        if not settings.uses_proxy or arm is None:
+        if arm is None or not (settings.uses_proxy or arm.param == "gamma"):
             return None
         if arm.proxy == "student":
             proxy, grad, ptok = load_causal_lm(self.paths["student"]), self.whitebox_gradient_path(), self.tok["student"]
-        else:
-            proxy, grad, ptok = self.proxy, self.gradient_path(), self.tok["proxy"]
-        return build_processor(settings, proxy, grad, self.tok["teacher"], ptok, reasoning_only=arm.reasoning_only,
-                               teacher_vocab_size=self.teacher.get_output_embeddings().weight.shape[0])
+        else:  # the cross-family proxy, with g or its random stand-in (a γ arm, proxy-logit mixing, ignores it)
+            proxy, ptok, grad = self.proxy, self.tok["proxy"], (self.random_direction_path() if arm.direction == "random" else self.gradient_path())
+        return arm_processor(arm, settings, proxy, grad, self.tok["teacher"], ptok, param=param,
+                             teacher_vocab_size=self.teacher.get_output_embeddings().weight.shape[0])
 
     def point(self, method: str, param: float, seed: int) -> dict:
         """Run (or reuse) every stage of one sweep point; returns its result row (the naive distiller's)."""
@@ -188,7 +192,7 @@ class Run:
         engine = self.completer_factory is not None and not (
             files.traces.exists() and (files.teacher_test.exists() or self.cfg.teacher_eval == "traces"))
         # another engine, if any, generates the teacher's traces (built only if one is missing); students stay HF
-        proc = self.processor_for(method, settings) if self.completer_factory is None else None
+        proc = self.processor_for(method, settings, param) if self.completer_factory is None else None
         if engine:
             grad = str(self.gradient_path()) if settings.uses_proxy else None
             teacher = self.completer_factory(self.paths["teacher"], self.paths["proxy"], grad, tok, settings,
@@ -324,6 +328,8 @@ class Run:
                     points = first
         if any(ARMS[m].proxy == "student" for m, _, _ in points):
             self.whitebox_gradient_path()
+        if any(ARMS[m].direction == "random" for m, _, _ in points):
+            self.random_direction_path()
         rows = self._run_points(points)
         self.write_results(rows)
         self.fd_check()

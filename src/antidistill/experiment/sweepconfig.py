@@ -17,7 +17,7 @@ from pydantic import field_validator
 from pydantic.dataclasses import dataclass
 
 from ..config import to_dict
-from ..functional import check_lam, check_tau
+from ..functional import check_gamma, check_lam, check_tau
 from ..settings import CONFIG, METHODS, SamplingSettings
 from ..toyworld.build import ToyWorldConfig
 from .arms import ARMS, EXTRA_ARMS
@@ -65,7 +65,8 @@ class SweepConfig:
     temperatures: list[float] = field(default_factory=lambda: [0.7, 1.0, 1.3, 1.6])
     ad_lambdas: list[float] = field(default_factory=lambda: [0.003, 0.008, 0.013, 0.018])
     perm_lambdas: list[float] = field(default_factory=lambda: [0.008, 0.018])
-    # further arms and their λ grids: reasoning_only, whitebox, whitebox_permutation (see experiment.arms)
+    # further arms and their grids: reasoning_only, whitebox, whitebox_permutation, random_direction (λ) and
+    # proxy_mix (γ in [0, 1]) (see experiment.arms)
     arms: dict[str, list[float]] = field(default_factory=dict)
     include_greedy: bool = True
     sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(**SWEEP_SAMPLING))
@@ -118,8 +119,11 @@ class SweepConfig:
             raise ValueError(f"workers must be an integer ≥ 1, got workers={self.workers!r}")
         for t in self.temperatures:
             check_tau(t)
-        for lam in self.ad_lambdas + self.perm_lambdas + [x for grid in self.arms.values() for x in grid]:
+        for lam in self.ad_lambdas + self.perm_lambdas + [x for a, grid in self.arms.items() if a != "proxy_mix"
+                                                          for x in grid]:
             check_lam(lam)
+        for gamma in self.arms.get("proxy_mix", []):
+            check_gamma(gamma)
         if self.grid == "calibrated" and self.engine != "hf":
             raise ValueError(f"grid='calibrated' needs engine='hf' (the calibration runs on transformers), "
                              f"got engine={self.engine!r}")
@@ -165,12 +169,19 @@ class SweepConfig:
     def settings_for(self, method: str, param: float, seed: int, tau: float | None = None) -> SamplingSettings:
         """The sampling settings of a point; ``method`` is a core method or an arm (``experiment.arms``).
 
-        ``tau``: the λ arms' base τ (a calibrated design's), in place of ``sampling.tau``."""
+        ``tau``: the λ arms' base τ (a calibrated design's), in place of ``sampling.tau``. A γ arm
+        (``proxy_mix``) samples as temperature at that τ; its γ is not a sampling setting but its
+        processor's (``Run.processor_for``)."""
         if method not in METHODS and method not in ARMS:
             raise ValueError(f"unknown method {method!r}; use one of {sorted(set(METHODS) | set(ARMS))}")
-        method = ARMS[method].method if method in ARMS else method
+        arm = ARMS.get(method)
+        method = arm.method if arm else method
         base = dataclasses.asdict(self.sampling) | {"method": method, "seed": seed, "lam": 0.0}
-        if method == "temperature":
+        if arm is not None and arm.param == "gamma":  # γ goes to the arm's processor: the teacher samples at τ
+            check_gamma(param)
+            if tau is not None:
+                base["tau"] = tau
+        elif method == "temperature":
             base["tau"] = param
         elif method != "greedy":
             base["lam"] = param
@@ -181,8 +192,11 @@ class SweepConfig:
 
 def config_text(cfg: SweepConfig) -> str:
     """The run directory's ``config.yaml``: the config as YAML, leaving out ``distillers`` when it is only the
-    naive one, so a config written before distillers existed keeps its text and its run directory resumes."""
+    naive one and ``calibration.gammas`` when it is the default, so a config written before they existed keeps
+    its text and its run directory resumes."""
     data = to_dict(cfg)
     if [d.kind for d in cfg.distillers] == ["naive"]:
         del data["distillers"]
+    if data["calibration"]["gammas"] == CalibrationConfig().gammas:  # added later: default configs keep their text
+        del data["calibration"]["gammas"]
     return yaml.safe_dump(data, sort_keys=False)  # as config.dump_yaml writes it
