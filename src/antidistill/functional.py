@@ -54,6 +54,74 @@ def finite_difference_delta(
     raise ValueError(f"difference={difference!r} has no finite-difference form; use 'central' or 'forward'")
 
 
+def check_proxy_weights(weights, n_proxies: int) -> tuple[float, ...]:
+    """The ensemble's weights, validated and normalised to sum 1 (default: 1/K each).
+
+    Args:
+        weights: None (equal weights) or one finite number ≥ 0 per proxy, not all 0.
+        n_proxies: K ≥ 1.
+
+    Returns:
+        ``K`` floats ``w_k / Σ w``.
+
+    Raises:
+        ValueError: naming ``proxy_weights``: wrong length, a negative or non-finite weight, or all 0.
+    """
+    if not isinstance(n_proxies, int) or n_proxies < 1:
+        raise ValueError(f"an ensemble needs at least one proxy, got {n_proxies!r}")
+    if weights is None:
+        return (1.0 / n_proxies,) * n_proxies
+    if isinstance(weights, torch.Tensor):
+        weights = weights.tolist()
+    weights = list(weights)
+    if len(weights) != n_proxies:
+        raise ValueError(f"proxy_weights has {len(weights)} entries for {n_proxies} proxies: give one per proxy")
+    bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0]
+    if bad:
+        raise ValueError(f"proxy_weights must be finite numbers >= 0, got proxy_weights={weights!r}")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"proxy_weights must not all be 0, got proxy_weights={weights!r}")
+    return tuple(float(w) / total for w in weights)
+
+
+def ensemble_delta(deltas, weights=None) -> torch.Tensor:
+    """Δ̂ of an ensemble of K proxies: Σ_k w_k Δ̂_k, the Δ̂ that eq. 11 then takes.
+
+    Each Δ̂_k is one proxy's estimate of ⟨∇θ log p(x; θ_k), g_k⟩ (eq. 8-10, or eq. 12-13), with its own
+    parameters θ_k and its own gradient g_k = ∇θ ℓ(θ_k) (eq. 7). The weighted sum estimates the
+    weighted mean of the proxies' first-order effects Δ(x)/η (eq. 6): a token is pushed down in
+    proportion to how much it would help the proxies on average.
+
+    Args:
+        deltas: a sequence of K ``(B, V)`` tensors (one per proxy, all the same shape).
+        weights: None (1/K each) or K finite numbers ≥ 0, not all 0; normalised to sum 1
+            (:func:`check_proxy_weights`), so λ keeps its scale whatever K is. A proxy whose weight
+            is 0 contributes nothing, not even a non-finite value.
+
+    Returns:
+        ``(B, V)`` float32 Σ_k w_k Δ̂_k. With K = 1 this is Δ̂_1 itself, bit for bit.
+
+    Example:
+        >>> ensemble_delta([torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 3.0]])], [1, 3]).tolist()
+        [[0.25, 2.25]]
+    """
+    deltas = list(deltas)
+    w = check_proxy_weights(weights, len(deltas))
+    shape = deltas[0].shape
+    for k, d in enumerate(deltas):
+        if d.shape != shape:
+            raise ValueError(f"deltas[{k}] has shape {tuple(d.shape)}, deltas[0] {tuple(shape)}: every proxy's "
+                             "delta must cover the same rows and vocabulary")
+    out = None
+    for wk, d in zip(w, deltas):
+        if wk == 0.0:
+            continue
+        term = d.float() if wk == 1.0 else wk * d.float()
+        out = term if out is None else out + term.to(out.device)
+    return out
+
+
 def antidistillation_logits(
     teacher_logits: torch.Tensor,
     delta: torch.Tensor | None,
@@ -61,6 +129,7 @@ def antidistillation_logits(
     tau: float | torch.Tensor,
     *,
     times_tau: bool = False,
+    proxy_weights=None,
 ) -> torch.Tensor:
     """Adjusted logits of antidistillation sampling (eq. 11): the one place eq. 11 is assembled.
 
@@ -70,12 +139,14 @@ def antidistillation_logits(
 
     Args:
         teacher_logits: ``(B, V)`` teacher logits (any per-row shift; they are log-softmaxed here).
-        delta: ``(B, V)`` Δ̂ from :func:`finite_difference_delta` or a JVP, or None when λ = 0.
+        delta: ``(B, V)`` Δ̂ from :func:`finite_difference_delta` or a JVP, or None when λ = 0; or a
+            sequence of K such tensors, one per proxy of an ensemble, combined by :func:`ensemble_delta`.
         lam: λ, finite.
         tau: τ > 0, a float or a ``(B,)`` tensor (one τ per row, as a server batching requests needs).
         times_tau: return τ·eq. 11 = ``log p_T + τλ·Δ̂`` instead, for samplers that divide the
             scores by the temperature τ themselves (transformers' ``TemperatureLogitsWarper``,
             vLLM's sampler). Its softmax at temperature τ is eq. 11.
+        proxy_weights: the ensemble's weights when ``delta`` is a sequence (default 1/K each).
 
     Returns:
         ``(B, V)`` float32 adjusted logits. With λ = 0 this is eq. 1, plain temperature sampling.
@@ -92,6 +163,10 @@ def antidistillation_logits(
         tau = tau.float()[:, None]
     else:
         check_tau(tau)
+    if isinstance(delta, (list, tuple)):
+        delta = ensemble_delta(delta, proxy_weights)
+    elif proxy_weights is not None:
+        raise ValueError("proxy_weights is given but delta is one tensor: pass one delta per proxy")
     if delta is None:
         if lam != 0.0:
             raise ValueError(f"delta is required when lam != 0 (lam={lam!r})")
