@@ -54,50 +54,17 @@ def finite_difference_delta(
     raise ValueError(f"difference={difference!r} has no finite-difference form; use 'central' or 'forward'")
 
 
-def check_proxy_weights(weights, n_proxies: int) -> tuple[float, ...]:
-    """The ensemble's weights, validated and normalised to sum 1 (default: 1/K each).
-
-    Args:
-        weights: None (equal weights) or one finite number ≥ 0 per proxy, not all 0.
-        n_proxies: K ≥ 1.
-
-    Returns:
-        ``K`` floats ``w_k / Σ w``.
-
-    Raises:
-        ValueError: naming ``proxy_weights``: wrong length, a negative or non-finite weight, or all 0.
-    """
-    if not isinstance(n_proxies, int) or n_proxies < 1:
-        raise ValueError(f"an ensemble needs at least one proxy, got {n_proxies!r}")
-    if weights is None:
-        return (1.0 / n_proxies,) * n_proxies
-    if isinstance(weights, torch.Tensor):
-        weights = weights.tolist()
-    weights = list(weights)
-    if len(weights) != n_proxies:
-        raise ValueError(f"proxy_weights has {len(weights)} entries for {n_proxies} proxies: give one per proxy")
-    bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0]
-    if bad:
-        raise ValueError(f"proxy_weights must be finite numbers >= 0, got proxy_weights={weights!r}")
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError(f"proxy_weights must not all be 0, got proxy_weights={weights!r}")
-    return tuple(float(w) / total for w in weights)
-
-
 def ensemble_delta(deltas, weights=None) -> torch.Tensor:
     """Δ̂ of an ensemble of K proxies: Σ_k w_k Δ̂_k, the Δ̂ that eq. 11 then takes.
 
-    Each Δ̂_k is one proxy's estimate of ⟨∇θ log p(x; θ_k), g_k⟩ (eq. 8-10, or eq. 12-13), with its own
-    parameters θ_k and its own gradient g_k = ∇θ ℓ(θ_k) (eq. 7). The weighted sum estimates the
-    weighted mean of the proxies' first-order effects Δ(x)/η (eq. 6): a token is pushed down in
-    proportion to how much it would help the proxies on average.
+    Each Δ̂_k estimates ⟨∇θ log p(x; θ_k), g_k⟩ (eq. 8-10 or 12-13) with proxy k's own θ_k and
+    g_k = ∇θ ℓ(θ_k) (eq. 7): the sum is the weighted mean of the proxies' first-order effects (eq. 6).
 
     Args:
         deltas: a sequence of K ``(B, V)`` tensors (one per proxy, all the same shape).
         weights: None (1/K each) or K finite numbers ≥ 0, not all 0; normalised to sum 1
-            (:func:`check_proxy_weights`), so λ keeps its scale whatever K is. A proxy whose weight
-            is 0 contributes nothing, not even a non-finite value.
+            (:func:`check_proxy_weights`), so λ keeps its scale whatever K is. A weight of 0
+            contributes nothing, not even a non-finite value.
 
     Returns:
         ``(B, V)`` float32 Σ_k w_k Δ̂_k. With K = 1 this is Δ̂_1 itself, bit for bit.
@@ -108,11 +75,10 @@ def ensemble_delta(deltas, weights=None) -> torch.Tensor:
     """
     deltas = list(deltas)
     w = check_proxy_weights(weights, len(deltas))
-    shape = deltas[0].shape
     for k, d in enumerate(deltas):
-        if d.shape != shape:
-            raise ValueError(f"deltas[{k}] has shape {tuple(d.shape)}, deltas[0] {tuple(shape)}: every proxy's "
-                             "delta must cover the same rows and vocabulary")
+        if d.shape != deltas[0].shape:
+            raise ValueError(f"deltas[{k}] has shape {tuple(d.shape)}, deltas[0] {tuple(deltas[0].shape)}: every "
+                             "proxy's delta must cover the same rows and vocabulary")
     out = None
     for wk, d in zip(w, deltas):
         if wk == 0.0:
@@ -301,6 +267,22 @@ def check_tau(tau: float) -> None:
 def check_lam(lam: float) -> None:
     if not isinstance(lam, (int, float)) or not math.isfinite(lam):
         raise ValueError(f"lam must be a finite number, got lam={lam!r}")
+
+
+def check_proxy_weights(weights, n_proxies: int) -> tuple[float, ...]:
+    """K ensemble weights (None: 1/K each), finite, ≥ 0, not all 0, returned normalised to sum 1."""
+    if not isinstance(n_proxies, int) or n_proxies < 1:
+        raise ValueError(f"an ensemble needs at least one proxy, got {n_proxies!r}")
+    if weights is None:
+        return (1.0 / n_proxies,) * n_proxies
+    weights = weights.tolist() if isinstance(weights, torch.Tensor) else list(weights)
+    if len(weights) != n_proxies:
+        raise ValueError(f"proxy_weights has {len(weights)} entries for {n_proxies} proxies: give one per proxy")
+    if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0 for w in weights):
+        raise ValueError(f"proxy_weights must be finite numbers >= 0, got proxy_weights={weights!r}")
+    if sum(weights) <= 0:
+        raise ValueError(f"proxy_weights must not all be 0, got proxy_weights={weights!r}")
+    return tuple(float(w) / float(sum(weights)) for w in weights)
 
 
 def check_difference(difference: str) -> None:

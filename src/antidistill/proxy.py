@@ -77,6 +77,16 @@ def perturbed(model: torch.nn.Module, grad: Mapping[str, torch.Tensor], scale: f
     return model
 
 
+def to_width(delta: torch.Tensor, width: int) -> torch.Tensor:
+    """``(..., V)`` Δ̂ cut, or padded with 0, to the teacher's ``(..., width)`` (rows past a tokenizer
+    are embedding padding that no text uses)."""
+    if width == delta.shape[-1]:
+        return delta
+    if width < delta.shape[-1]:
+        return delta[..., :width]
+    return torch.nn.functional.pad(delta, (0, width - delta.shape[-1]))
+
+
 class ProxyDelta:
     """Δ̂(x) for every token x at the last position of each row (eq. 10, its central form, or eq. 12-13).
 
@@ -190,11 +200,7 @@ class ProxyDelta:
         return self._to_width(delta)
 
     def _to_width(self, delta: torch.Tensor) -> torch.Tensor:
-        if self.vocab_size == delta.shape[-1]:
-            return delta
-        if self.vocab_size < delta.shape[-1]:
-            return delta[..., : self.vocab_size]
-        return torch.nn.functional.pad(delta, (0, self.vocab_size - delta.shape[-1]))
+        return to_width(delta, self.vocab_size)
 
     def _jvp(self, new: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Exact Δ = J_θ[log p(·; θ_P)]·g by forward-mode AD (eq. 12-13), with a dual KV cache."""
