@@ -208,3 +208,26 @@ def test_bad_lengths_raise(world):
     with pytest.raises(ValueError, match="vocabularies differ in width"):
         EnsembleDelta([proxies[0], tiny_proxy(seed=5, vocab=64)], [grads[0], random_grad(tiny_proxy(seed=5, vocab=64))],
                       eps=EPS)
+
+
+def test_vllm_refuses_several_proxies_before_writing_anything(world, tmp_path):
+    from antidistill.engines.vllm.setup import VllmSettings, build_llm, check_models, write_composite
+
+    teacher, proxies, _ = world
+    teacher.save_pretrained(tmp_path / "teacher")
+    paths = []
+    for k, p in enumerate(proxies):
+        p.save_pretrained(tmp_path / f"proxy{k}")
+        paths.append(str(tmp_path / f"proxy{k}"))
+    grads = [str(tmp_path / "g0.safetensors"), str(tmp_path / "g1.safetensors")]
+    hint = "ensemble antidistillation .* runs on the transformers engine"
+    with pytest.raises(ValueError, match=f"one proxy, got a list of 2 for proxy: {hint}"):
+        write_composite(tmp_path / "teacher", paths, grads, VllmSettings(lam=0.5, eps=EPS, tau=TAU), tmp_path / "out")
+    with pytest.raises(ValueError, match=f"got a list of 2 for grad: {hint}"):
+        write_composite(tmp_path / "teacher", paths[0], grads, VllmSettings(lam=0.5, eps=EPS, tau=TAU), tmp_path / "o")
+    with pytest.raises(ValueError, match=hint):
+        check_models(tmp_path / "teacher", paths)
+    with pytest.raises(ValueError, match=hint):
+        build_llm(tmp_path / "teacher", paths, grads, settings=VllmSettings(lam=0.5, eps=EPS, tau=TAU),
+                  workdir=tmp_path / "w")
+    assert not any((tmp_path / d).exists() for d in ("out", "o", "w"))
