@@ -171,6 +171,10 @@ def test_pure_function_and_eq11_with_several_deltas():
     z = torch.tensor([[0.3, -0.1, 0.9]])
     assert torch.equal(antidistillation_logits(z, [a, b], 0.5, 0.9, proxy_weights=[3, 1]),
                        antidistillation_logits(z, ensemble_delta([a, b], [3, 1]), 0.5, 0.9))
+    with pytest.raises(ValueError, match="proxy_weights is given but delta is one tensor"):
+        antidistillation_logits(z, a, 0.5, 0.9, proxy_weights=[1.0])
+    with pytest.raises(ValueError, match="at least one proxy"):
+        ensemble_delta([])
 
 
 @pytest.mark.parametrize("weights, match", [

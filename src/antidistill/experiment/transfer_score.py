@@ -110,6 +110,8 @@ def transfer_score(
         n_boot, seed: the bootstrap over traces.
     """
     check_eps(eps)
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got top_p={top_p!r}")
     if max_positions is not None and max_positions < 1:
         raise ValueError(f"max_positions must be >= 1, got {max_positions!r}")
     if not traces:
