@@ -1,8 +1,10 @@
 """Decode throughput of plain temperature sampling vs antidistillation in each difference mode.
 
-Prints tokens/s, the overhead ratio against the FLOP bound 1 + k·P_proxy/P_teacher (k = 2 for the
+Prints tokens/s, the overhead ratio against the FLOP bound 1 + k·ΣP_k/P_teacher (k = 2 for the
 central and forward differences; k ≈ 3 for JVP, whose tangent pass turns each matmul W·x into
 W·x, W·ẋ and Ẇ·x), and each mode's peak resident memory (each mode runs in a fresh subprocess).
+The ``ensemble-*`` modes run a two-proxy ensemble (the proxy and a second, smaller one of its family,
+weights 1:1): ΣP_k sums both proxies, so the central bound is 1 + 2·(P_1 + P_2)/P_teacher.
 
     python benchmarks/decode_overhead.py                 # tiny and realistic (0.5B teacher) shapes, CPU
     python benchmarks/decode_overhead.py --sizes tiny
@@ -22,15 +24,20 @@ import time
 
 SIZES = {
     # teacher: Qwen2; proxy: Llama (different families, one vocabulary)
-    "tiny": dict(vocab=512, teacher=(128, 4, 4, 384), proxy=(64, 2, 4, 192), batch=8, new=64, dtype="float32"),
+    "tiny": dict(vocab=512, teacher=(128, 4, 4, 384), proxy=(64, 2, 4, 192), proxy2=(48, 2, 4, 128), batch=8, new=64,
+                 dtype="float32"),
     # Qwen2.5-0.5B-like teacher (494M with tied embeddings) and a ~0.12B proxy, both with a 151,936 vocabulary
-    "realistic": dict(vocab=151936, teacher=(896, 24, 14, 4864), proxy=(512, 12, 8, 1536), batch=4, new=24,
-                      dtype="float32"),
-    "gpu7b": dict(vocab=152064, teacher=(3584, 28, 28, 18944), proxy=(2048, 36, 16, 11008), batch=8, new=128,
-                  dtype="bfloat16"),
+    "realistic": dict(vocab=151936, teacher=(896, 24, 14, 4864), proxy=(512, 12, 8, 1536), proxy2=(384, 8, 6, 1024),
+                      batch=4, new=24, dtype="float32"),
+    "gpu7b": dict(vocab=152064, teacher=(3584, 28, 28, 18944), proxy=(2048, 36, 16, 11008),
+                  proxy2=(1536, 28, 12, 8960), batch=8, new=128, dtype="bfloat16"),
 }
-MODES = ["temperature", "central", "forward", "jvp"]
+MODES = ["temperature", "central", "forward", "jvp", "ensemble-central", "ensemble-forward", "ensemble-jvp"]
 K = {"central": 2, "forward": 2, "jvp": 3}
+
+
+def difference_of(mode: str) -> str:
+    return mode.removeprefix("ensemble-")
 
 
 def build(size: str):
@@ -46,14 +53,17 @@ def build(size: str):
     tcfg = Qwen2Config(vocab_size=s["vocab"], hidden_size=h, num_hidden_layers=n, num_attention_heads=heads,
                        num_key_value_heads=kv, intermediate_size=inter, tie_word_embeddings=size != "gpu7b",
                        pad_token_id=0, eos_token_id=1)
-    h, n, heads, inter = s["proxy"]
-    pcfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=h, num_hidden_layers=n, num_attention_heads=heads,
-                       num_key_value_heads=max(1, heads // 4), intermediate_size=inter, tie_word_embeddings=True,
-                       pad_token_id=0, eos_token_id=1)
+
+    def proxy_config(shape):
+        h, n, heads, inter = shape
+        return LlamaConfig(vocab_size=s["vocab"], hidden_size=h, num_hidden_layers=n, num_attention_heads=heads,
+                           num_key_value_heads=max(1, heads // 4), intermediate_size=inter, tie_word_embeddings=True,
+                           pad_token_id=0, eos_token_id=1)
+
     with torch.device(device):
         teacher = Qwen2ForCausalLM(tcfg).to(dtype).eval()
-        proxy = LlamaForCausalLM(pcfg).to(dtype).eval()
-    return teacher, proxy, s, device
+        proxies = [LlamaForCausalLM(proxy_config(s[k])).to(dtype).eval() for k in ("proxy", "proxy2")]
+    return teacher, proxies, s, device
 
 
 def run_mode(size: str, mode: str) -> dict:
@@ -63,14 +73,18 @@ def run_mode(size: str, mode: str) -> dict:
 
     from antidistill import AntidistillationLogitsProcessor, generate
 
-    teacher, proxy, s, device = build(size)
+    teacher, proxies, s, device = build(size)
+    if not mode.startswith("ensemble-"):
+        proxies = proxies[:1]
     p_t = sum(p.numel() for p in teacher.parameters())
-    p_p = sum(p.numel() for p in proxy.parameters())
+    p_p = sum(p.numel() for m in proxies for p in m.parameters()) if mode != "temperature" else 0
     sample = teacher.generate  # plain temperature sampling
     if mode != "temperature":
-        g = {n: torch.randn_like(p) * 1e-3 for n, p in proxy.named_parameters()}
-        proc = AntidistillationLogitsProcessor(proxy, g, lam=0.1, eps=1e-2, tau=0.9, difference=mode, pad_token_id=0)
-        del g
+        grads = [{n: torch.randn_like(p) * 1e-3 for n, p in m.named_parameters()} for m in proxies]
+        proc = AntidistillationLogitsProcessor(proxies if len(proxies) > 1 else proxies[0],
+                                               grads if len(proxies) > 1 else grads[0], lam=0.1, eps=1e-2, tau=0.9,
+                                               difference=difference_of(mode), pad_token_id=0)
+        del grads
 
         def sample(*args, **kwargs):  # eq. 11: τ given once, to the processor
             return generate(teacher, *args, processor=proc, **kwargs)
@@ -114,15 +128,14 @@ def main():
         base = results.get("temperature")
         if not base:
             continue
-        ratio_pp = base["p_proxy"] / base["p_teacher"]
-        print(f"\n== {size}: teacher {base['p_teacher'] / 1e6:.1f}M, proxy {base['p_proxy'] / 1e6:.1f}M "
-              f"(P_proxy/P_teacher = {ratio_pp:.3f}), {base['device']} {base['dtype']}")
-        print(f"{'mode':<12}{'tok/s':>10}{'overhead':>10}{'FLOP bound':>12}{'vs bound':>10}{'peak MiB':>10}")
+        print(f"\n== {size}: teacher {base['p_teacher'] / 1e6:.2f}M, {base['device']} {base['dtype']}; "
+              "bound = 1 + k·ΣP_k/P_teacher (k = 2 central/forward, 3 jvp)")
+        print(f"{'mode':<18}{'ΣP_k':>9}{'tok/s':>10}{'overhead':>10}{'FLOP bound':>12}{'vs bound':>10}{'peak MiB':>10}")
         for mode, r in results.items():
             over = base["tokens_per_s"] / r["tokens_per_s"]
-            bound = 1 + K.get(mode, 0) * ratio_pp
-            print(f"{mode:<12}{r['tokens_per_s']:>10.1f}{over:>10.2f}{bound:>12.2f}{over / bound:>10.2f}"
-                  f"{r['peak_bytes'] / 2**20:>10.0f}")
+            bound = 1 + K.get(difference_of(mode), 0) * r["p_proxy"] / r["p_teacher"]
+            print(f"{mode:<18}{r['p_proxy'] / 1e6:>8.2f}M{r['tokens_per_s']:>10.1f}{over:>10.2f}{bound:>12.2f}"
+                  f"{over / bound:>10.2f}{r['peak_bytes'] / 2**20:>10.0f}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from antidistill.functional import (antidistillation_logits, flattening, row_generator, sample_rows,
-                                   sampling_logprobs, top_p_filter)
+from antidistill.functional import antidistillation_logits
+from antidistill.sampling import flattening, row_generator, sample_rows, sampling_logprobs, top_p_filter
 
 
 def _rows(b=4, v=9, seed=0):

@@ -54,6 +54,40 @@ def finite_difference_delta(
     raise ValueError(f"difference={difference!r} has no finite-difference form; use 'central' or 'forward'")
 
 
+def ensemble_delta(deltas, weights=None) -> torch.Tensor:
+    """Δ̂ of an ensemble of K proxies: Σ_k w_k Δ̂_k, the Δ̂ that eq. 11 then takes.
+
+    Each Δ̂_k estimates ⟨∇θ log p(x; θ_k), g_k⟩ (eq. 8-10 or 12-13) with proxy k's own θ_k and
+    g_k = ∇θ ℓ(θ_k) (eq. 7): the sum is the weighted mean of the proxies' first-order effects (eq. 6).
+
+    Args:
+        deltas: a sequence of K ``(B, V)`` tensors (one per proxy, all the same shape).
+        weights: None (1/K each) or K finite numbers ≥ 0, not all 0; normalised to sum 1
+            (:func:`check_proxy_weights`), so λ keeps its scale whatever K is. A weight of 0
+            contributes nothing, not even a non-finite value.
+
+    Returns:
+        ``(B, V)`` float32 Σ_k w_k Δ̂_k. With K = 1 this is Δ̂_1 itself, bit for bit.
+
+    Example:
+        >>> ensemble_delta([torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 3.0]])], [1, 3]).tolist()
+        [[0.25, 2.25]]
+    """
+    deltas = list(deltas)
+    w = check_proxy_weights(weights, len(deltas))
+    for k, d in enumerate(deltas):
+        if d.shape != deltas[0].shape:
+            raise ValueError(f"deltas[{k}] has shape {tuple(d.shape)}, deltas[0] {tuple(deltas[0].shape)}: every "
+                             "proxy's delta must cover the same rows and vocabulary")
+    out = None
+    for wk, d in zip(w, deltas):
+        if wk == 0.0:
+            continue
+        term = d.float() if wk == 1.0 else wk * d.float()
+        out = term if out is None else out + term.to(out.device)
+    return out
+
+
 def antidistillation_logits(
     teacher_logits: torch.Tensor,
     delta: torch.Tensor | None,
@@ -61,6 +95,7 @@ def antidistillation_logits(
     tau: float | torch.Tensor,
     *,
     times_tau: bool = False,
+    proxy_weights=None,
 ) -> torch.Tensor:
     """Adjusted logits of antidistillation sampling (eq. 11): the one place eq. 11 is assembled.
 
@@ -70,12 +105,14 @@ def antidistillation_logits(
 
     Args:
         teacher_logits: ``(B, V)`` teacher logits (any per-row shift; they are log-softmaxed here).
-        delta: ``(B, V)`` Δ̂ from :func:`finite_difference_delta` or a JVP, or None when λ = 0.
+        delta: ``(B, V)`` Δ̂ from :func:`finite_difference_delta` or a JVP, or None when λ = 0; or a
+            sequence of K such tensors, one per proxy of an ensemble, combined by :func:`ensemble_delta`.
         lam: λ, finite.
         tau: τ > 0, a float or a ``(B,)`` tensor (one τ per row, as a server batching requests needs).
         times_tau: return τ·eq. 11 = ``log p_T + τλ·Δ̂`` instead, for samplers that divide the
             scores by the temperature τ themselves (transformers' ``TemperatureLogitsWarper``,
             vLLM's sampler). Its softmax at temperature τ is eq. 11.
+        proxy_weights: the ensemble's weights when ``delta`` is a sequence (default 1/K each).
 
     Returns:
         ``(B, V)`` float32 adjusted logits. With λ = 0 this is eq. 1, plain temperature sampling.
@@ -92,6 +129,10 @@ def antidistillation_logits(
         tau = tau.float()[:, None]
     else:
         check_tau(tau)
+    if isinstance(delta, (list, tuple)):
+        delta = ensemble_delta(delta, proxy_weights)
+    elif proxy_weights is not None:
+        raise ValueError("proxy_weights is given but delta is one tensor: pass one delta per proxy")
     if delta is None:
         if lam != 0.0:
             raise ValueError(f"delta is required when lam != 0 (lam={lam!r})")
@@ -276,114 +317,22 @@ def check_gamma(gamma: float) -> None:
         raise ValueError(f"gamma must be a number in [0, 1], got gamma={gamma!r}")
 
 
+def check_proxy_weights(weights, n_proxies: int) -> tuple[float, ...]:
+    """K ensemble weights (None: 1/K each), finite, ≥ 0, not all 0, returned normalised to sum 1."""
+    if not isinstance(n_proxies, int) or n_proxies < 1:
+        raise ValueError(f"an ensemble needs at least one proxy, got {n_proxies!r}")
+    if weights is None:
+        return (1.0 / n_proxies,) * n_proxies
+    weights = weights.tolist() if isinstance(weights, torch.Tensor) else list(weights)
+    if len(weights) != n_proxies:
+        raise ValueError(f"proxy_weights has {len(weights)} entries for {n_proxies} proxies: give one per proxy")
+    if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0 for w in weights):
+        raise ValueError(f"proxy_weights must be finite numbers >= 0, got proxy_weights={weights!r}")
+    if sum(weights) <= 0:
+        raise ValueError(f"proxy_weights must not all be 0, got proxy_weights={weights!r}")
+    return tuple(float(w) / float(sum(weights)) for w in weights)
+
+
 def check_difference(difference: str) -> None:
     if difference not in DIFFERENCES:
         raise ValueError(f"difference must be one of {DIFFERENCES}, got difference={difference!r}")
-
-
-# --- sampling as a server does it: eq. 11, per-row flattening, per-row top-p, per-row seeds ----
-
-
-def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Nucleus filtering, one ``p`` per row.
-
-    Args:
-        logits: ``(B, V)`` logits (any per-row shift).
-        top_p: ``(B,)`` values in (0, 1].
-
-    Returns:
-        ``(B, V)``: ``logits`` with every token outside its row's nucleus set to −inf. The nucleus
-        is the smallest set of most likely tokens whose probability reaches ``top_p``; the most
-        likely token is always kept. Rows with ``top_p >= 1`` are returned unchanged.
-    """
-    if bool((top_p >= 1.0).all()):
-        return logits
-    sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    remove = (probs.cumsum(-1) - probs) >= top_p[:, None].to(probs.dtype)
-    remove[:, 0] = False
-    mask = torch.zeros_like(remove).scatter(-1, idx, remove)
-    return logits.masked_fill(mask, float("-inf"))
-
-
-def flattening(tau: float | torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` factor min(1, τ/T) applied to the whole eq. 11 logit.
-
-    A request temperature T ≥ τ samples q^(τ/T) (a flattening of eq. 11's q); any T < τ, including
-    0, samples q itself. No request temperature changes the teacher term alone, so no pair of
-    temperatures separates log p_T from λΔ̂ (see ``docs/serving.md``).
-
-    Args:
-        tau: the operator's τ > 0, a float or ``(B,)``.
-        temperature: ``(B,)`` request temperatures ≥ 0.
-    """
-    t = temperature.float()
-    tau = tau.float() if isinstance(tau, torch.Tensor) else torch.full_like(t, float(tau))
-    return torch.where(t > tau, tau / t.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(t))
-
-
-def sampling_logprobs(
-    teacher_logits: torch.Tensor,
-    delta: torch.Tensor | None,
-    lam: float,
-    tau: float | torch.Tensor,
-    temperature: torch.Tensor,
-    top_p: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The log-probabilities a defended server actually samples from, row by row.
-
-    ``z = log p_T/τ + λ·Δ̂`` (eq. 11, the operator's λ and τ), then ``z·min(1, τ/T)`` (see
-    :func:`flattening`), then top-p, then log-softmax.
-
-    Args:
-        teacher_logits: ``(B, V)`` teacher logits.
-        delta: ``(B, V)`` Δ̂, or None when λ = 0 (eq. 1: plain temperature-τ sampling).
-        lam: λ, finite.
-        tau: the operator's τ > 0 (float or ``(B,)``).
-        temperature: ``(B,)`` request temperatures ≥ 0.
-        top_p: ``(B,)`` in (0, 1].
-
-    Returns:
-        ``(logprobs, ok)``: ``(B, V)`` float32 log-probs (−inf outside the nucleus) and a ``(B,)``
-        bool that is False for rows whose eq. 11 scores are not finite (:func:`nonfinite_rows`).
-        Those rows are NaN: there is no fallback to the teacher; the caller must not sample them.
-    """
-    z = antidistillation_logits(teacher_logits, delta, lam, tau)
-    ok = ~nonfinite_rows(z)
-    z = z * flattening(tau, temperature.to(z.device))[:, None]
-    z = torch.where(ok[:, None], z, torch.zeros_like(z))  # keep bad rows out of sort/softmax
-    logprobs = torch.log_softmax(top_p_filter(z, top_p.to(z.device)), dim=-1)
-    return torch.where(ok[:, None], logprobs, torch.full_like(logprobs, float("nan"))), ok
-
-
-def row_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
-    """A ``torch.Generator`` for one request's ``seed`` (any int64; None: no generator)."""
-    if seed is None:
-        return None
-    if not isinstance(seed, int) or not (-(2**63) <= seed < 2**63):
-        raise ValueError(f"seed must be an integer in the int64 range, got seed={seed!r}")
-    return torch.Generator(device=device).manual_seed(seed % 2**64)
-
-
-def sample_rows(logprobs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """``(B,)`` long token ids, row b drawn from ``exp(logprobs[b])`` with ``generators[b]``.
-
-    A seeded row's draw depends only on its own generator and its own row, never on the other
-    rows of the batch, so a seeded request is reproducible whatever it is batched with. Rows with
-    no generator share torch's default one.
-
-    Args:
-        logprobs: ``(B, V)`` finite-or-−inf log-probs, each row normalised.
-        generators: ``B`` entries.
-    """
-    if len(generators) != logprobs.shape[0]:
-        raise ValueError(f"{len(generators)} generators for {logprobs.shape[0]} rows")
-    probs = logprobs.float().exp()
-    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
-    free = [i for i, g in enumerate(generators) if g is None]
-    if free:
-        out[free] = torch.multinomial(probs[free], 1).squeeze(-1)
-    for i, g in enumerate(generators):
-        if g is not None:
-            out[i] = torch.multinomial(probs[i], 1, generator=g)[0]
-    return out

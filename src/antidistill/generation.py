@@ -37,17 +37,20 @@ from .scoring import (
 
 
 def build_processor(settings: SamplingSettings, proxy, grad, teacher_tokenizer=None, proxy_tokenizer=None, *,
-                    reasoning_only: bool = False, teacher_vocab_size: int | None = None):
+                    reasoning_only: bool = False, teacher_vocab_size: int | None = None, proxy_weights=None):
     """The logits processor for ``settings.method`` (None for greedy and temperature).
 
     ``reasoning_only``: λ switches off once the answer header (``**Final Answer**``, encoded by
     ``teacher_tokenizer``) has been generated. ``teacher_vocab_size``: the teacher's output width
-    when it differs from the proxy's.
+    when it differs from the proxy's. An ensemble: ``proxy`` and ``grad`` are lists (one g per
+    proxy), ``proxy_tokenizer`` one tokenizer or a list, ``proxy_weights`` the weights (default 1/K).
     """
     if not settings.uses_proxy:
         return None
     cls = AntidistillationLogitsProcessor if settings.method == "antidistill" else PermutationLogitsProcessor
     extra = {"seed": settings.seed} if settings.method == "permutation" else {}
+    if proxy_weights is not None:
+        extra["proxy_weights"] = proxy_weights
     if reasoning_only:
         if teacher_tokenizer is None:
             raise ValueError("reasoning_only needs the teacher tokenizer to encode the answer header")

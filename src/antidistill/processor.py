@@ -38,11 +38,12 @@ from .functional import (
     check_difference,
     check_eps,
     check_lam,
+    check_proxy_weights,
     check_tau,
     permute_delta,
     refuse_nonfinite,
 )
-from .proxy import ProxyDelta
+from .proxy import EnsembleDelta, ProxyDelta, is_proxy_sequence
 from .tokenizer_compat import check_compatible_tokenizers
 
 
@@ -51,7 +52,12 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
 
     Args:
         proxy: the proxy student, a causal LM or a path to one. Must share the teacher's vocabulary.
-        grad: g, a dict of tensors, a :class:`~antidistill.ProxyGradient` or a ``.safetensors`` path.
+            A list of K proxies is an ensemble: Δ̂ = Σ_k w_k Δ̂_k (:class:`~antidistill.proxy.EnsembleDelta`),
+            with one ε and one difference mode for all.
+        grad: g, a dict of tensors, a :class:`~antidistill.ProxyGradient` or a ``.safetensors`` path; for
+            an ensemble, a list with one g per proxy, ``grad[k]`` taken on ``proxy[k]``.
+        proxy_weights: an ensemble's weights w_k (default 1/K each): finite, ≥ 0, not all 0, normalised
+            to sum 1. Only with a list of proxies.
         lam: λ, any finite number; 0 gives plain temperature sampling (the proxy is then not run).
         eps: ε > 0 of the finite difference.
         tau: τ > 0, the teacher temperature of eq. 11, applied by the processor (see module doc).
@@ -61,7 +67,8 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
             was given (and refuses a different ``pad_token_id``); a bare ``model.generate`` does not,
             and leading runs of this id then count as left padding (none when it is None).
         teacher_tokenizer, proxy_tokenizer: if both are given, they must be compatible
-            (:func:`~antidistill.tokenizer_compat.check_compatible_tokenizers`).
+            (:func:`~antidistill.tokenizer_compat.check_compatible_tokenizers`); for an ensemble,
+            ``proxy_tokenizer`` may be one tokenizer per proxy.
         teacher_vocab_size: the teacher's output width, when it differs from the proxy's (Δ̂ is 0
             on rows past the proxy's, which no text uses).
         stop_ids: reasoning-only antidistillation. Token ids of the answer header (e.g. the ids of
@@ -85,13 +92,19 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
         stop_ids=None,
         eos_token_id=None,
         teacher_vocab_size: int | None = None,
+        proxy_weights=None,
     ):
         check_lam(lam)
         check_eps(eps)
         check_tau(tau)
         check_difference(difference)
+        ensemble = is_proxy_sequence(proxy)
+        if not ensemble and (is_proxy_sequence(grad) or proxy_weights is not None):
+            raise ValueError("grad and proxy_weights take lists only with a list of proxies: got one proxy and "
+                             f"{'a list of gradients' if is_proxy_sequence(grad) else 'proxy_weights'}")
         if teacher_tokenizer is not None and proxy_tokenizer is not None:
-            check_compatible_tokenizers(teacher_tokenizer, proxy_tokenizer)
+            for ptok in (proxy_tokenizer if is_proxy_sequence(proxy_tokenizer) else [proxy_tokenizer]):
+                check_compatible_tokenizers(teacher_tokenizer, ptok)
         if pad_token_id is None and teacher_tokenizer is not None:
             pad_token_id = teacher_tokenizer.pad_token_id
         self.lam = float(lam)
@@ -100,13 +113,26 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
         self.difference = difference
         self.pad_token_id = pad_token_id
         self.prompt_mask: torch.Tensor | None = None  # (B, L0): set by generate() for one call
-        self.proxy_delta = ProxyDelta(proxy, grad, eps=eps, difference=difference, pad_token_id=pad_token_id,
-                                      vocab_size=teacher_vocab_size)
+        if ensemble and not proxy:
+            raise ValueError("proxy is an empty list: give at least one proxy")
+        self.n_proxies = len(proxy) if ensemble else 1
+        if ensemble and (not is_proxy_sequence(grad) or len(grad) != len(proxy)):
+            n = f"{len(grad)} gradient(s)" if is_proxy_sequence(grad) else "one gradient not in a list"
+            raise ValueError(f"grad must hold one gradient per proxy: {len(proxy)} proxies, {n}")
+        if self.n_proxies > 1:
+            self.proxy_delta = EnsembleDelta(proxy, grad, eps=eps, difference=difference, proxy_weights=proxy_weights,
+                                             pad_token_id=pad_token_id, vocab_size=teacher_vocab_size)
+        else:  # one proxy (a list of one is that proxy: its only weight normalises to 1)
+            if ensemble:
+                check_proxy_weights(proxy_weights, 1)
+                proxy, grad = proxy[0], grad[0]
+            self.proxy_delta = ProxyDelta(proxy, grad, eps=eps, difference=difference, pad_token_id=pad_token_id,
+                                          vocab_size=teacher_vocab_size)
         self.vocab_size = self.proxy_delta.vocab_size
         if eos_token_id is None and teacher_tokenizer is not None:
             eos_token_id = teacher_tokenizer.eos_token_id
         if eos_token_id is None:
-            eos_token_id = getattr(self.proxy_delta.models[0].config, "eos_token_id", None)
+            eos_token_id = getattr(self.proxy_delta.config, "eos_token_id", None)
         self.eos_ids = [] if eos_token_id is None else [int(e) for e in torch.as_tensor(eos_token_id).flatten()]
         self.n_refused_rows = 0
         self._temperature = TemperatureLogitsWarper(self.tau)

@@ -32,7 +32,7 @@ import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from .functional import check_difference, check_eps, finite_difference_delta
+from .functional import check_difference, check_eps, check_proxy_weights, ensemble_delta, finite_difference_delta
 from .gradient import load_gradient, trainable_parameters
 
 
@@ -88,6 +88,16 @@ def perturbed(model: torch.nn.Module, grad: Mapping[str, torch.Tensor], scale: f
     for name, p in trainable_parameters(model).items():
         p.copy_((p.float() + scale * grad[name].to(p.device, torch.float32)).to(p.dtype))
     return model
+
+
+def to_width(delta: torch.Tensor, width: int) -> torch.Tensor:
+    """``(..., V)`` Δ̂ cut, or padded with 0, to the teacher's ``(..., width)`` (rows past a tokenizer
+    are embedding padding that no text uses)."""
+    if width == delta.shape[-1]:
+        return delta
+    if width < delta.shape[-1]:
+        return delta[..., :width]
+    return torch.nn.functional.pad(delta, (0, width - delta.shape[-1]))
 
 
 class ProxyDelta:
@@ -203,11 +213,7 @@ class ProxyDelta:
         return self._to_width(delta)
 
     def _to_width(self, delta: torch.Tensor) -> torch.Tensor:
-        if self.vocab_size == delta.shape[-1]:
-            return delta
-        if self.vocab_size < delta.shape[-1]:
-            return delta[..., : self.vocab_size]
-        return torch.nn.functional.pad(delta, (0, self.vocab_size - delta.shape[-1]))
+        return to_width(delta, self.vocab_size)
 
     def _jvp(self, new: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Exact Δ = J_θ[log p(·; θ_P)]·g by forward-mode AD (eq. 12-13), with a dual KV cache."""
@@ -232,6 +238,76 @@ class ProxyDelta:
         if tangent is None:  # g does not reach the output (cannot happen for a causal LM)
             tangent = torch.zeros_like(logp)
         return tangent.float()
+
+
+def is_proxy_sequence(proxy) -> bool:
+    """True when ``proxy`` names several proxies (a list or tuple), False for one model or path."""
+    return isinstance(proxy, (list, tuple))
+
+
+class EnsembleDelta:
+    """Δ̂ = Σ_k w_k Δ̂_k over K proxies, each with its own g (:func:`~antidistill.functional.ensemble_delta`).
+
+    Every proxy is one :class:`ProxyDelta` with its own KV caches; they share ε, the difference mode,
+    the padding rule and the output width. Called like a :class:`ProxyDelta`: ``(B, L)`` ids (and, on a
+    prefill, their mask) → ``(B, V)`` float32 Δ̂. Memory and compute are the sum of the members'
+    (see this module's table): a central-difference ensemble runs 2 forward passes per proxy per token.
+
+    Args:
+        proxies: K ≥ 1 causal LMs or paths. Each gives Δ̂ over the same vocabulary width: the teacher's
+            (``vocab_size``) or, without it, the proxies' own, which must then agree.
+        grads: K gradients, ``grads[k]`` taken on ``proxies[k]`` (dicts, :class:`~antidistill.ProxyGradient`
+            or ``.safetensors`` paths).
+        proxy_weights: None (1/K each) or K finite weights ≥ 0, not all 0; normalised to sum 1.
+        eps, difference, pad_token_id, vocab_size: as :class:`ProxyDelta`, shared by every proxy.
+
+    Example:
+        >>> ens = EnsembleDelta([proxy_a, proxy_b], [g_a, g_b], eps=1e-2, proxy_weights=[2, 1])  # doctest: +SKIP
+        >>> ens(torch.tensor([[2, 5, 9]])).shape  # doctest: +SKIP
+        torch.Size([1, 48])
+    """
+
+    def __init__(self, proxies, grads, *, eps: float, difference: str = "central", proxy_weights=None,
+                 pad_token_id: int | None = None, vocab_size: int | None = None):
+        if not is_proxy_sequence(proxies) or not proxies:
+            raise ValueError(f"proxies must be a non-empty list of proxies, got {type(proxies).__name__}")
+        if not is_proxy_sequence(grads) or len(grads) != len(proxies):
+            n = len(grads) if is_proxy_sequence(grads) else "one"
+            raise ValueError(f"grads must hold one gradient per proxy: {len(proxies)} proxies, {n} gradient(s)")
+        self.weights = check_proxy_weights(proxy_weights, len(proxies))
+        check_eps(eps)
+        check_difference(difference)
+        self.members = [ProxyDelta(p, g, eps=eps, difference=difference, pad_token_id=pad_token_id,
+                                   vocab_size=vocab_size) for p, g in zip(proxies, grads)]
+        widths = {m.vocab_size for m in self.members}
+        if len(widths) != 1:
+            raise ValueError(f"the proxies' vocabularies differ in width {sorted(widths)}: an ensemble's proxies "
+                             "must share the teacher's tokenizer (give vocab_size, the teacher's width)")
+        self.eps = float(eps)
+        self.difference = difference
+        self.pad_token_id = pad_token_id
+        self.vocab_size = widths.pop()
+
+    @property
+    def config(self):
+        """The first proxy's config (its special-token ids stand for the ensemble's)."""
+        return self.members[0].config
+
+    @property
+    def device(self) -> torch.device:
+        return self.members[0].device
+
+    def reset(self) -> None:
+        """Forget every member's cached prefix."""
+        for m in self.members:
+            m.reset()
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, L)`` ids (and, on a prefill, their mask) → ``(B, V)`` float32 Σ_k w_k Δ̂_k. A proxy of
+        weight 0 is not run."""
+        used = [(m, w) for m, w in zip(self.members, self.weights) if w > 0]
+        deltas = [m(input_ids, attention_mask).to(self.device) for m, _ in used]
+        return ensemble_delta(deltas, [w for _, w in used])
 
 
 def _split_dual(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,6 +34,7 @@ COMMANDS = {
     "report": experiment.report,
     "export-world": experiment.export_world_cmd,
     "calibrate": experiment.calibrate_cmd,
+    "transfer-score": experiment.transfer_score_cmd,
     "serve": serve.serve,
 }
 for _name, _command in COMMANDS.items():

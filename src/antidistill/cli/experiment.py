@@ -1,5 +1,5 @@
 """The experiment's commands: generate, gradient, distill, check-fd, sweep, calibrate, demo, build-world, report,
-export-world."""
+export-world, transfer-score."""
 
 from __future__ import annotations
 
@@ -25,13 +25,14 @@ from ..generation import build_processor, generate_traces
 from ..experiment.report import write_report
 from ..experiment.results_io import export_world
 from ..experiment.sweep import Run, SweepConfig
+from ..experiment.transfer_score import transfer_score
 from ..gradient import compute_proxy_gradient, save_gradient
 from ..io_utils import atomic_dir, provenance, read_jsonl, require_keys, write_json_atomic, write_jsonl
 from ..prompting import prompt_text
 from ..proxy import load_causal_lm
 from ..runtime import distributed_state
 from ..settings import SamplingSettings
-from ..tokenizer_compat import check_compatible_tokenizers, load_tokenizer
+from ..tokenizer_compat import check_compatible_tokenizers, check_vocab_sizes, load_tokenizer
 from ..toyworld.build import build_world
 from ..experiment.defaults import default_artifacts
 from .common import PACKAGE_CONFIGS, fail
@@ -151,6 +152,44 @@ def distill_cmd(
             tok.save_pretrained(tmp)
             (tmp / "history.json").write_text(json.dumps(history))
         typer.echo(json.dumps({"out": str(out), "steps": max((h["step"] for h in history), default=0)}))
+
+
+def transfer_score_cmd(
+    teacher: str = typer.Option(..., help="the teacher model path: its token ids, chat template and nucleus"),
+    proxy: str = typer.Option(..., help="the proxy model path"),
+    student: str = typer.Option(..., help="the candidate student model path"),
+    traces: Path = typer.Option(..., help="JSONL of the teacher's holdout traces: {question, completion}"),
+    proxy_grad: Optional[Path] = typer.Option(None, help="the proxy's g on these traces (default: computed here)"),
+    student_grad: Optional[Path] = typer.Option(None, help="the student's own g on these traces (default: computed)"),
+    positions: Optional[int] = typer.Option(None, help="score at most N completion positions (traces in order)"),
+    eps: float = typer.Option(1e-2, help="ε of the central difference of Δ̂"),
+    top_p: float = typer.Option(0.95, help="the teacher's nucleus mass: the tokens compared at each position"),
+    seed: int = typer.Option(0, help="seed of the bootstrap over traces"),
+    out: Optional[Path] = typer.Option(None, help="write the score and its interval as JSON"),
+):
+    """How well a proxy's Δ̂ ranks the teacher's likely tokens as a student's own Δ̂ does (Spearman, −1 to 1),
+    with a 95% bootstrap interval over traces: choose proxies without distilling anything."""
+    try:
+        rows = read_jsonl(traces)
+        require_keys(rows, traces, ("question", "completion"))
+        tok = load_tokenizer(teacher)
+        models = {}
+        for role, path in (("teacher", teacher), ("proxy", proxy), ("student", student)):
+            if role != "teacher":
+                check_compatible_tokenizers(tok, load_tokenizer(path))
+            models[role] = load_causal_lm(path)
+            if role != "teacher":
+                check_vocab_sizes(models["teacher"], models[role], len(tok))
+        result = transfer_score(models["teacher"], models["proxy"], models["student"], tok, rows,
+                                proxy_grad=proxy_grad, student_grad=student_grad, eps=eps, top_p=top_p,
+                                max_positions=positions, seed=seed)
+    except ValueError as e:
+        fail(e)
+    typer.echo(result.summary())
+    if out is not None:
+        write_json_atomic(out, result.as_dict() | {"teacher": teacher, "proxy": proxy, "student": student,
+                                                   "traces": str(traces), "proxy_grad": str(proxy_grad or ""),
+                                                   "student_grad": str(student_grad or ""), **provenance()})
 
 
 def check_tokenizers(

@@ -3,7 +3,7 @@
 One worker thread owns the models. Each step it admits waiting requests (up to ``max_batch``
 running), feeds every running request its next token (a new one its prompt) through the teacher
 and the two perturbed proxies, each holding one KV slot per request (:mod:`antidistill.slots`),
-and samples each row from :func:`antidistill.functional.sampling_logprobs` (eq. 11 with the
+and samples each row from :func:`antidistill.sampling.sampling_logprobs` (eq. 11 with the
 operator's λ and τ, the request's flattening min(1, τ/T) and top-p). A request that ends leaves at
 once; a short request never waits for a long one.
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..functional import row_generator, sample_rows, sampling_logprobs
+from ..sampling import row_generator, sample_rows, sampling_logprobs
 from ..slots import SlotKV, forward_all
 
 log = logging.getLogger("antidistill.serve")

@@ -82,8 +82,18 @@ def head_size(cfg: dict) -> int:
     return int(hidden) // int(heads)
 
 
+def refuse_ensemble(proxy, grad=None) -> None:
+    """``ValueError`` for several proxies: the composite model runs one proxy (θ±εg) beside the teacher."""
+    for name, value in (("proxy", proxy), ("grad", grad)):
+        if isinstance(value, (list, tuple)):
+            raise ValueError(f"vLLM's composite model runs one proxy, got a list of {len(value)} for {name}: "
+                             "ensemble antidistillation (several proxies) runs on the transformers engine "
+                             "(--engine hf, AntidistillationLogitsProcessor with a list of proxies)")
+
+
 def check_models(teacher, proxy=None, *, cpu: bool | None = None) -> None:
-    """Vocabulary and head-size checks, from the configs alone (nothing is loaded)."""
+    """Vocabulary and head-size checks, from the configs alone (nothing is loaded); one proxy only."""
+    refuse_ensemble(proxy)
     tcfg = _config(teacher)
     cfgs = {"teacher": tcfg}
     if proxy is not None:
@@ -149,8 +159,10 @@ def write_composite(teacher, proxy, grad, settings: VllmSettings, out_dir) -> Pa
     """A model directory vLLM loads as the composite: the teacher's files, linked, and a config naming the proxy.
 
     With ``proxy=None`` (or λ = 0) the composite is the teacher alone, still behind the same output
-    convention, so the serving guard applies unchanged.
+    convention, so the serving guard applies unchanged. One proxy only: a list of proxies or
+    gradients (an ensemble) raises ``ValueError`` before anything is written.
     """
+    refuse_ensemble(proxy, grad)
     teacher = Path(teacher).resolve()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,7 +230,8 @@ def engine_kwargs(
 
 
 def build_llm(teacher, proxy=None, grad=None, *, settings: VllmSettings, workdir, cpu: bool | None = None, **kwargs):
-    """An offline ``vllm.LLM`` running the composite model (all checks first)."""
+    """An offline ``vllm.LLM`` running the composite model (all checks first; one proxy only)."""
+    refuse_ensemble(proxy, grad)
     require_vllm()
     check_models(teacher, proxy if settings.lam != 0.0 else None, cpu=cpu)
     prepare_cpu_env()
