@@ -1,0 +1,84 @@
+"""The proxy zoo and the student panel of the toy world (issue 16): opt-in, built like the student, cached."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from antidistill.proxy import load_causal_lm
+from antidistill.toyworld.build import ToyWorldConfig, ZooConfig, build_world
+from antidistill.toyworld.models import ModelSpec
+
+QUICK = Path(__file__).resolve().parents[1] / "src" / "antidistill" / "configs" / "quick.yaml"
+
+# the key of the default format-3 world before zoos existed: a running --full reuses worlds cached under it
+DEFAULT_KEY = "e61570b7471f"
+
+TINY_ZOO = {
+    "proxies": {"gpt2-sibling": {"family": "gpt2", "hidden": 32, "layers": 1, "heads": 2, "intermediate": 64},
+                "llama-same": {"family": "llama", "hidden": 32, "layers": 1, "heads": 2, "intermediate": 64},
+                "gpt2-small": {"family": "gpt2", "hidden": 16, "layers": 1, "heads": 2, "intermediate": 32}},
+    "panel": {"neox": {"family": "gpt_neox", "hidden": 32, "layers": 1, "heads": 2, "intermediate": 64},
+              "opt": {"family": "opt", "hidden": 32, "layers": 1, "heads": 2, "intermediate": 64}},
+}
+
+
+def tiny_world_cfg(zoo: dict | None = TINY_ZOO) -> ToyWorldConfig:
+    world = yaml.safe_load(QUICK.read_text())["world"] | {"teacher_train": {"steps": 4, "batch_size": 8},
+                                                          "pretrain": {"steps": 4, "batch_size": 8}}
+    return ToyWorldConfig(**world, zoo=zoo)
+
+
+def test_default_world_key_is_unchanged():
+    assert ToyWorldConfig().key() == DEFAULT_KEY
+    assert ToyWorldConfig(zoo=TINY_ZOO).key() == DEFAULT_KEY  # the zoo has its own key beside the world
+
+
+def test_zoo_names_are_checked():
+    with pytest.raises(ValueError, match="repeats"):
+        ZooConfig(proxies={"a": ModelSpec("gpt2", 8, 1, 2, 16)}, panel={"a": ModelSpec("opt", 8, 1, 2, 16)})
+    with pytest.raises(ValueError, match="a-z"):
+        ZooConfig(proxies={"A/b": ModelSpec("gpt2", 8, 1, 2, 16)})
+    with pytest.raises(ValueError, match="repeats"):  # the shipped proxy's name is taken
+        ZooConfig(proxies={"qwen2-small": ModelSpec("qwen2", 8, 1, 2, 16)})
+
+
+def test_zoo_seeds_are_distinct_and_do_not_move_when_the_zoo_grows():
+    a = ZooConfig(proxies={"x": ModelSpec("gpt2", 8, 1, 2, 16)})
+    b = ZooConfig(proxies={"x": ModelSpec("gpt2", 8, 1, 2, 16), "y": ModelSpec("gpt2", 8, 1, 2, 16)})
+    assert a.seed(0, "proxies", "x") == b.seed(0, "proxies", "x") != b.seed(0, "proxies", "y")
+    assert a.seed(0, "proxies", "x") != a.seed(1, "proxies", "x")
+
+
+def test_the_zoo_builds_each_model_as_configured_and_is_reused(tmp_path):
+    cfg = tiny_world_cfg()
+    world = build_world(cfg, tmp_path, progress=False)
+    plain = build_world(tiny_world_cfg(None), tmp_path, progress=False)
+    assert world.root == plain.root and plain.zoo_root is None  # one world, the zoo beside it
+    families = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "gpt_neox": "GPTNeoXForCausalLM",
+                "opt": "OPTForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    info = json.loads((world.zoo_root / "zoo.json").read_text())
+    specs = cfg.named_specs()
+    assert set(specs) == {"qwen2-small", "gpt2", "gpt2-sibling", "llama-same", "gpt2-small", "neox", "opt"}
+    seeds = set()
+    for name, (kind, folder, spec) in specs.items():
+        model = load_causal_lm(str(world.named_model_path(folder)))
+        assert type(model).__name__ == families[spec.family], name
+        assert model.config.hidden_size == spec.hidden and model.config.num_hidden_layers == spec.layers, name
+        if folder.startswith("zoo/"):
+            rec = info["models"][folder.removeprefix("zoo/")]
+            assert rec["params"] == sum(p.numel() for p in model.parameters())
+            seeds.add(rec["seed"])
+    assert len(seeds) == 5
+    # the sibling is the base student's family and size with another seed: other weights
+    sib = load_causal_lm(str(world.named_model_path("zoo/proxies/gpt2-sibling")))
+    base = load_causal_lm(str(world.model_path("student")))
+    assert type(sib) is type(base)
+    assert not all((a == b).all() for a, b in zip(sib.parameters(), base.parameters()))
+    stamp = (world.zoo_root / "zoo.json").stat().st_mtime_ns
+    again = build_world(cfg, tmp_path, progress=False)
+    assert again.zoo_root == world.zoo_root and (world.zoo_root / "zoo.json").stat().st_mtime_ns == stamp
+    assert again.metrics["zoo_panel_opt_params"] == info["models"]["panel/opt"]["params"]
