@@ -37,3 +37,23 @@ EXTRA_ARMS = ("reasoning_only", "whitebox", "whitebox_permutation")
 ORDER = ("temperature", "antidistill", "permutation", "reasoning_only", "whitebox", "whitebox_permutation")
 COLORS = {"temperature": "tab:blue", "antidistill": "tab:red", "permutation": "tab:gray", "greedy": "k",
           "reasoning_only": "tab:orange", "whitebox": "tab:purple", "whitebox_permutation": "tab:olive"}
+
+
+def arm_spec(name: str) -> Arm:
+    """The arm called ``name``: an entry of :data:`ARMS`, or ``"<arm>@<model>"``, that arm with a named
+    model of the proxy zoo or student panel as its proxy (issue 16), e.g. ``"antidistill@llama-same"``,
+    ``"whitebox@opt"`` (the panel student ``opt`` as its own proxy)."""
+    base, _, model = name.partition("@")
+    if base not in ARMS:
+        raise ValueError(f"unknown arm {name!r}; use one of {sorted(ARMS)}, or '<arm>@<model>' for an arm with a proxy")
+    arm = ARMS[base]
+    if not model:
+        return arm
+    if arm.proxy is None:
+        raise ValueError(f"arm {name!r}: {base} has no proxy to name")
+    return Arm(arm.method, model, arm.reasoning_only)
+
+
+def base_arm(name: str) -> str:
+    """``"antidistill@llama-same"`` → ``"antidistill"``; an arm without a named model is its own base."""
+    return name.partition("@")[0]

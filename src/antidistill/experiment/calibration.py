@@ -208,12 +208,10 @@ def calibrate(run, cfg: CalibrationConfig, progress: bool = True) -> Path:
         if len(above) < 2:
             above = list(zip(cfg.temperatures, temps))[-2:]
         chosen = {"temperature": interpolate_params(*zip(*above), target_accs)}
-        arms = [a for a in cfg.arms if a != "temperature"]
+        # each arm once per proxy it runs with (SweepConfig.expand_arms: the zoo's proxies, the panel's students)
+        arms = [a for a in run.cfg.expand_arms(cfg.arms) if a != "temperature"]
         for arm in arms:  # their gradients exist before any worker needs them
-            if ARMS[arm].proxy == "student":
-                run.whitebox_gradient_path()
-            elif ARMS[arm].proxy is not None:
-                run.gradient_path()
+            run.panel.gradient_path(arm)
         n = min(run.cfg.workers, len(arms))
         if n > 1:
             with worker_pool(n) as pool:

@@ -29,7 +29,7 @@ from ..prompting import prompt_text
 from ..proxy import load_causal_lm
 from ..runtime import distributed_state, worker_pool
 from ..settings import SamplingSettings
-from .arms import ARMS
+from .arms import ARMS, arm_spec
 from .calibration import Design, calibrate, outside_picks
 from .distill import distill
 from .distiller_stages import DistillerStages, with_distiller
@@ -37,6 +37,7 @@ from .evaluate import accuracy_summary, mean_completion_nll, nll_by_token_class
 from .fdcheck import fd_check, plot_fd_check
 from .gate import world_gate
 from .materials import load_materials
+from .panel_stages import PanelStages
 from .report import write_report
 from .rundir import RunDir, point_name, stage
 from .sweepconfig import SweepConfig, config_text
@@ -81,6 +82,7 @@ class Run:
         self.splits, self.paths, self.tok = self.materials.splits, self.materials.paths, self.materials.tokenizers
         self.teacher, self.proxy = self.materials.teacher, self.materials.proxy
         self.adaptive = DistillerStages(self)  # the distillers other than the naive one
+        self.panel = PanelStages(self)  # the zoo's proxies and the panel's students (issue 16)
         if not worker:
             self._check_config(write=True)
             self._remove_stale_temporaries()
@@ -142,13 +144,15 @@ class Run:
 
     def processor_for(self, method: str, settings: SamplingSettings):
         """The logits processor of arm ``method`` (None for greedy and temperature)."""
-        arm = ARMS.get(method)
+        arm = arm_spec(method) if "@" in method else ARMS.get(method)
         if not settings.uses_proxy or arm is None:
             return None
         if arm.proxy == "student":
             proxy, grad, ptok = load_causal_lm(self.paths["student"]), self.whitebox_gradient_path(), self.tok["student"]
-        else:
+        elif arm.proxy == "proxy":
             proxy, grad, ptok = self.proxy, self.gradient_path(), self.tok["proxy"]
+        else:  # a named zoo proxy or panel student: the toy world's one tokenizer
+            proxy, grad, ptok = self.panel.proxy_of(method)
         return build_processor(settings, proxy, grad, self.tok["teacher"], ptok, reasoning_only=arm.reasoning_only,
                                teacher_vocab_size=self.teacher.get_output_embeddings().weight.shape[0])
 
@@ -169,15 +173,17 @@ class Run:
         return row
 
     def point_rows(self, method: str, param: float, seed: int) -> list[dict]:
-        """One point's rows, one per configured distiller (in config order), each with its ``distiller``."""
-        return [with_distiller(self.point(method, param, seed), d.kind) if d.kind == "naive"
+        """One point's rows, one per configured distiller (in config order), each with its ``distiller``; then one
+        per further panel student; each labelled with its proxy and student (``PanelStages.rows``)."""
+        rows = [with_distiller(self.point(method, param, seed), d.kind) if d.kind == "naive"
                 else self.adaptive.row(method, param, seed, d) for d in self.cfg.distillers]
+        return self.panel.rows(method, param, seed, rows)
 
     def point_done(self, method: str, param: float, seed: int) -> bool:
-        """Whether every configured distiller's row of this point is written."""
+        """Whether every configured distiller's row, and every panel student's, of this point is written."""
         files = self.files.point(method, param, seed)
         return all((files.result if d.kind == "naive" else files.distiller(d.kind).result).is_file()
-                   for d in self.cfg.distillers)
+                   for d in self.cfg.distillers) and all(files.panel(s).result.is_file() for s in self.cfg.panel()[1:])
 
     def teacher_stages(self, method: str, param: float, seed: int) -> SamplingSettings:
         """The point's teacher traces on train and on test (made once, whoever distils them); its settings."""
@@ -314,7 +320,7 @@ class Run:
         self.adaptive.prepare(sorted({s for _, _, s in points}))
         if self.cfg.gate != "skip":
             first = [pt for pt in points if pt[0] in ("greedy", "temperature")]
-            naive = [r for r in self._run_points(first) if r.get("distiller", "naive") == "naive"]
+            naive = [r for r in self._run_points(first) if r.get("distiller", "naive") == "naive" and r["base_student"]]
             stage(self.files.gate, lambda p: write_json_atomic(p, world_gate(
                 pd.DataFrame(naive), self.cfg.gate_min_greedy_student, self.cfg.gate_min_slope)))
             gate = json.loads(self.files.gate.read_text())
@@ -323,8 +329,8 @@ class Run:
                               stacklevel=2)
                 if self.cfg.gate == "stop":
                     points = first
-        if any(ARMS[m].proxy == "student" for m, _, _ in points):
-            self.whitebox_gradient_path()
+        for method in sorted({m for m, _, _ in points}):  # every arm's g, before any worker needs it
+            self.panel.gradient_path(method)
         rows = self._run_points(points)
         self.write_results(rows)
         self.fd_check()
