@@ -132,3 +132,25 @@ def test_older_rows_read_with_the_shipped_proxy_and_the_base_student():
     new = synthetic_rows()
     assert set(default_rows(new).method) == {"temperature", "antidistill", "whitebox"}
     assert set(default_rows(new).student) == {"gpt2"}
+
+
+def test_the_report_leads_with_the_headline_and_prints_the_matrix_and_contrasts(tmp_path):
+    from antidistill.experiment.report import write_report
+
+    src = tmp_path / "worlds"
+    src.mkdir()
+    synthetic_rows().to_csv(src / "results.csv", index=False)
+    (src / "config.yaml").write_text("name: transfer\n")
+    text = write_report(src).read_text()
+    assert text.index("## The owner's headline") < text.index("## Verdict") < text.index("## Transfer matrix")
+    h = heldout_headline(synthetic_rows(), target=-5.0)
+    assert f"**{100 * h['estimate']:+.1f} [{100 * h['ci_low']:+.1f}, {100 * h['ci_high']:+.1f}] points**" in text
+    matrix = text[text.index("## Transfer matrix"):text.index("### Pre-registered contrasts")]
+    assert matrix.count("| `") == len(PROXIES) and matrix.count("| **wb** ") == 2
+    wb = next(c for c in transfer_matrix(synthetic_rows(), target=-5.0) if c["proxy"] == c["student"] == "gpt2")
+    assert f"**wb** {100 * wb['e']['estimate']:+.1f} [{100 * wb['e']['ci_low']:+.1f}" in matrix
+    for label in ("white-box − sibling", "sibling − other families", "about 1/5 size"):
+        assert label in text
+    # the design's own sections read the base student's rows of arms without a named model only
+    results = text[text.index("## Results (mean over worlds and seeds)"):]
+    assert "@" not in results.split("##")[1]
