@@ -143,11 +143,11 @@ def test_the_report_leads_with_the_headline_and_prints_the_matrix_and_contrasts(
     (src / "config.yaml").write_text("name: transfer\n")
     text = write_report(src).read_text()
     assert text.index("## The owner's headline") < text.index("## Verdict") < text.index("## Transfer matrix")
-    h = heldout_headline(synthetic_rows(), target=-5.0)
+    h = heldout_headline(synthetic_rows())
     assert f"**{100 * h['estimate']:+.1f} [{100 * h['ci_low']:+.1f}, {100 * h['ci_high']:+.1f}] points**" in text
     matrix = text[text.index("## Transfer matrix"):text.index("### Pre-registered contrasts")]
     assert matrix.count("| `") == len(PROXIES) and matrix.count("| **wb** ") == 2
-    wb = next(c for c in transfer_matrix(synthetic_rows(), target=-5.0) if c["proxy"] == c["student"] == "gpt2")
+    wb = next(c for c in transfer_matrix(synthetic_rows()) if c["proxy"] == c["student"] == "gpt2")
     assert f"**wb** {100 * wb['e']['estimate']:+.1f} [{100 * wb['e']['ci_low']:+.1f}" in matrix
     for label in ("white-box − sibling", "sibling − other families", "about 1/5 size"):
         assert label in text

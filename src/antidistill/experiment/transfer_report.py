@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .inference import PRIMARY_TARGET, claim_note, targets_of
+from .inference import claim_note, targets_of
 from .transfer import MARGIN, equivalence, heldout_headline, preregistered_contrasts, transfer_matrix
 
 
@@ -28,17 +28,18 @@ CONTRAST_READING = {"equivalent": "no difference (inside ±{m:g})", "below": "lo
                     "inconclusive": "inconclusive", "–": "–"}
 
 
-def _target_of(df: pd.DataFrame) -> float | None:
-    return PRIMARY_TARGET if PRIMARY_TARGET in targets_of(df) else None
+def _where(df: pd.DataFrame) -> str:
+    """The pre-registered reading (docs/design.md): each world's effect pooled over the design's targets."""
+    targets = targets_of(df)
+    return ("pooled over the targets " + ", ".join(f"{t:+g}" for t in targets)) if targets else "over all runs"
 
 
 def headline_lines(df: pd.DataFrame) -> list[str]:
     """The owner's headline (issue 16): protection against students whose family no proxy shares."""
-    target = _target_of(df)
-    h = heldout_headline(df, target=target)
+    h = heldout_headline(df)
     if h is None:
         return []
-    where = "pooled over targets" if target is None else f"at the {target:+g}-point target"
+    where = _where(df)
     return ["## The owner's headline: protection against held-out students", "",
             f"**{_ci(h)} points** (95% CI; {claim_note(h)}): student accuracy under antidistillation − under "
             f"temperature, {where}, averaged over the panel students whose family no proxy shares "
@@ -49,15 +50,14 @@ def headline_lines(df: pd.DataFrame) -> list[str]:
 
 def transfer_lines(df: pd.DataFrame) -> list[str]:
     """The transfer matrix and the three pre-registered contrasts (issue 16; docs/design.md)."""
-    target = _target_of(df)
-    cells = transfer_matrix(df, target=target)
+    cells = transfer_matrix(df)
     if not cells:
         return []
     students = list(dict.fromkeys(c["student"] for c in cells))
     proxies = list(dict.fromkeys(c["proxy"] for c in cells))
     by = {(c["proxy"], c["student"]): c for c in cells}
     info = df.drop_duplicates("proxy").set_index("proxy")
-    where = "pooled over targets" if target is None else f"at the {target:+g}-point target"
+    where = _where(df)
     m = 100 * MARGIN
     out = ["## Transfer matrix: proxy × student", "",
            f"Each cell: student accuracy under antidistillation with that proxy − under temperature, {where}, in "
@@ -84,9 +84,9 @@ def transfer_lines(df: pd.DataFrame) -> list[str]:
             f"Per-world differences of cell effects, world-level 95% intervals; equivalence margin ±{m:g} points "
             "(docs/design.md).", "",
             "| contrast | + | − | student accuracy (points) | reading | NLL (nats/token) |", "|---|---|---|---|---|---|"]
-    nll = {c["key"]: c for c in preregistered_contrasts(df, y="student_test_nll", target=target)} \
+    nll = {c["key"]: c for c in preregistered_contrasts(df, y="student_test_nll")} \
         if "student_test_nll" in df.columns else {}
-    for c in preregistered_contrasts(df, target=target):
+    for c in preregistered_contrasts(df):
         out.append(f"| {c['label']} | {', '.join(c['plus']) or '–'} | {', '.join(c['minus']) or '–'} | {_ci(c['e'])} | "
                    f"{CONTRAST_READING[c['reading']].format(m=m)} | {_ci(nll.get(c['key'], {}).get('e'), 1.0, 3)} |")
     return out + [""]
