@@ -86,3 +86,52 @@ def check_panel_run(cfg: SweepConfig, out: Path) -> None:
     stamp = (out / "points" / "whitebox@opt_0.01_s0" / "panel" / "opt" / "result.json").stat().st_mtime_ns
     Run(cfg, progress=False).run()
     assert (out / "points" / "whitebox@opt_0.01_s0" / "panel" / "opt" / "result.json").stat().st_mtime_ns == stamp
+
+
+def test_the_calibration_searches_lambda_for_every_proxy_and_panel_student(tmp_path, monkeypatch):
+    """Each expanded arm gets its own g and its own λ curve; the design's points are the expanded arms'."""
+    from antidistill.experiment import calibration
+    from antidistill.experiment.calibration import Design, calibrate
+    from antidistill.experiment.rundir import RunDir
+
+    cfg = panel_cfg(tmp_path, grid="calibrated", calibration={
+        "targets": [-5.0, -10.0], "arms": ["temperature", "antidistill", "whitebox"], "temperatures": [0.5, 1.0, 1.5],
+        "lam_range": [0.001, 1.0], "lam_factor": 10.0, "refine": 0, "n_holdout": 100}, arms={})
+    scale = {"antidistill": 1.0, "antidistill@gpt2-sibling": 2.0, "antidistill@llama-same": 4.0,
+             "antidistill@gpt2-small": 8.0, "whitebox": 16.0, "whitebox@opt": 32.0}
+
+    class StubRun:  # the calibration's view of a Run: no model is built
+        def __init__(self):
+            self.cfg, self.teacher, self.tok = cfg, None, {"teacher": None}
+            self.splits = {"holdout": [{"id": i} for i in range(100)]}
+            self.files = RunDir(tmp_path / "run")
+            self.files.root.mkdir()
+            self.grads = []
+            run = self
+
+            class Panel:
+                def gradient_path(self, arm):
+                    run.grads.append(arm)
+
+            self.panel = Panel()
+
+        def processor_for(self, arm, settings):
+            return arm if settings.uses_proxy else None
+
+    def fake_traces(model, tok, rows, settings, processor=None, **kw):
+        """Teacher accuracy falls with τ, and with λ times the arm's own scale."""
+        lam = settings.lam * scale[processor] if processor else 0.0
+        acc = 0.9 - 0.2 * max(settings.tau - 0.5, 0) if settings.method != "greedy" else 0.9
+        acc = max(acc - lam, 0.0)
+        return [{"correct": i < round(acc * len(rows)), "answer_source": "written"} for i in range(len(rows))]
+
+    monkeypatch.setattr(calibration, "generate_traces", fake_traces)
+    run = StubRun()
+    design = Design.load(calibrate(run, cfg.calibration, progress=False))
+    arms = list(scale)
+    assert sorted(run.grads) == sorted(arms)
+    assert set(design.grid) == {"temperature", *arms}
+    # a larger scale reaches the same target at a smaller λ
+    lams = [design.grid[a][0] for a in arms]
+    assert lams == sorted(lams, reverse=True)
+    assert {p[0] for p in cfg.points(design.grid)} == {"temperature", *arms}
