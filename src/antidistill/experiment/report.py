@@ -359,6 +359,8 @@ def write_report(path: str | Path, pool=(), out: str | Path | None = None) -> Pa
     histories: dict[str, list] = {}
     for s in sources:
         for point, h in s.histories.items():
+            if "@" in point:  # the zoo's arms: the transfer sections' (loss curves show the design's own arms)
+                continue
             histories.setdefault(point.rsplit("_", 2)[0], []).append(h)
     rank = {m: i for i, m in enumerate(ORDER)}
     plot_loss_dynamics(dict(sorted(histories.items(), key=lambda kv: rank.get(kv[0], len(rank)))), files.loss_plot)
