@@ -10,7 +10,7 @@ import yaml
 
 from antidistill.proxy import load_causal_lm
 from antidistill.toyworld.build import ToyWorldConfig, ZooConfig, build_world
-from antidistill.toyworld.models import ModelSpec
+from antidistill.toyworld.models import ModelSpec, build_model
 
 QUICK = Path(__file__).resolve().parents[1] / "src" / "antidistill" / "configs" / "quick.yaml"
 
@@ -82,3 +82,40 @@ def test_the_zoo_builds_each_model_as_configured_and_is_reused(tmp_path):
     again = build_world(cfg, tmp_path, progress=False)
     assert again.zoo_root == world.zoo_root and (world.zoo_root / "zoo.json").stat().st_mtime_ns == stamp
     assert again.metrics["zoo_panel_opt_params"] == info["models"]["panel/opt"]["params"]
+
+
+class _Tok:
+    """What build_model reads of a tokenizer: its width and special ids (conftest's tiny vocabulary)."""
+
+    pad_token_id, eos_token_id, bos_token_id = 0, 1, 2
+
+    def __len__(self):
+        return 48
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "opt"])
+def test_the_new_families_give_the_brute_force_delta_under_left_padding(family):
+    """Δ̂ of a GPT-NeoX or OPT proxy (the zoo's and the panel's new families) through the cached engine, on a
+    left-padded batch, equals separate θ ± εg models recomputed from scratch on each unpadded row."""
+    import torch
+    from conftest import left_pad, random_prompts, reference_delta
+
+    from antidistill.proxy import ProxyDelta
+
+    model = build_model(ModelSpec(family, 24, 2, 4, 48), _Tok(), seed=3).eval()
+    gen = torch.Generator().manual_seed(2)
+    grad = {n: torch.randn(p.shape, generator=gen) * 0.05 for n, p in model.named_parameters()}
+    emb = model.get_input_embeddings()
+    name = next(n for n, p in model.named_parameters() if p is emb.weight)
+    if emb.padding_idx is not None:  # as compute_proxy_gradient's g: nn.Embedding's backward skips that row
+        grad[name][emb.padding_idx] = 0.0
+    eps = 1e-2
+    eng = ProxyDelta(model, grad, eps=eps, pad_token_id=0)
+    rows = random_prompts((3, 10), seed=9)
+    batch = eng(left_pad(rows)["input_ids"])
+    ulp = torch.finfo(torch.float32).eps
+    for i, r in enumerate(rows):
+        ref = reference_delta(model, grad, eps, r)
+        with torch.no_grad():
+            scale = torch.log_softmax(model(torch.tensor([r])).logits[0, -1].float(), -1).abs().max().clamp(min=1)
+        torch.testing.assert_close(batch[i], ref, atol=8 * ulp * float(scale) / (2 * eps), rtol=0)
