@@ -119,3 +119,15 @@ def test_the_new_families_give_the_brute_force_delta_under_left_padding(family):
         with torch.no_grad():
             scale = torch.log_softmax(model(torch.tensor([r])).logits[0, -1].float(), -1).abs().max().clamp(min=1)
         torch.testing.assert_close(batch[i], ref, atol=8 * ulp * float(scale) / (2 * eps), rtol=0)
+
+
+def test_a_run_directory_from_before_the_zoo_keeps_its_config_text():
+    """config.yaml leaves out an unset zoo and empty arm_proxies, so run directories made before resume."""
+    from antidistill.config import load_config
+    from antidistill.experiment.sweepconfig import SweepConfig, config_text
+
+    text = config_text(load_config(SweepConfig, QUICK, []))
+    assert "zoo" not in text and "arm_proxies" not in text
+    zoo = config_text(load_config(SweepConfig, QUICK, ["arm_proxies=[gpt2-sibling]"],
+                                  {"world.zoo": TINY_ZOO}))
+    assert "arm_proxies:\n- gpt2-sibling" in zoo and "gpt2-sibling:" in zoo

@@ -220,8 +220,13 @@ class SweepConfig:
 
 def config_text(cfg: SweepConfig) -> str:
     """The run directory's ``config.yaml``: the config as YAML, leaving out ``distillers`` when it is only the
-    naive one, so a config written before distillers existed keeps its text and its run directory resumes."""
+    naive one, ``arm_proxies`` when empty and ``world.zoo`` when unset, so a config written before these
+    existed keeps its text and its run directory resumes."""
     data = to_dict(cfg)
     if [d.kind for d in cfg.distillers] == ["naive"]:
         del data["distillers"]
+    if not cfg.arm_proxies:
+        del data["arm_proxies"]
+    if cfg.world.zoo is None:
+        del data["world"]["zoo"]
     return yaml.safe_dump(data, sort_keys=False)  # as config.dump_yaml writes it
