@@ -154,3 +154,10 @@ def test_the_report_leads_with_the_headline_and_prints_the_matrix_and_contrasts(
     # the design's own sections read the base student's rows of arms without a named model only
     results = text[text.index("## Results (mean over worlds and seeds)"):]
     assert "@" not in results.split("##")[1]
+
+
+def test_rows_of_real_models_have_no_families_and_no_held_out_student():
+    df = synthetic_rows().drop(columns=["student_family", "proxy_family", "proxy_size"])
+    assert heldout_headline(df) is None  # without families nothing is known to be held out
+    assert len(transfer_matrix(df)) == len(PROXIES) * len(STUDENTS)
+    assert all(c["e"] is None for c in preregistered_contrasts(df))

@@ -46,6 +46,9 @@ def fill_panel_labels(df: pd.DataFrame) -> pd.DataFrame:
         df["proxy"] = kind.map({"proxy": LEGACY_PROXY, "student": LEGACY_STUDENT})
         df["proxy_family"] = kind.map({"proxy": "qwen2", "student": "gpt2"})
         df["proxy_size"] = kind.map({"proxy": "smaller", "student": "same"})
+    for col in ("student_family", "proxy_family", "proxy_size"):  # rows of real models carry names only
+        if col not in df.columns:
+            df[col] = None
     df["base_student"] = df["base_student"].fillna(True).astype(bool)
     return df
 
