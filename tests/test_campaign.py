@@ -22,7 +22,8 @@ def test_bad_world_seeds_are_refused(spec):
 
 @pytest.mark.parametrize("args, match", [(["--quick", "--full"], "exclude each other"),
                                          (["--worlds", "0-3"], "go with --full"),
-                                         (["--full", "--worlds", "x"], "--worlds")])
+                                         (["--full", "--worlds", "x"], "--worlds"),
+                                         (["--config", "x.yaml"], "go with --full")])
 def test_demo_flags_are_checked_before_any_work(args, match):
     r = CliRunner().invoke(app, ["demo", *args])
     assert r.exit_code == 2 and match in r.output and "Traceback" not in r.output

@@ -8,6 +8,8 @@ stand-ins; the library functions themselves have their own tests.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -144,6 +146,17 @@ def test_demo_full_runs_one_sweep_per_world_seed_and_exports_each(monkeypatch, t
     assert exported == [(Path("runs/full-w3"), tmp_path / "worlds" / "w3"), (Path("runs/full-w4"), tmp_path / "worlds" / "w4")]
     assert reports == [(tmp_path / "worlds", tmp_path)] * 2  # the pooled report, rewritten after each world
     assert "report: runs/full-w4/report.md" in out
+
+
+def test_demo_full_takes_another_design(monkeypatch, tmp_path):
+    """`demo --full --config transfer.yaml`: the zoo and panel design, one sweep per world seed."""
+    _StubRun.configs = []
+    monkeypatch.setattr("antidistill.experiment.campaign.Run", _StubRun)
+    _ok(runner.invoke(app, ["demo", "--full", "--worlds", "1", "--config", str(CONFIGS / "transfer.yaml")]))
+    (cfg,) = _StubRun.configs
+    assert (cfg.name, cfg.world.seed) == ("transfer-w1", 1) and cfg.world.zoo == _packaged("transfer").world.zoo
+    # the same world build as full.yaml's (its cache is reused); the zoo is built beside it
+    assert cfg.world.key() == dataclasses.replace(_packaged("full").world, seed=1).key()
 
 
 def _packaged(name):

@@ -302,17 +302,20 @@ def demo(
     worlds: str = typer.Option("0", help="--full: the world seeds to build and run, e.g. '0-2' or '3,4'"),
     export_to: Optional[Path] = typer.Option(None, help="--full: export each finished world to EXPORT_TO/w<seed> "
                                              "and write the pooled report over all worlds there to its parent"),
+    config: Optional[Path] = typer.Option(None, help="--full: the design to run per world build instead of the "
+                                          "shipped full.yaml, e.g. src/antidistill/configs/transfer.yaml (issue 16)"),
     set_: list[str] = typer.Option([], "--set", help="override: key=value"),
 ):
     """The main job: build or reuse the toy world, run the sweep, write the report and plots."""
     if quick and full:
         fail(ValueError("--quick and --full exclude each other"))
     if not full:
-        if export_to is not None or worlds != "0":
-            fail(ValueError("--worlds and --export-to go with --full"))
+        if export_to is not None or worlds != "0" or config is not None:
+            fail(ValueError("--worlds, --export-to and --config go with --full"))
         return sweep(config=PACKAGE_CONFIGS / ("quick.yaml" if quick else "demo.yaml"), set_=set_, dry_run=False)
     try:
-        runs = run_worlds(PACKAGE_CONFIGS / "full.yaml", parse_world_seeds(worlds), list(set_), export_to=export_to)
+        runs = run_worlds(config or PACKAGE_CONFIGS / "full.yaml", parse_world_seeds(worlds), list(set_),
+                          export_to=export_to)
     except (ValueError, ImportError) as e:
         fail(e)
     for r in runs:

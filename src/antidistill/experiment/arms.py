@@ -19,7 +19,7 @@ variant and the literature's baselines:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..generation import build_processor
 from ..mixing import ProxyMixLogitsProcessor
@@ -78,3 +78,25 @@ def arm_processor(arm: Arm, settings, proxy, grad, teacher_tokenizer, proxy_toke
                                        proxy_tokenizer=proxy_tokenizer, teacher_vocab_size=teacher_vocab_size)
     return build_processor(settings, proxy, grad, teacher_tokenizer, proxy_tokenizer,
                            reasoning_only=arm.reasoning_only, teacher_vocab_size=teacher_vocab_size)
+
+
+def arm_spec(name: str) -> Arm:
+    """The arm called ``name``: an entry of :data:`ARMS`, or ``"<arm>@<model>"``, that arm with a named
+    model of the proxy zoo or student panel as its proxy (issue 16), e.g. ``"antidistill@llama-same"``,
+    ``"whitebox@opt"`` (the panel student ``opt`` as its own proxy)."""
+    base, _, model = name.partition("@")
+    if base not in ARMS:
+        raise ValueError(f"unknown arm {name!r}; use one of {sorted(ARMS)}, or '<arm>@<model>' for an arm with a proxy")
+    arm = ARMS[base]
+    if not model:
+        return arm
+    if arm.proxy is None:
+        raise ValueError(f"arm {name!r}: {base} has no proxy to name")
+    if arm.param == "gamma" or arm.direction == "random":
+        raise ValueError(f"arm {name!r}: {base} runs with the shipped proxy only")
+    return replace(arm, proxy=model)
+
+
+def base_arm(name: str) -> str:
+    """``"antidistill@llama-same"`` → ``"antidistill"``; an arm without a named model is its own base."""
+    return name.partition("@")[0]

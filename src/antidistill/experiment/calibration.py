@@ -43,7 +43,7 @@ from ..generation import generate_traces
 from ..io_utils import provenance, write_json_atomic
 from ..runtime import worker_pool
 from ..settings import CONFIG
-from .arms import ARMS
+from .arms import ARMS, arm_spec
 from .evaluate import accuracy_summary
 from .rundir import stage
 
@@ -200,7 +200,7 @@ def _arm_curve(run, cfg: CalibrationConfig, arm: str, base_tau: float, target_ac
     def measure(x: float) -> float:
         out.append(_measure(run, cfg, holdout, arm, x, base_tau, progress))
         return out[-1]["teacher_acc"]
-    if ARMS[arm].param == "gamma":
+    if arm_spec(arm).param == "gamma":
         search_gamma(measure, target_accs, cfg.gammas, cfg.refine)
     else:
         search_lambda(measure, target_accs, cfg.lam_range, cfg.lam_factor, cfg.refine)
@@ -236,14 +236,12 @@ def calibrate(run, cfg: CalibrationConfig, progress: bool = True) -> Path:
         if len(above) < 2:
             above = list(zip(cfg.temperatures, temps))[-2:]
         chosen = {"temperature": interpolate_params(*zip(*above), target_accs)}
-        arms = [a for a in cfg.arms if a != "temperature"]
+        # each arm once per proxy it runs with (SweepConfig.expand_arms: the zoo's proxies, the panel's students)
+        arms = [a for a in run.cfg.expand_arms(cfg.arms) if a != "temperature"]
         for arm in arms:  # their gradients exist before any worker needs them
-            if ARMS[arm].proxy == "student":
-                run.whitebox_gradient_path()
-            elif ARMS[arm].direction == "random":
+            run.panel.gradient_path(arm)
+            if arm_spec(arm).direction == "random":
                 run.random_direction_path()
-            elif ARMS[arm].proxy is not None:
-                run.gradient_path()
         n = min(run.cfg.workers, len(arms))
         if n > 1:
             with worker_pool(n) as pool:
@@ -256,7 +254,7 @@ def calibrate(run, cfg: CalibrationConfig, progress: bool = True) -> Path:
         for arm in arms:
             ms = measured[arm]
             chosen[arm] = interpolate_params([m["param"] for m in ms], [m["teacher_acc"] for m in ms], target_accs,
-                                             log=ARMS[arm].param != "gamma")
+                                             log=arm_spec(arm).param != "gamma")
         for picks in chosen.values():
             for c, t in zip(picks, cfg.targets):
                 c["target"] = t

@@ -67,11 +67,14 @@ def dry_run(cfg: SweepConfig) -> list[str]:
     s = cfg.sampling
     lines.append(f"sampling: τ {s.tau:g}, ε {s.eps:g} ({s.difference}), top-p {s.top_p:g}, "
                  f"{s.max_new_tokens} new tokens, batch {s.batch_size}")
+    if len(cfg.panel()) > 1:
+        lines.append(f"students: {', '.join(cfg.panel())} (every point's traces are distilled into each)")
     if cfg.grid == "calibrated":
         c = cfg.calibration
-        lines.append(f"points: from the run's calibration: arms {c.arms} at targets {c.targets} (points below "
+        lines.append(f"points: from the run's calibration: arms {cfg.expand_arms(c.arms)} at targets {c.targets} (points below "
                      f"greedy) × seeds {cfg.seeds}, plus greedy" if cfg.include_greedy else
-                     f"points: from the run's calibration: arms {c.arms} at targets {c.targets} × seeds {cfg.seeds}")
+                     f"points: from the run's calibration: arms {cfg.expand_arms(c.arms)} at targets {c.targets} × "
+                     f"seeds {cfg.seeds}")
     else:
         points = cfg.points()
         by_arm: dict[str, list[float]] = {}

@@ -14,6 +14,7 @@ import torch
 
 from ..functional import sine_error
 from ..gradient import load_gradient, trainable_parameters
+from ..prompting import prompt_text
 from ..proxy import ProxyDelta, position_ids
 from .plotting import png_figure
 
@@ -138,3 +139,14 @@ def plot_fd_check(result: FDCheckResult, path) -> None:
         ax.set_ylabel("sine error vs autograd")
         ax.set_title("Finite-difference error of Δ̂ (cf. paper Fig. 7)")
         ax.legend(fontsize=8)
+
+
+def holdout_fd_check(proxy, grad, tokenizer, traces: list[dict], plot_path) -> dict:
+    """:func:`fd_check` at the last 8 tokens of ``traces`` (prompt + completion, on the teacher's ids, which the
+    proxy reads); plots it to ``plot_path`` and returns the rows and the best ε per dtype (``fd_check.json``)."""
+    ids = [tokenizer(prompt_text(tokenizer, r["question"]) + r["completion"], add_special_tokens=False)["input_ids"][-8:]
+           for r in traces]
+    width = min(map(len, ids))
+    res = fd_check(proxy, grad, torch.tensor([x[-width:] for x in ids]))
+    plot_fd_check(res, plot_path)
+    return {"rows": res.rows, "best_eps_float32": res.best_eps("float32"), "best_eps_bfloat16": res.best_eps("bfloat16")}

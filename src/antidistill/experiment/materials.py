@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..proxy import load_causal_lm
@@ -21,6 +21,7 @@ class Materials:
     teacher: object
     proxy: object
     world_metrics: dict  # empty unless the toy world
+    named_paths: dict[str, str] = field(default_factory=dict)  # toy world: every named proxy and student's folder
 
 
 def load_materials(dataset: str, *, world: ToyWorldConfig, cache_dir: str, data_path: str | None = None,
@@ -38,13 +39,14 @@ def load_materials(dataset: str, *, world: ToyWorldConfig, cache_dir: str, data_
         metrics = w.metrics
         splits = {s: w.split(s) for s in ("train", "holdout", "test")}
         paths = {r: str(w.model_path(r)) for r in ROLES}
+        named = {n: str(w.named_model_path(folder)) for n, (_, folder, _) in world.named_specs().items()}
         if limit_train:  # real datasets take the limits in load_dataset_splits
             splits["train"] = splits["train"][:limit_train]
             splits["holdout"] = splits["holdout"][: max(1, limit_train * 3 // 7)]
         if limit_test:
             splits["test"] = splits["test"][:limit_test]
     else:
-        metrics = {}
+        metrics, named = {}, {}
         splits = load_dataset_splits(dataset, data_path, seed=world.seed, limit_train=limit_train,
                                      limit_test=limit_test)
         paths = dict(models or {})
@@ -55,4 +57,4 @@ def load_materials(dataset: str, *, world: ToyWorldConfig, cache_dir: str, data_
     check_compatible_tokenizers(tokenizers["teacher"], tokenizers["proxy"])
     teacher, proxy = load_causal_lm(paths["teacher"]), load_causal_lm(paths["proxy"])
     check_vocab_sizes(teacher, proxy, len(tokenizers["teacher"]))
-    return Materials(splits, paths, tokenizers, teacher, proxy, metrics)
+    return Materials(splits, paths, tokenizers, teacher, proxy, metrics, named)

@@ -32,6 +32,8 @@ from .inference import (
 )
 from .results_io import Source, load_sources, pooled_results
 from .rundir import RunDir
+from .transfer import default_rows
+from .transfer_report import has_transfer_design, headline_lines, transfer_lines
 
 # the contrasts the report prints, in order: (key, label, arm, other)
 CONTRASTS = [("antidistill", "antidistillation (cross-family proxy) − temperature", "antidistill", None),
@@ -350,11 +352,14 @@ def write_report(path: str | Path, pool=(), out: str | Path | None = None) -> Pa
     df = pooled_results(sources)
     files = RunDir(out if out is not None else path)
     files.root.mkdir(parents=True, exist_ok=True)
-    worlds = world_table(sources, df)
+    worlds = world_table(sources, default_rows(df))
     labels = {r["world"]: r["label"] for r in worlds}
     # pre-registered (docs/design.md): a world that fails the gate is reported, not pooled
     failing = {r["world"] for r in worlds if np.isfinite(r["gate"]["greedy_student_acc"]) and not r["gate"]["passes"]}
     everything, df = df, df[~df.world.isin(failing)]
+    # issue 16's zoo and panel rows go to the transfer sections; every other section reads the design's own
+    panel_df = df[df.distiller.fillna("naive") == "naive"] if "distiller" in df.columns else df
+    everything, df = default_rows(everything), default_rows(df)
     # every section but the distiller table reads the naive distiller's rows (issue 17's variants are beside them)
     by_distiller = df
     if "distiller" in df.columns:
@@ -366,13 +371,16 @@ def write_report(path: str | Path, pool=(), out: str | Path | None = None) -> Pa
     histories: dict[str, list] = {}
     for s in sources:
         for point, h in s.histories.items():
+            if "@" in point:  # the zoo's arms: the transfer sections' (loss curves show the design's own arms)
+                continue
             histories.setdefault(point.rsplit("_", 2)[0], []).append(h)
     rank = {m: i for i, m in enumerate(ORDER)}
     plot_loss_dynamics(dict(sorted(histories.items(), key=lambda kv: rank.get(kv[0], len(rank)))), files.loss_plot)
     name = sources[0].config.get("name", sources[0].root.name)
     k = df.world.nunique()
     lines = [f"# antidistill report: `{name}`" + (f", pooled over {k} world builds" if k > 1 else ""), ""]
-    lines += _verdict_lines(df) + _worlds_lines(worlds)
+    transfer = has_transfer_design(panel_df)
+    lines += (headline_lines(panel_df) if transfer else []) + _verdict_lines(df) + _worlds_lines(worlds)
     if failing:
         lines += [f"The {len(failing)} world build(s) that fail the gate are left out of every effect below "
                   "(pre-registered); their runs stay in the trade-off plot and the results table.", ""]
@@ -381,6 +389,7 @@ def write_report(path: str | Path, pool=(), out: str | Path | None = None) -> Pa
               "learn less from that arm's traces than from temperature's). Per-world effects: `forest.png`.", ""]
     lines += _effect_table(acc_rows, 100.0, 1, "points") + ["", "![forest plot](forest.png)", ""]
     lines += _ladder_lines(df)
+    lines += transfer_lines(panel_df) if transfer else []
     if "student_test_nll" in df.columns:
         lines += ["## Secondary endpoint: student NLL on the true solutions", "",
                   "Mean NLL per token of the distilled students on the ground-truth test solutions (higher = the "

@@ -20,6 +20,7 @@ import yaml
 
 from ..io_utils import atomic_dir
 from .rundir import RunDir
+from .transfer import fill_panel_labels
 
 COMPACT_RESULTS = "results.csv"
 HISTORIES = "histories.json"
@@ -93,6 +94,7 @@ def load_source(path: str | Path) -> Source:
         raise ValueError(f"{path}: its results table lacks the columns {sorted(missing)}")
     # older tables have no world column: the directory is then one world build, named by its folder
     df["world"] = df["world"].astype(str) if "world" in df.columns else path.resolve().name
+    df = fill_panel_labels(df)  # older tables: the shipped proxy and the base student (issue 16's columns)
     histories = _run_histories(files) if kind == "run" else (_json(path / HISTORIES) or {})
     return Source(root=path, kind=kind, results=df, config_text=files.config.read_text(),
                   calibration=_json(files.calibration), gate=_json(files.gate), world_metrics=_json(files.world),

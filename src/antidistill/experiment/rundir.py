@@ -37,6 +37,10 @@ class RunDir:
     gradient = property(lambda self: self.root / "proxy_grad.safetensors")
     whitebox_gradient = property(lambda self: self.root / "student_grad.safetensors")  # white-box arms' g
     random_direction = property(lambda self: self.root / "random_direction.safetensors")  # g's norm-matched stand-in
+
+    def named_gradient(self, name: str) -> Path:
+        """g over a named zoo proxy's or panel student's weights (the arms ``<arm>@<name>``)."""
+        return self.root / "gradients" / f"{name}.safetensors"
     calibration = property(lambda self: self.root / "calibration.json")
     gate = property(lambda self: self.root / "gate.json")  # the student-learns-from-teacher gate
     fd_check = property(lambda self: self.root / "fd_check.json")
@@ -73,6 +77,11 @@ class PointDir:
         """The files of this point's student under an adaptive distiller (the naive one keeps the paths above)."""
         return DistillerDir(self, kind)
 
+    def panel(self, name: str) -> PanelDir:
+        """The files of this point's traces distilled into panel student ``name`` (the base student keeps the
+        paths above)."""
+        return PanelDir(self, name)
+
 
 class DistillerDir(PointDir):
     """One point's student under adaptive distiller ``kind``: ``points/<point>/distillers/<kind>/``.
@@ -88,3 +97,17 @@ class DistillerDir(PointDir):
     traces = property(lambda self: self.point.traces)
     teacher_test = property(lambda self: self.point.teacher_test)
     train_set = property(lambda self: self.root / "train.jsonl")  # what the student trains on (with weights)
+
+
+class PanelDir(PointDir):
+    """One point's traces distilled into a panel student: ``points/<point>/panel/<name>/``.
+
+    The teacher's traces stay the point's own (``traces``, ``teacher_test``); the student, its test rows and
+    the row are its own."""
+
+    def __init__(self, point: PointDir, name: str):
+        super().__init__(point.root / "panel" / name)
+        self.point = point
+
+    traces = property(lambda self: self.point.traces)
+    teacher_test = property(lambda self: self.point.teacher_test)

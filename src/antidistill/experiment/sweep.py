@@ -25,18 +25,18 @@ from ..generation import generate_traces
 from ..gradient import compute_proxy_gradient, grad_norm, load_gradient, read_gradient_metadata, save_gradient, save_random_direction
 from ..io_utils import atomic_dir, atomic_path, provenance, read_jsonl, write_json_atomic, write_jsonl, write_text_atomic
 from ..progress import track
-from ..prompting import prompt_text
 from ..proxy import load_causal_lm
 from ..runtime import distributed_state, worker_pool
 from ..settings import SamplingSettings
-from .arms import ARMS, arm_processor
+from .arms import ARMS, arm_processor, arm_spec
 from .calibration import Design, calibrate, outside_picks
 from .distill import distill
 from .distiller_stages import DistillerStages, with_distiller
 from .evaluate import accuracy_summary, solution_nll
-from .fdcheck import fd_check, plot_fd_check
+from .fdcheck import holdout_fd_check
 from .gate import world_gate
 from .materials import load_materials
+from .panel_stages import PanelStages
 from .report import write_report
 from .rundir import RunDir, point_name, stage
 from .sweepconfig import SweepConfig, config_text
@@ -81,6 +81,7 @@ class Run:
         self.splits, self.paths, self.tok = self.materials.splits, self.materials.paths, self.materials.tokenizers
         self.teacher, self.proxy = self.materials.teacher, self.materials.proxy
         self.adaptive = DistillerStages(self)  # the distillers other than the naive one
+        self.panel = PanelStages(self)  # the zoo's proxies and the panel's students (issue 16)
         if not worker:
             self._check_config(write=True)
             self._remove_stale_temporaries()
@@ -146,13 +147,15 @@ class Run:
 
     def processor_for(self, method: str, settings: SamplingSettings, param: float | None = None):
         """The logits processor of arm ``method`` at a point with parameter ``param`` (None if it has none)."""
-        arm = ARMS.get(method)
+        arm = arm_spec(method) if "@" in method else ARMS.get(method)
         if arm is None or not (settings.uses_proxy or arm.param == "gamma"):
             return None
         if arm.proxy == "student":
             proxy, grad, ptok = load_causal_lm(self.paths["student"]), self.whitebox_gradient_path(), self.tok["student"]
-        else:  # the cross-family proxy, with g or its random stand-in (a γ arm, proxy-logit mixing, ignores it)
+        elif arm.proxy == "proxy":  # with g or its random stand-in (a γ arm, proxy-logit mixing, ignores it)
             proxy, ptok, grad = self.proxy, self.tok["proxy"], (self.random_direction_path() if arm.direction == "random" else self.gradient_path())
+        else:  # a named zoo proxy or panel student: the toy world's one tokenizer
+            proxy, grad, ptok = self.panel.proxy_of(method)
         return arm_processor(arm, settings, proxy, grad, self.tok["teacher"], ptok, param=param,
                              teacher_vocab_size=self.teacher.get_output_embeddings().weight.shape[0])
 
@@ -173,15 +176,17 @@ class Run:
         return row
 
     def point_rows(self, method: str, param: float, seed: int) -> list[dict]:
-        """One point's rows, one per configured distiller (in config order), each with its ``distiller``."""
-        return [with_distiller(self.point(method, param, seed), d.kind) if d.kind == "naive"
+        """One point's rows, one per configured distiller (in config order), each with its ``distiller``; then one
+        per further panel student; each labelled with its proxy and student (``PanelStages.rows``)."""
+        rows = [with_distiller(self.point(method, param, seed), d.kind) if d.kind == "naive"
                 else self.adaptive.row(method, param, seed, d) for d in self.cfg.distillers]
+        return self.panel.rows(method, param, seed, rows)
 
     def point_done(self, method: str, param: float, seed: int) -> bool:
-        """Whether every configured distiller's row of this point is written."""
+        """Whether every configured distiller's row, and every panel student's, of this point is written."""
         files = self.files.point(method, param, seed)
         return all((files.result if d.kind == "naive" else files.distiller(d.kind).result).is_file()
-                   for d in self.cfg.distillers)
+                   for d in self.cfg.distillers) and all(files.panel(s).result.is_file() for s in self.cfg.panel()[1:])
 
     def teacher_stages(self, method: str, param: float, seed: int) -> SamplingSettings:
         """The point's teacher traces on train and on test (made once, whoever distils them); its settings."""
@@ -247,16 +252,8 @@ class Run:
 
     def fd_check(self) -> Path:
         """Appendix B.1 on this run's proxy and g, at the last 8 tokens of two holdout traces."""
-        def make(path):
-            tok = self.tok["teacher"]  # the proxy reads the teacher's ids
-            ids = [tok(prompt_text(tok, r["question"]) + r["completion"], add_special_tokens=False)["input_ids"][-8:]
-                   for r in self.holdout_traces()[:2]]
-            width = min(map(len, ids))
-            res = fd_check(self.proxy, self.gradient_path(), torch.tensor([x[-width:] for x in ids]))
-            plot_fd_check(res, self.files.fd_plot)
-            write_json_atomic(path, {"rows": res.rows, "best_eps_float32": res.best_eps("float32"),
-                                     "best_eps_bfloat16": res.best_eps("bfloat16")})
-        return stage(self.files.fd_check, make)
+        return stage(self.files.fd_check, lambda path: write_json_atomic(path, holdout_fd_check(
+            self.proxy, self.gradient_path(), self.tok["teacher"], self.holdout_traces()[:2], self.files.fd_plot)))
 
     @property
     def design(self) -> Design | None:
@@ -317,7 +314,7 @@ class Run:
         self.adaptive.prepare(sorted({s for _, _, s in points}))
         if self.cfg.gate != "skip":
             first = [pt for pt in points if pt[0] in ("greedy", "temperature")]
-            naive = [r for r in self._run_points(first) if r.get("distiller", "naive") == "naive"]
+            naive = [r for r in self._run_points(first) if r.get("distiller", "naive") == "naive" and r["base_student"]]
             stage(self.files.gate, lambda p: write_json_atomic(p, world_gate(
                 pd.DataFrame(naive), self.cfg.gate_min_greedy_student, self.cfg.gate_min_slope)))
             gate = json.loads(self.files.gate.read_text())
@@ -326,10 +323,10 @@ class Run:
                               stacklevel=2)
                 if self.cfg.gate == "stop":
                     points = first
-        if any(ARMS[m].proxy == "student" for m, _, _ in points):
-            self.whitebox_gradient_path()
-        if any(ARMS[m].direction == "random" for m, _, _ in points):
-            self.random_direction_path()
+        for method in sorted({m for m, _, _ in points}):  # every arm's g, before any worker needs it
+            self.panel.gradient_path(method)
+            if arm_spec(method).direction == "random":
+                self.random_direction_path()
         rows = self._run_points(points)
         self.write_results(rows)
         self.fd_check()

@@ -20,7 +20,7 @@ from ..config import to_dict
 from ..functional import check_gamma, check_lam, check_tau
 from ..settings import CONFIG, METHODS, SamplingSettings
 from ..toyworld.build import ToyWorldConfig
-from .arms import ARMS, EXTRA_ARMS
+from .arms import ARMS, EXTRA_ARMS, arm_spec, base_arm
 from .calibration import CalibrationConfig
 from .data import DATASETS
 from .distill import DistillConfig
@@ -68,6 +68,11 @@ class SweepConfig:
     # further arms and their grids: reasoning_only, whitebox, whitebox_permutation, random_direction (λ) and
     # proxy_mix (γ in [0, 1]) (see experiment.arms)
     arms: dict[str, list[float]] = field(default_factory=dict)
+    # the zoo proxies (world.zoo.proxies, or the shipped proxy's name) the proxy arms run with, each arm once
+    # per proxy ("antidistill@<name>"); empty: the shipped proxy alone. With a student panel (world.zoo.panel)
+    # the white-box arms run once per panel student, each student as its own proxy ("whitebox@<name>"), and
+    # every arm's traces are distilled into every panel student.
+    arm_proxies: list[str] = field(default_factory=list)
     include_greedy: bool = True
     sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(**SWEEP_SAMPLING))
     seeds: list[int] = field(default_factory=lambda: [0, 1])
@@ -134,15 +139,47 @@ class SweepConfig:
         unknown = sorted(set(self.arms) - set(EXTRA_ARMS))
         if unknown:
             raise ValueError(f"unknown arms {unknown}; arms may list {list(EXTRA_ARMS)}")
+        if self.arm_proxies or self.world.zoo is not None and self.world.zoo.panel:
+            if self.dataset != "toy":
+                raise ValueError(f"arm_proxies and a student panel name toy-world models; dataset={self.dataset!r}")
+            if self.engine != "hf":
+                raise ValueError(f"arm_proxies and a student panel run on engine='hf', got engine={self.engine!r}")
+        zoo = self.world.zoo_or_default()
+        known = [zoo.shipped_proxy, *zoo.proxies]
+        bad = sorted(set(self.arm_proxies) - set(known))
+        if bad or len(set(self.arm_proxies)) < len(self.arm_proxies):
+            raise ValueError(f"arm_proxies must name distinct proxies of the world's zoo {known}, got "
+                             f"{self.arm_proxies!r}")
 
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
 
+    def expand_arms(self, arms) -> list[str]:
+        """Each arm once per model it runs with: a proxy arm once per ``arm_proxies`` entry (the shipped proxy
+        keeps the bare name), a white-box arm once per panel student (the base student keeps the bare name)."""
+        zoo = self.world.zoo_or_default()
+        out = []
+        for a in arms:
+            proxy = arm_spec(a).proxy
+            if "@" in a or proxy not in ("proxy", "student"):
+                out.append(a)
+            elif proxy == "proxy":
+                out += [a if p == zoo.shipped_proxy else f"{a}@{p}" for p in self.arm_proxies or [zoo.shipped_proxy]]
+            else:
+                out += [a] + [f"{a}@{s}" for s in zoo.panel]
+        return out
+
+    def panel(self) -> list[str]:
+        """The students every arm's traces are distilled into: the base student first, then the panel's."""
+        zoo = self.world.zoo_or_default()
+        return [zoo.base_student, *zoo.panel]
+
     def config_grid(self) -> dict[str, list[float]]:
-        """Each arm's τ or λ values as this config lists them (``grid="config"``)."""
-        return {"temperature": self.temperatures, "antidistill": self.ad_lambdas, "permutation": self.perm_lambdas,
+        """Each arm's τ or λ values as this config lists them (``grid="config"``), per :meth:`expand_arms`."""
+        base = {"temperature": self.temperatures, "antidistill": self.ad_lambdas, "permutation": self.perm_lambdas,
                 **self.arms}
+        return {name: values for arm, values in base.items() for name in self.expand_arms([arm])}
 
     def points(self, grid: dict[str, list[float]] | None = None) -> list[tuple[str, float, int]]:
         """(method, parameter, seed): the parameter is τ for temperature and λ otherwise.
@@ -158,8 +195,8 @@ class SweepConfig:
         for s in self.seeds:
             if self.include_greedy:
                 pts.append(("greedy", 0.0, s))
-            pts += [(arm, x, s) for arm in ("temperature", "antidistill", "permutation", *EXTRA_ARMS)
-                    for x in grid.get(arm, [])]
+            pts += [(name, x, s) for arm in ("temperature", "antidistill", "permutation", *EXTRA_ARMS)
+                    for name in grid if base_arm(name) == arm for x in grid[name]]
         names = [point_name(*pt) for pt in pts]
         if len(set(names)) < len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
@@ -171,11 +208,12 @@ class SweepConfig:
 
         ``tau``: the λ arms' base τ (a calibrated design's), in place of ``sampling.tau``. A γ arm
         (``proxy_mix``) samples as temperature at that τ; its γ is not a sampling setting but its
-        processor's (``Run.processor_for``)."""
-        if method not in METHODS and method not in ARMS:
-            raise ValueError(f"unknown method {method!r}; use one of {sorted(set(METHODS) | set(ARMS))}")
-        arm = ARMS.get(method)
-        method = arm.method if arm else method
+        processor's (``Run.processor_for``). An arm may name a zoo model (``"<arm>@<model>"``)."""
+        if method not in METHODS:
+            try:
+                method = arm_spec(method).method
+            except ValueError:
+                raise ValueError(f"unknown method {method!r}; use one of {sorted(set(METHODS) | set(ARMS))}") from None
         base = dataclasses.asdict(self.sampling) | {"method": method, "seed": seed, "lam": 0.0}
         if arm is not None and arm.param == "gamma":  # γ goes to the arm's processor: the teacher samples at τ
             check_gamma(param)
@@ -192,11 +230,15 @@ class SweepConfig:
 
 def config_text(cfg: SweepConfig) -> str:
     """The run directory's ``config.yaml``: the config as YAML, leaving out ``distillers`` when it is only the
-    naive one and ``calibration.gammas`` when it is the default, so a config written before they existed keeps
-    its text and its run directory resumes."""
+    naive one, ``calibration.gammas`` when it is the default, ``arm_proxies`` when empty and ``world.zoo`` when
+    unset, so a config written before these existed keeps its text and its run directory resumes."""
     data = to_dict(cfg)
     if [d.kind for d in cfg.distillers] == ["naive"]:
         del data["distillers"]
     if data["calibration"]["gammas"] == CalibrationConfig().gammas:  # added later: default configs keep their text
         del data["calibration"]["gammas"]
+    if not cfg.arm_proxies:
+        del data["arm_proxies"]
+    if cfg.world.zoo is None:
+        del data["world"]["zoo"]
     return yaml.safe_dump(data, sort_keys=False)  # as config.dump_yaml writes it

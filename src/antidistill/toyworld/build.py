@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import random
+import shutil
 from concurrent.futures import as_completed
 from dataclasses import asdict, field
 from pathlib import Path
@@ -40,6 +41,44 @@ class TrainSpec:
     warmup: int = 30
 
 
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+@dataclass(config=CONFIG)
+class ZooConfig:
+    """The proxy zoo and the student panel: further base models pretrained on the generic toy text exactly
+    like the student (same data, ``pretrain`` recipe and tokenizer), each with its own seed.
+
+    ``proxies``: name → spec of the models an owner may use as proxies (beside the shipped proxy, named
+    ``shipped_proxy``); ``panel``: name → spec of further students (beside the base student, named
+    ``base_student``); every arm's traces are distilled into each of them.
+    """
+
+    proxies: dict[str, ModelSpec] = field(default_factory=dict)
+    panel: dict[str, ModelSpec] = field(default_factory=dict)
+    shipped_proxy: str = "qwen2-small"  # the name of the world's own proxy (role "proxy")
+    base_student: str = "gpt2"  # the name of the world's own student (role "student")
+
+    def __post_init__(self):
+        names = [*self.proxies, *self.panel, self.shipped_proxy, self.base_student]
+        bad = sorted(n for n in names if not n or set(n) - NAME_CHARS)
+        if bad:
+            raise ValueError(f"world.zoo: model names use a-z, 0-9, '-' and '_' only, got {bad}")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"world.zoo: every proxy and panel student needs its own name, {dup} repeats")
+
+    def key(self, world_key: str) -> str:
+        """The zoo's cache key: the world's key and the zoo's config."""
+        text = json.dumps({"world": world_key, "zoo": asdict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def seed(self, world_seed: int, kind: str, name: str) -> int:
+        """A zoo model's own training seed: from the world's seed and the model's kind and name alone,
+        so adding a model to the zoo leaves every other model's seed (and weights) as they were."""
+        return world_seed + 1000 + int(hashlib.sha256(f"{kind}/{name}".encode()).hexdigest()[:6], 16)
+
+
 @dataclass(config=CONFIG)
 class ToyWorldConfig:
     # the build recipe's version: part of the cache key, raised whenever the same config would build
@@ -62,6 +101,9 @@ class ToyWorldConfig:
     teacher_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=1600, lr=3e-3, warmup=60))
     # student and proxy pretraining: more, smaller steps than the teacher's (docs/results/tuning.md)
     pretrain: TrainSpec = field(default_factory=lambda: TrainSpec(steps=2000, batch_size=16, lr=4e-3, warmup=40))
+    # opt-in: the proxy zoo and student panel (issue 16), built beside the world under its own key; a world
+    # without one keeps the key it had before zoos existed
+    zoo: ZooConfig | None = None
 
     def __post_init__(self):
         if self.n_holdout is not None and not 0 < self.n_holdout < self.n_train_pool:
@@ -71,7 +113,24 @@ class ToyWorldConfig:
             raise ValueError(f"world.n_world_eval must be ≥ 1, got n_world_eval={self.n_world_eval}")
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """The world's cache key: its config without the zoo (the zoo has its own key, ``ZooConfig.key``)."""
+        data = asdict(self)
+        del data["zoo"]
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+    def zoo_or_default(self) -> ZooConfig:
+        """The zoo, or (no zoo) an empty one that names the shipped proxy and the base student."""
+        return self.zoo if self.zoo is not None else ZooConfig()
+
+    def named_specs(self) -> dict[str, tuple[str, str, ModelSpec]]:
+        """Every named proxy and student: name → (kind "proxy" or "student", folder under the world, spec).
+
+        The shipped proxy and the base student are the world's own roles; the zoo's models lie in its folder."""
+        zoo = self.zoo_or_default()
+        out = {zoo.shipped_proxy: ("proxy", "proxy", self.proxy), zoo.base_student: ("student", "student", self.student)}
+        out |= {n: ("proxy", f"zoo/proxies/{n}", s) for n, s in zoo.proxies.items()}
+        out |= {n: ("student", f"zoo/panel/{n}", s) for n, s in zoo.panel.items()}
+        return out
 
 
 @dataclasses.dataclass
@@ -79,6 +138,7 @@ class World:
     root: Path
     config: dict
     metrics: dict
+    zoo_root: Path | None = None  # the zoo's folder (``<root>/zoo-<zoo key>``), when the config has a zoo
 
     @property
     def tokenizer_path(self) -> Path:
@@ -91,9 +151,20 @@ class World:
         return read_jsonl(self.root / "data" / f"{name}.jsonl")
 
     @classmethod
-    def load(cls, root: Path) -> World:
+    def load(cls, root: Path, zoo_root: Path | None = None) -> World:
         info = json.loads((root / "world.json").read_text())
-        return cls(root=root, config=info["config"], metrics=info["metrics"])
+        metrics = dict(info["metrics"])
+        if zoo_root is not None:
+            metrics |= json.loads((zoo_root / "zoo.json").read_text())["metrics"]
+        return cls(root=root, config=info["config"], metrics=metrics, zoo_root=zoo_root)
+
+    def named_model_path(self, folder: str) -> Path:
+        """A named model's folder (``ToyWorldConfig.named_specs``): the world's own roles, or the zoo's models."""
+        if folder.startswith("zoo/"):
+            if self.zoo_root is None:
+                raise ValueError(f"{folder}: this world was built without a zoo (world.zoo)")
+            return self.zoo_root / folder.removeprefix("zoo/")
+        return self.root / folder
 
 
 def train_lm(model, examples: list[dict], spec: TrainSpec, pad_id: int, seed: int, desc: str, progress: bool = True):
@@ -182,21 +253,83 @@ def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = 
     ``workers > 1`` trains the three models in that many spawned processes, each with
     cores // workers torch threads. The cache key is the config alone; a world built with another
     thread count can differ in the last bits of its weights (``world.json`` records ``build_workers``).
+    A config with a zoo (``world.zoo``) builds the world as it would without one (same key, same
+    folder, reused when cached), then the zoo beside it (``<world>/zoo-<zoo key>/``, reused likewise).
     """
     root = Path(cache_dir) / f"toyworld-{cfg.key()}"
-    if (root / "world.json").is_file():
+    if not (root / "world.json").is_file():
+        _build_base_world(cfg, root, progress, workers)
+    if cfg.zoo is None:
         return World.load(root)
+    return World.load(root, _build_zoo(cfg, root, progress, workers))
+
+
+def _corpus(cfg: ToyWorldConfig) -> tuple[dict[str, list[dict]], list[dict], list[str]]:
+    """The world's splits, the teacher's training rows and the generic pretraining lines (shuffled)."""
+    splits = make_splits(cfg.seed, cfg.n_train_pool, cfg.n_test, n_holdout=cfg.n_holdout)
+    taken = {r["question"] for rows in splits.values() for r in rows}
+    rng = random.Random(cfg.seed + 100)
+    teacher_rows = [{"question": p.question, "solution": solve(p, rng)}
+                    for p in _fresh_problems(rng, cfg.n_teacher_problems, taken)]
+    stories = [story_text(p) for p in _fresh_problems(rng, cfg.n_stories, taken)]
+    generic = _generic_lines(cfg, stories)
+    random.Random(cfg.seed + 8).shuffle(generic)
+    return splits, teacher_rows, generic
+
+
+def _train_jobs(jobs: list[tuple], root: Path, progress: bool, workers: int, desc: str) -> dict:
+    """Train each ``(role, spec, examples, train spec, seed)`` job into ``root`` (``workers`` processes); metrics."""
+    metrics: dict = {}
+    if workers > 1:
+        n = min(workers, len(jobs))
+        with worker_pool(n) as pool:
+            futures = [pool.submit(_train_role, *job, root, False) for job in jobs]
+            for fut in track(as_completed(futures), f"train {desc} ({n} workers)", enabled=progress,
+                             total=len(futures)):
+                metrics.update(fut.result())
+    else:
+        for job in jobs:
+            metrics.update(_train_role(*job, root, progress))
+    return metrics
+
+
+def _build_zoo(cfg: ToyWorldConfig, world_root: Path, progress: bool, workers: int) -> Path:
+    """Build (or reuse) the zoo of the world at ``world_root``: ``<world_root>/zoo-<zoo key>/``, written atomically.
+
+    Each proxy and panel student is pretrained on the world's generic text exactly as the base student is
+    (``cfg.pretrain``, the world's tokenizer), with its own seed (``ZooConfig.seed``); ``zoo.json`` records
+    each model's family, spec, seed and parameter count."""
+    zoo = cfg.zoo
+    root = world_root / f"zoo-{zoo.key(cfg.key())}"
+    if (root / "zoo.json").is_file():
+        return root
     with atomic_dir(root) as tmp:
-        splits = make_splits(cfg.seed, cfg.n_train_pool, cfg.n_test, n_holdout=cfg.n_holdout)
+        shutil.copytree(world_root / "tokenizer", tmp / "tokenizer")
+        tok = load_tokenizer(tmp / "tokenizer")
+        generic_ex = _generic_examples(tok, _corpus(cfg)[2], pack_to=cfg.pack_length)
+        models = {f"{kind}/{name}": (spec, zoo.seed(cfg.seed, kind, name))
+                  for kind, specs in (("proxies", zoo.proxies), ("panel", zoo.panel)) for name, spec in specs.items()}
+        jobs = [(role, spec, generic_ex, cfg.pretrain, seed) for role, (spec, seed) in models.items()]
+        jobs.sort(key=lambda job: -job[1].hidden * job[1].layers)  # the largest first, so workers finish together
+        trained = _train_jobs(jobs, tmp, progress, workers, "zoo") if jobs else {}
+        metrics = {f"zoo_{role.replace('/', '_')}_params": trained[f"{role}_params"] for role in models}
+        metrics |= {f"zoo_{role.replace('/', '_')}_final_train_loss": trained[f"{role}_final_train_loss"]
+                    for role in models}
+        shutil.rmtree(tmp / "tokenizer")
+        (tmp / "zoo.json").write_text(json.dumps({
+            "config": asdict(zoo), "world": cfg.key(), "metrics": metrics, "build_workers": workers,
+            "models": {role: {"spec": asdict(spec), "seed": seed, "params": trained[f"{role}_params"]}
+                       for role, (spec, seed) in models.items()},
+            "provenance": provenance()}, indent=2))
+    return root
+
+
+def _build_base_world(cfg: ToyWorldConfig, root: Path, progress: bool, workers: int) -> None:
+    """Build the world itself (splits, tokenizer, teacher, proxy, student) into ``root``, atomically."""
+    with atomic_dir(root) as tmp:
+        splits, teacher_rows, generic = _corpus(cfg)
         for name, rows in splits.items():
             write_jsonl(tmp / "data" / f"{name}.jsonl", rows)
-        taken = {r["question"] for rows in splits.values() for r in rows}
-        rng = random.Random(cfg.seed + 100)
-        teacher_rows = [{"question": p.question, "solution": solve(p, rng)}
-                        for p in _fresh_problems(rng, cfg.n_teacher_problems, taken)]
-        stories = [story_text(p) for p in _fresh_problems(rng, cfg.n_stories, taken)]
-        generic = _generic_lines(cfg, stories)
-        random.Random(cfg.seed + 8).shuffle(generic)
         texts = generic + [r["question"] + " " + r["solution"] for r in teacher_rows]
         texts += [r["question"] + " " + r["solution"] for rows in splits.values() for r in rows]
         build_tokenizer(texts, tmp / "tokenizer")
@@ -208,17 +341,7 @@ def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = 
             ("teacher", cfg.teacher, task_ex, cfg.teacher_train, cfg.seed + 11),
             ("proxy", cfg.proxy, generic_ex, cfg.pretrain, cfg.seed + 12),
         ]
-        metrics: dict = {}
-        if workers > 1:
-            n = min(workers, len(jobs))
-            with worker_pool(n) as pool:
-                futures = [pool.submit(_train_role, *job, tmp, False) for job in jobs]
-                for fut in track(as_completed(futures), f"train teacher, student, proxy ({n} workers)",
-                                 enabled=progress, total=len(futures)):
-                    metrics.update(fut.result())
-        else:
-            for job in jobs:
-                metrics.update(_train_role(*job, tmp, progress))
+        metrics = _train_jobs(jobs, tmp, progress, workers, "teacher, student, proxy")
         metrics["build_workers"] = workers
         models = {role: load_causal_lm(str(tmp / role)) for role in ("teacher", "student")}
         test = splits["test"][: cfg.n_world_eval]
@@ -230,6 +353,12 @@ def build_world(cfg: ToyWorldConfig, cache_dir: str | Path, *, progress: bool = 
                                description="base student on test (3-shot)", scoring="forced")
         metrics["student_base_fewshot_accuracy"] = _accuracy(rows)
         (tmp / "world.json").write_text(
-            json.dumps({"config": asdict(cfg), "metrics": metrics, "provenance": provenance()}, indent=2)
+            json.dumps({"config": _base_config(cfg), "metrics": metrics, "provenance": provenance()}, indent=2)
         )
-    return World.load(root)
+
+
+def _base_config(cfg: ToyWorldConfig) -> dict:
+    """The world's config as ``world.json`` records it: without the zoo (which has its own ``zoo.json``)."""
+    data = asdict(cfg)
+    del data["zoo"]
+    return data

@@ -1,4 +1,5 @@
-"""The three toy model families, built from configs: teacher (Llama), proxy (Qwen2), student (GPT-2)."""
+"""The toy model families, built from configs: teacher (Llama), proxy (Qwen2), student (GPT-2), and the
+proxy zoo's and student panel's further families (GPT-NeoX, OPT)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,25 @@ from typing import Literal
 import torch
 from pydantic import Field
 from pydantic.dataclasses import dataclass
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from ..settings import CONFIG
 
 
 @dataclass(config=CONFIG)
 class ModelSpec:
-    family: Literal["llama", "qwen2", "gpt2"]
+    family: Literal["llama", "qwen2", "gpt2", "gpt_neox", "opt"]
     hidden: int = Field(ge=1)
     layers: int = Field(ge=1)
     heads: int = Field(ge=1)
@@ -41,4 +53,14 @@ def build_model(spec: ModelSpec, tokenizer, seed: int):
         cfg = GPT2Config(n_embd=spec.hidden, n_layer=spec.layers, n_head=spec.heads, n_inner=spec.intermediate,
                          n_positions=512, **common)
         return GPT2LMHeadModel(cfg)
-    raise ValueError(f"unknown model family {spec.family!r}; use llama, qwen2 or gpt2")
+    if spec.family == "gpt_neox":
+        cfg = GPTNeoXConfig(hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+                            num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+                            max_position_embeddings=512, tie_word_embeddings=True, **common)
+        return GPTNeoXForCausalLM(cfg)
+    if spec.family == "opt":
+        cfg = OPTConfig(hidden_size=spec.hidden, ffn_dim=spec.intermediate, num_hidden_layers=spec.layers,
+                        num_attention_heads=spec.heads, word_embed_proj_dim=spec.hidden,
+                        max_position_embeddings=512, tie_word_embeddings=True, **common)
+        return OPTForCausalLM(cfg)
+    raise ValueError(f"unknown model family {spec.family!r}; use llama, qwen2, gpt2, gpt_neox or opt")
