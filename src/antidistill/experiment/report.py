@@ -30,6 +30,7 @@ from .inference import (
     targets_of,
     verdict_sentence,
 )
+from .report_provenance import calibration_lines, fd_lines, pct_text, settings_lines
 from .results_io import Source, load_sources, pooled_results
 from .rundir import RunDir
 from .transfer import default_rows
@@ -46,15 +47,6 @@ CONTRASTS = [("antidistill", "antidistillation (cross-family proxy) − temperat
              ("random_direction", "norm-matched random direction in g's place − temperature", "random_direction", None),
              ("antidistill_vs_random", "antidistillation − its norm-matched random direction", "antidistill",
               "random_direction")]
-FEW_WORLDS = 3  # up to this many worlds, the calibration is shown in full per world
-
-
-def _fmt(v, pct: bool = True) -> str:
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
-        return "–"
-    return f"{100 * v:.1f}" if pct else f"{v:.3f}"
-
-
 def _target_cell(t: float | None) -> str:
     return "pooled over targets" if t is None else f"{t:+g}"
 
@@ -151,8 +143,8 @@ def _worlds_lines(worlds: list[dict]) -> list[str]:
             verdict += " (from its rows; no gate.json)"
         seed = "–" if r["seed"] is None else r["seed"]
         base = "–" if r["base_tau"] is None else f"{r['base_tau']:g}"
-        out.append(f"| {r['label']} | `{r['world']}` | {seed} | {_fmt(r['best'])} | {base} | "
-                   f"{_fmt(g['greedy_student_acc'])} | {slope} | {verdict} |")
+        out.append(f"| {r['label']} | `{r['world']}` | {seed} | {pct_text(r['best'])} | {base} | "
+                   f"{pct_text(g['greedy_student_acc'])} | {slope} | {verdict} |")
     out.append("")
     if failing:
         out.append(f"**{len(failing)} of {len(worlds)} world builds fail the gate:** " + "; ".join(failing)
@@ -209,7 +201,7 @@ def _nll_class_lines(df: pd.DataFrame) -> list[str]:
            "| method | results | reasoning | final block |", "|---|---|---|---|"]
     means = df.groupby("method")[cols].mean()
     for m in [m for m in ORDER if m in means.index]:
-        out.append(f"| {m} | " + " | ".join(_fmt(means.loc[m, c], False) for c in cols) + " |")
+        out.append(f"| {m} | " + " | ".join(pct_text(means.loc[m, c], False) for c in cols) + " |")
     cells = []
     for c in cols:
         e = pooled_effect(df, "antidistill", y=c, target=target)
@@ -231,88 +223,10 @@ def _results_lines(df: pd.DataFrame) -> list[str]:
     for r in summary.itertuples():
         key = getattr(r, by)
         cell = "–" if not np.isfinite(key) else (f"{key:+g}" if by == "target" else f"{key:g}")
-        out.append(f"| {r.method} | {cell} | {_fmt(r.teacher_acc)} ({_fmt(r.teacher_sd)}) | "
-                   f"{_fmt(r.student_acc)} ({_fmt(r.student_sd)}) | {r.runs} | {r.worlds} |")
+        out.append(f"| {r.method} | {cell} | {pct_text(r.teacher_acc)} ({pct_text(r.teacher_sd)}) | "
+                   f"{pct_text(r.student_acc)} ({pct_text(r.student_sd)}) | {r.runs} | {r.worlds} |")
     n = df.n_test.dropna().unique() if "n_test" in df.columns else []
     return out + ["", f"Test problems per evaluation: {', '.join(str(int(v)) for v in n) or '–'}.", ""]
-
-
-def _source_name(s: Source, labels: dict[str, str]) -> str:
-    """A source by its world's label, or (a source holding several worlds) by its path and their labels."""
-    names = ", ".join(labels.get(w, w) for w in s.worlds)
-    return names if len(s.worlds) == 1 else f"`{s.root}` (one file for {names})"
-
-
-def _calibration_lines(sources: list[Source], labels: dict[str, str]) -> list[str]:
-    cals = [(s, s.calibration) for s in sources if s.calibration is not None]
-    if not cals:
-        return []
-    out = ["## Calibration (holdout only)", "",
-           "Teacher accuracy on the holdout (delivered scoring) over each arm's τ or λ; each target's value is read "
-           "off the measured curve. Targets are points relative to the best undefended teacher (older calibrations: "
-           "absolute accuracies). No student is involved. (outside): the target lies outside the measured curve and "
-           "the curve's end was used.", ""]
-    name = {id(s): _source_name(s, labels) for s, _ in cals}
-    if len(cals) > FEW_WORLDS:
-        out += ["| world | holdout problems | best undefended % | base τ | picks outside the measured curve |",
-                "|---|---|---|---|---|"]
-        for s, c in cals:
-            outside = [f"{arm} {p['target']:+g}" for arm, ps in c["chosen"].items() for p in ps
-                       if not p["inside_measured_range"]]
-            out.append(f"| {name[id(s)]} | {c.get('n_holdout', '–')} | {_fmt(c.get('best_undefended'))} | "
-                       f"{c.get('base_tau', '–')} | {', '.join(outside) or 'none'} |")
-        return out + [""]
-    for s, c in cals:
-        out += [f"### {name[id(s)]}", ""]
-        if "best_undefended" in c:
-            out.append(f"Best undefended {_fmt(c['best_undefended'])}% on {c['n_holdout']} holdout problems; base τ "
-                       f"{c.get('base_tau', '–')} ({c.get('base_tau_reason', '')}).")
-            out.append("")
-        out += ["| arm | measured: param → teacher acc % | chosen: target → param |", "|---|---|---|"]
-        for arm, ms in c["measured"].items():
-            curve = ", ".join(f"{m['param']:g} → {_fmt(m['teacher_acc'])}" for m in ms)
-            picks = ", ".join(f"{p['target']:g} → {p['param']:g}" + ("" if p["inside_measured_range"] else " (outside)")
-                              for p in c["chosen"].get(arm, []))
-            out.append(f"| {arm} | {curve} | {picks or '–'} |")
-        out.append("")
-    return out
-
-
-def _fd_lines(sources: list[Source], labels: dict[str, str], embed: bool) -> list[str]:
-    checks = [s for s in sources if s.fd_check is not None]
-    if not checks:
-        return []
-    out = ["## Finite-difference check", ""] + (["![fd error](fd_error.png)", ""] if embed else [])
-    out += ["Sine error of the finite-difference Δ̂ against autograd (appendix B.1), per world build.", "",
-            "| world | best ε (float32) | best ε (bfloat16) | at the run's ε (float32) | JVP |", "|---|---|---|---|---|"]
-    for s in checks:
-        info, sampling = s.fd_check, s.config.get("sampling") or {}
-        at = [r for r in info["rows"] if r["difference"] == sampling.get("difference") and r["dtype"] == "float32"
-              and abs(r["eps"] - sampling.get("eps", float("nan"))) < 1e-15]
-        jvp = [r for r in info["rows"] if r["difference"] == "jvp"]
-        out.append(f"| {_source_name(s, labels)} | {info.get('best_eps_float32', '–'):g} | "
-                   f"{info.get('best_eps_bfloat16', '–'):g} | "
-                   + (f"ε = {sampling['eps']:g}: {at[0]['mean_sine_error']:.2e}" if at else "–") + " | "
-                   + (f"{jvp[0]['mean_sine_error']:.2e}" if jvp else "–") + " |")
-    return out + [""]
-
-
-def _flatten(d, prefix=""):
-    for k, v in (d or {}).items():
-        if isinstance(v, dict):
-            yield from _flatten(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
-
-
-def _settings_lines(sources: list[Source]) -> list[str]:
-    out = ["## Settings", "", f"From `{sources[0].root}`:", "", "```yaml", sources[0].config_text.rstrip(), "```", ""]
-    if len(sources) > 1:
-        flat = [dict(_flatten(s.config)) for s in sources]
-        differ = sorted(k for k in set().union(*flat) if len({repr(f.get(k)) for f in flat}) > 1)
-        out += [f"The {len(sources)} sources' configs differ in: " + (", ".join(f"`{k}`" for k in differ) or "nothing")
-                + ".", ""]
-    return out
 
 
 MEANING = ["## What the intervals mean", "",
@@ -403,7 +317,7 @@ def write_report(path: str | Path, pool=(), out: str | Path | None = None) -> Pa
               "without targets, against the world's temperature line. The trade-off plot shows every run.", "",
               "![trade-off](tradeoff.png)", "", "![loss dynamics](loss_dynamics.png)", ""]
     lines += _results_lines(everything)
-    lines += _calibration_lines(sources, labels)
-    lines += _fd_lines(sources, labels, embed=(files.root / "fd_error.png").is_file())
-    lines += MEANING + _settings_lines(sources)
+    lines += calibration_lines(sources, labels)
+    lines += fd_lines(sources, labels, embed=(files.root / "fd_error.png").is_file())
+    lines += MEANING + settings_lines(sources)
     return write_text_atomic(files.report, "\n".join(lines))
