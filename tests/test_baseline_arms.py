@@ -152,3 +152,19 @@ def test_the_report_lists_the_baselines_contrasts():
     assert pooled["random_direction"] == pytest.approx(0.0, abs=0.01)
     assert pooled["antidistill_vs_random"] == pytest.approx(-0.06, abs=0.01)
     assert rows[("proxy_mix", None)]["label"] == "proxy-logit mixing (cross-family proxy, no g) − temperature"
+
+
+def test_the_baselines_run_with_the_shipped_proxy_in_the_transfer_design():
+    """transfer.yaml's proxy arms expand per zoo proxy; the baselines stay bare, and cannot name a model."""
+    from antidistill.config import load_config
+    from antidistill.experiment.arms import arm_spec
+    from antidistill.experiment.sweepconfig import SweepConfig
+
+    cfg = load_config(SweepConfig, Path(__file__).parents[1] / "src/antidistill/configs/transfer.yaml")
+    arms = cfg.expand_arms(cfg.calibration.arms)
+    assert "proxy_mix" in arms and "random_direction" in arms
+    assert not any(a.startswith(("proxy_mix@", "random_direction@")) for a in arms)
+    assert "antidistill@llama-same" in arms and "whitebox@opt" in arms
+    for bad in ("proxy_mix@llama-same", "random_direction@gpt2-sibling"):
+        with pytest.raises(ValueError, match="shipped proxy only"):
+            arm_spec(bad)

@@ -115,7 +115,7 @@ def test_the_calibration_searches_lambda_for_every_proxy_and_panel_student(tmp_p
 
             self.panel = Panel()
 
-        def processor_for(self, arm, settings):
+        def processor_for(self, arm, settings, param=None):
             return arm if settings.uses_proxy else None
 
     def fake_traces(model, tok, rows, settings, processor=None, **kw):

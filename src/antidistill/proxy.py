@@ -90,16 +90,6 @@ def perturbed(model: torch.nn.Module, grad: Mapping[str, torch.Tensor], scale: f
     return model
 
 
-def to_width(delta: torch.Tensor, width: int) -> torch.Tensor:
-    """``(..., V)`` Δ̂ cut, or padded with 0, to the teacher's ``(..., width)`` (rows past a tokenizer
-    are embedding padding that no text uses)."""
-    if width == delta.shape[-1]:
-        return delta
-    if width < delta.shape[-1]:
-        return delta[..., :width]
-    return torch.nn.functional.pad(delta, (0, width - delta.shape[-1]))
-
-
 class ProxyDelta:
     """Δ̂(x) for every token x at the last position of each row (eq. 10, its central form, or eq. 12-13).
 

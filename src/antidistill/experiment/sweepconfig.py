@@ -161,9 +161,10 @@ class SweepConfig:
         zoo = self.world.zoo_or_default()
         out = []
         for a in arms:
-            proxy = arm_spec(a).proxy
-            if "@" in a or proxy not in ("proxy", "student"):
-                out.append(a)
+            spec = arm_spec(a)
+            proxy = spec.proxy
+            if "@" in a or proxy not in ("proxy", "student") or spec.param == "gamma" or spec.direction == "random":
+                out.append(a)  # the baselines run with the shipped proxy only
             elif proxy == "proxy":
                 out += [a if p == zoo.shipped_proxy else f"{a}@{p}" for p in self.arm_proxies or [zoo.shipped_proxy]]
             else:
@@ -209,11 +210,13 @@ class SweepConfig:
         ``tau``: the λ arms' base τ (a calibrated design's), in place of ``sampling.tau``. A γ arm
         (``proxy_mix``) samples as temperature at that τ; its γ is not a sampling setting but its
         processor's (``Run.processor_for``). An arm may name a zoo model (``"<arm>@<model>"``)."""
+        arm = None
         if method not in METHODS:
             try:
-                method = arm_spec(method).method
+                arm = arm_spec(method)
             except ValueError:
                 raise ValueError(f"unknown method {method!r}; use one of {sorted(set(METHODS) | set(ARMS))}") from None
+            method = arm.method
         base = dataclasses.asdict(self.sampling) | {"method": method, "seed": seed, "lam": 0.0}
         if arm is not None and arm.param == "gamma":  # γ goes to the arm's processor: the teacher samples at τ
             check_gamma(param)
