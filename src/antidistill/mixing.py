@@ -23,7 +23,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessor, TemperatureLogitsWarper
 
 from .functional import check_gamma, check_tau, proxy_mix_logits, refuse_nonfinite
-from .proxy import cache_kwarg, left_padding_mask, load_causal_lm, position_ids, to_width
+from .proxy import cache_kwarg, left_padding_mask, load_causal_lm, position_ids, prompt_attention_mask, to_width
 from .tokenizer_compat import check_compatible_tokenizers
 
 
@@ -141,11 +141,7 @@ class ProxyMixLogitsProcessor(LogitsProcessor):
     def attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """``(B, L)`` mask of ``input_ids``: the prompt's mask from :func:`antidistill.generate`, ones after
         it; None when none was handed over (or it belongs to another batch)."""
-        m = self.prompt_mask
-        if m is None or m.shape[0] != input_ids.shape[0] or m.shape[1] > input_ids.shape[1]:
-            return None
-        m = m.to(input_ids.device).long()
-        return torch.cat([m, m.new_ones(m.shape[0], input_ids.shape[1] - m.shape[1])], dim=1)
+        return prompt_attention_mask(self.prompt_mask, input_ids)
 
     def adjusted_logits(self, input_ids: torch.Tensor, scores: torch.Tensor, tau=None) -> torch.Tensor:
         """``(B, V)`` mixed scores ((1−γ)·log p_T + γ·log p_P)/τ; a non-finite row is refused (EOS only)."""

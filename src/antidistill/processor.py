@@ -43,7 +43,7 @@ from .functional import (
     permute_delta,
     refuse_nonfinite,
 )
-from .proxy import EnsembleDelta, ProxyDelta, is_proxy_sequence
+from .proxy import EnsembleDelta, ProxyDelta, is_proxy_sequence, prompt_attention_mask
 from .tokenizer_compat import check_compatible_tokenizers
 
 
@@ -162,11 +162,7 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
     def attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """``(B, L)`` mask of ``input_ids``: the prompt's mask from :func:`generate`, ones after it; None
         when no mask was handed over (or it belongs to another batch)."""
-        m = self.prompt_mask
-        if m is None or m.shape[0] != input_ids.shape[0] or m.shape[1] > input_ids.shape[1]:
-            return None
-        m = m.to(input_ids.device).long()
-        return torch.cat([m, m.new_ones(m.shape[0], input_ids.shape[1] - m.shape[1])], dim=1)
+        return prompt_attention_mask(self.prompt_mask, input_ids)
 
     def adjusted_logits(self, input_ids: torch.Tensor, scores: torch.Tensor, tau=None) -> torch.Tensor:
         """``(B, V)`` final eq. 11 logits log p_T/τ + λΔ̂; a non-finite row is refused (EOS only).

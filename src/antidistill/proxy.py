@@ -63,6 +63,17 @@ def left_padding_mask(input_ids: torch.Tensor, pad_token_id: int | None) -> torc
     return (input_ids != pad_token_id).long().cummax(dim=-1).values
 
 
+def prompt_attention_mask(prompt_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """``(B, L)`` mask of a growing batch: the prompt's ``(B, L0)`` mask (as :func:`antidistill.generate` hands
+    it to a processor), then ones for the generated tokens; None when there is none, or it belongs to
+    another batch (another row count, or longer than ``input_ids``)."""
+    m = prompt_mask
+    if m is None or m.shape[0] != input_ids.shape[0] or m.shape[1] > input_ids.shape[1]:
+        return None
+    m = m.to(input_ids.device).long()
+    return torch.cat([m, m.new_ones(m.shape[0], input_ids.shape[1] - m.shape[1])], dim=1)
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """``(B, L)`` position ids counted from each row's first real token (0 on left padding),
     as transformers' ``generate`` gives them to the teacher."""
