@@ -79,11 +79,11 @@ def solution_nll(model, tokenizer, rows: list[dict], *, batch_size: int = 32,
     for i in range(0, len(examples), batch_size):
         ids, labels, mask = (x.to(model.device) for x in pad_right(examples[i : i + batch_size], pad))
         logits = model(input_ids=ids, attention_mask=mask).logits
-        total += completion_nll(logits, labels).item()
-        count += int((labels[:, 1:] != -100).sum())
         nll = torch.nn.functional.cross_entropy(logits.float()[:, :-1].transpose(1, 2), labels[:, 1:],
-                                                ignore_index=-100, reduction="none").cpu()
+                                                ignore_index=-100, reduction="none").cpu()  # 0 where no label
         labels = labels.cpu()
+        total += float(nll.sum())  # completion_nll of the batch, from the same per-token losses
+        count += int((labels[:, 1:] != -100).sum())
         for j, cls in enumerate(classes[i : i + batch_size]):
             pos = (labels[j, 1:] != -100).nonzero().flatten()  # completion tokens, in order
             for p, c in zip(pos.tolist(), cls):
