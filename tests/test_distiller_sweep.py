@@ -68,3 +68,52 @@ def test_the_naive_path_matches_a_naive_only_run(two_distillers):
         assert a.read_bytes() == b.read_bytes(), f
     df = pd.read_parquet(alone / "results.parquet")
     assert df.distiller.tolist() == ["naive"]
+
+
+def test_a_run_gains_distillers_on_resume_only_where_distill_at_covers(two_distillers):
+    """A naive-only run resumed with an adaptive distiller scoped to one arm: the naive stages stay as they
+    were, the new rows appear at that arm's points only, and any other change is still refused."""
+    tmp, _, _ = two_distillers
+    grid = ["ad_lambdas=[0.003]"]
+    naive = _cfg(tmp, "grow", *grid)
+    out = Run(naive, progress=False).run()
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "points").rglob("*") if p.is_file()}
+    grown = _cfg(tmp, "grow", *grid, "distillers=[naive, correct_only]", "distill_at.arms=[temperature]")
+    Run(grown, progress=False).run()
+    for p, t in stamps.items():
+        assert p.stat().st_mtime_ns == t, f"{p} was rewritten"
+    df = pd.read_parquet(out / "results.parquet")
+    assert sorted(map(tuple, df[["method", "distiller"]].values.tolist())) == [
+        ("antidistill", "naive"), ("temperature", "correct_only"), ("temperature", "naive")]
+    assert not (out / "points" / "antidistill_0.003_s0" / "distillers").exists()
+    assert "distill_at:" in (out / "config.yaml").read_text()
+    with pytest.raises(ValueError, match="holds a different config"):
+        Run(_cfg(tmp, "grow", "ad_lambdas=[0.004]", "distillers=[naive, correct_only]"), progress=False)
+
+
+def test_distill_at_is_validated(tmp_path):
+    with pytest.raises(ValueError, match="add naive"):
+        _cfg(tmp_path, "x", "distillers=[correct_only]", "distill_at.arms=[temperature]")
+    with pytest.raises(ValueError, match="distill_at.arms names an unknown arm 'tempreature'"):
+        _cfg(tmp_path, "x", "distillers=[naive, correct_only]", "distill_at.arms=[tempreature]")
+    with pytest.raises(ValueError, match="needs grid='calibrated'"):
+        _cfg(tmp_path, "x", "distillers=[naive, correct_only]", "distill_at.targets=[-5]")
+    with pytest.raises(ValueError, match="distill_at.targets must list"):
+        _cfg(tmp_path, "x", "distillers=[naive, correct_only]", "distill_at.targets=[]")
+
+
+def test_a_calibrated_point_is_in_scope_by_any_target_its_value_serves(tmp_path):
+    from antidistill.experiment.calibration import Design
+    from antidistill.experiment.distillers import DistillerScope
+
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"base_tau": 0.3, "chosen": {
+        "temperature": [{"target": -2.0, "param": 0.3}, {"target": -5.0, "param": 0.3}, {"target": -10.0, "param": 0.7}],
+        "whitebox": [{"target": -5.0, "param": 0.01}, {"target": -10.0, "param": 0.02}]}}))
+    design = Design.load(path)
+    assert design.targets[("temperature", 0.3)] == -2.0  # the row's target: the first
+    assert design.served[("temperature", 0.3)] == {-2.0, -5.0}
+    scope = DistillerScope(targets=[-5.0], arms=["temperature", "whitebox"])
+    covered = sorted(k for k, v in design.served.items() if scope.covers(k[0], set(v)))
+    assert covered == [("temperature", 0.3), ("whitebox", 0.01)]
+    assert not scope.covers("greedy", set()) and DistillerScope().covers("greedy", set())

@@ -280,16 +280,22 @@ class Design:
     grid: dict[str, list[float]]
     targets: dict[tuple[str, float], float]  # (arm, param) → target (points); the first target on a shared value
     base_tau: float | None
+    # (arm, param) → every target the value serves (two targets clipped to one curve end share a value)
+    served: dict[tuple[str, float], frozenset[float]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> Design:
         info = json.loads(Path(path).read_text())
         targets: dict[tuple[str, float], float] = {}
+        served: dict[tuple[str, float], set[float]] = {}
         for arm, picks in info["chosen"].items():
             for c in picks:
                 targets.setdefault((arm, c["param"]), c.get("target"))
+                if c.get("target") is not None:
+                    served.setdefault((arm, c["param"]), set()).add(c["target"])
         grid = {arm: sorted({c["param"] for c in picks}) for arm, picks in info["chosen"].items()}
-        return cls(grid=grid, targets=targets, base_tau=info.get("base_tau"))
+        return cls(grid=grid, targets=targets, base_tau=info.get("base_tau"),
+                   served={k: frozenset(v) for k, v in served.items()})
 
 
 def chosen_grid(path: Path) -> dict[str, list[float]]:

@@ -108,6 +108,42 @@ DISTILLERS: tuple[str, ...] = ("naive", "correct_only", "clean_mix", "harder", "
 NAIVE = "naive"
 
 
+@dataclass(config=CONFIG)
+class DistillerScope:
+    """The points the adaptive distillers run at (the naive distiller runs at every point).
+
+    ``targets``: a calibrated design's targets (points below the world's greedy holdout accuracy), e.g.
+    ``[-5.0]``; ``arms``: the arms, e.g. ``[temperature, antidistill, whitebox]``. None: every target or
+    arm. A point whose calibrated value serves several targets is in scope when any of them is listed;
+    greedy is never in scope (it has no target and no counterpart).
+
+    >>> DistillerScope(targets=[-5.0], arms=["temperature"]).covers("temperature", {-5.0})
+    True
+    >>> DistillerScope(targets=[-5.0]).covers("antidistill", {-2.0})
+    False
+    """
+
+    targets: list[float] | None = None
+    arms: list[str] | None = None
+
+    def __post_init__(self):
+        for name in ("targets", "arms"):
+            if getattr(self, name) is not None and not getattr(self, name):
+                raise ValueError(f"distill_at.{name} must list at least one entry, or be left out (every {name[:-1]})")
+
+    @property
+    def everywhere(self) -> bool:
+        return self.targets is None and self.arms is None
+
+    def covers(self, method: str, targets: set[float]) -> bool:
+        """Whether a point of arm ``method`` serving the calibrated ``targets`` (empty: none) is in scope."""
+        if self.everywhere:
+            return True
+        if method == "greedy" or self.arms is not None and method not in self.arms:
+            return False
+        return self.targets is None or bool(targets & set(self.targets))
+
+
 def distiller_entries(value):
     """A ``distillers:`` list as written in YAML or ``--set``: a bare name stands for that variant's defaults.
 

@@ -39,7 +39,7 @@ from .materials import load_materials
 from .panel_stages import PanelStages
 from .report import write_report
 from .rundir import RunDir, point_name, stage
-from .sweepconfig import SweepConfig, config_text
+from .sweepconfig import SweepConfig, config_text, same_but_distillers
 
 __all__ = ["Run", "SweepConfig"]
 
@@ -93,9 +93,11 @@ class Run:
         text = config_text(self.cfg)
         path = self.files.config
         if path.is_file() and path.read_text() != text:
-            raise ValueError(
-                f"{path} holds a different config: resume with the same settings, or choose another name"
-            )
+            if not same_but_distillers(path.read_text(), text):
+                raise ValueError(f"{path} holds a different config: resume with the same settings (the distillers "
+                                 f"and distill_at may change), or choose another name")
+            if write:  # the run gains or drops distillers: its other stages stay, the new rows are added
+                write_text_atomic(path, text)
         if write and not path.is_file():
             write_text_atomic(path, text)
 
@@ -179,14 +181,20 @@ class Run:
         """One point's rows, one per configured distiller (in config order), each with its ``distiller``; then one
         per further panel student; each labelled with its proxy and student (``PanelStages.rows``)."""
         rows = [with_distiller(self.point(method, param, seed), d.kind) if d.kind == "naive"
-                else self.adaptive.row(method, param, seed, d) for d in self.cfg.distillers]
+                else self.adaptive.row(method, param, seed, d) for d in self.distillers_at(method, param)]
         return self.panel.rows(method, param, seed, rows)
+
+    def distillers_at(self, method: str, param: float) -> list:
+        """The configured distillers that run at this point: the naive one always, the others where
+        ``distill_at`` covers the point's arm and calibrated targets."""
+        served = self.design.served.get((method, param), frozenset()) if self.design else frozenset()
+        return [d for d in self.cfg.distillers if d.kind == "naive" or self.cfg.distill_at.covers(method, set(served))]
 
     def point_done(self, method: str, param: float, seed: int) -> bool:
         """Whether every configured distiller's row, and every panel student's, of this point is written."""
         files = self.files.point(method, param, seed)
         return all((files.result if d.kind == "naive" else files.distiller(d.kind).result).is_file()
-                   for d in self.cfg.distillers) and all(files.panel(s).result.is_file() for s in self.cfg.panel()[1:])
+                   for d in self.distillers_at(method, param)) and all(files.panel(s).result.is_file() for s in self.cfg.panel()[1:])
 
     def teacher_stages(self, method: str, param: float, seed: int) -> SamplingSettings:
         """The point's teacher traces on train and on test (made once, whoever distils them); its settings."""

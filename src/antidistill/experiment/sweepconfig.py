@@ -24,7 +24,7 @@ from .arms import ARMS, EXTRA_ARMS, arm_spec, base_arm
 from .calibration import CalibrationConfig
 from .data import DATASETS
 from .distill import DistillConfig
-from .distillers import DistillerConfig, Naive, check_distillers, distiller_entries
+from .distillers import NAIVE, DistillerConfig, DistillerScope, Naive, check_distillers, distiller_entries
 from .rundir import point_name
 
 # what the sweep's points start from unless its config says otherwise
@@ -80,6 +80,9 @@ class SweepConfig:
     # who distils each point's traces: every point's traces are distilled once per entry (experiment.distillers:
     # naive, correct_only, clean_mix, harder, grad_align, answers_only, warm_start; a bare name takes its defaults)
     distillers: list[DistillerConfig] = field(default_factory=lambda: [Naive()])
+    # where the distillers other than the naive one run (default: every point), e.g. only at the primary
+    # target's temperature and defended points: {targets: [-5.0], arms: [temperature, antidistill, whitebox]}
+    distill_at: DistillerScope = field(default_factory=DistillerScope)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # antidistill calibrate
     n_eval_traces: int = 100  # clean holdout traces for the student's loss-dynamics record (Fig. 5)
     # sweep points run in this many processes at once, each with cores // workers torch threads. On a
@@ -136,6 +139,19 @@ class SweepConfig:
             raise ValueError(f"engine={self.engine!r} runs greedy, temperature, antidistill and permutation points; "
                              f"the arms {sorted(k for k, v in self.arms.items() if v)} run on engine='hf'")
         check_distillers(self.distillers)
+        if not self.distill_at.everywhere and NAIVE not in [d.kind for d in self.distillers]:
+            raise ValueError("distill_at limits the adaptive distillers to some points; the others need the naive "
+                             "distiller: add naive to distillers")
+        for a in self.distill_at.arms or []:
+            if a not in METHODS and a not in ARMS:
+                try:
+                    arm_spec(a)
+                except ValueError:
+                    raise ValueError(f"distill_at.arms names an unknown arm {a!r}; use one of "
+                                     f"{sorted(set(METHODS) | set(ARMS))}") from None
+        if self.distill_at.targets is not None and self.grid != "calibrated":
+            raise ValueError(f"distill_at.targets={self.distill_at.targets!r} names calibrated targets; it needs "
+                             f"grid='calibrated' (got grid={self.grid!r}): scope a config grid by distill_at.arms")
         unknown = sorted(set(self.arms) - set(EXTRA_ARMS))
         if unknown:
             raise ValueError(f"unknown arms {unknown}; arms may list {list(EXTRA_ARMS)}")
@@ -233,11 +249,14 @@ class SweepConfig:
 
 def config_text(cfg: SweepConfig) -> str:
     """The run directory's ``config.yaml``: the config as YAML, leaving out ``distillers`` when it is only the
-    naive one, ``calibration.gammas`` when it is the default, ``arm_proxies`` when empty and ``world.zoo`` when
-    unset, so a config written before these existed keeps its text and its run directory resumes."""
+    naive one, ``distill_at`` when it is every point, ``calibration.gammas`` when it is the default,
+    ``arm_proxies`` when empty and ``world.zoo`` when unset, so a config written before these existed keeps
+    its text and its run directory resumes."""
     data = to_dict(cfg)
     if [d.kind for d in cfg.distillers] == ["naive"]:
         del data["distillers"]
+    if cfg.distill_at.everywhere:
+        del data["distill_at"]
     if data["calibration"]["gammas"] == CalibrationConfig().gammas:  # added later: default configs keep their text
         del data["calibration"]["gammas"]
     if not cfg.arm_proxies:
@@ -245,3 +264,20 @@ def config_text(cfg: SweepConfig) -> str:
     if cfg.world.zoo is None:
         del data["world"]["zoo"]
     return yaml.safe_dump(data, sort_keys=False)  # as config.dump_yaml writes it
+
+
+# what a run may change on resume: each distiller has its own stages and rows, the naive one's are unchanged
+DISTILLER_KEYS = ("distillers", "distill_at")
+
+
+def same_but_distillers(text: str, other: str) -> bool:
+    """Whether two ``config.yaml`` texts differ at most in which distillers run where (:data:`DISTILLER_KEYS`).
+
+    A run that gains (or drops) adaptive distillers keeps every other stage: the points' traces, the naive
+    students and their rows are made the same way, so the run directory resumes and adds the new rows.
+    """
+    a, b = yaml.safe_load(text), yaml.safe_load(other)
+    for d in (a, b):
+        for k in DISTILLER_KEYS:
+            d.pop(k, None)
+    return a == b
