@@ -279,3 +279,27 @@ def test_distiller_table_gives_each_distillers_gap_and_the_recovered_share():
     naive_only = df[df.distiller == "naive"].drop(columns="distiller")
     t2 = distiller_table(naive_only, lambda r, a: None, arms=("whitebox",))
     assert t2.distiller.tolist() == ["naive"] and distiller_table_lines(t2)[2] == "| naive | whitebox | – | – | – |"
+
+
+def test_the_report_puts_every_distiller_on_the_same_footing():
+    """The report's table compares distillers on the worlds where the variants ran, at the primary target,
+    without the slope adjustment (a variant has one temperature run per world): hand-computed differences."""
+    from antidistill.experiment.report import _distiller_lines
+
+    rows = []
+    for w, (t5, ad5, adapt_t5, adapt_ad5) in {"w0": (0.40, 0.36, 0.50, 0.49), "w1": (0.30, 0.24, 0.44, 0.41)}.items():
+        for method, target, x, y in [("temperature", -5.0, 0.85, t5), ("antidistill", -5.0, 0.86, ad5),
+                                     ("temperature", -10.0, 0.80, t5 - 0.10), ("antidistill", -10.0, 0.80, t5 - 0.10)]:
+            rows.append({"world": w, "seed": 0, "method": method, "target": target, "teacher_acc": x, "student_acc": y,
+                         "n_test": 4000, "distiller": "naive"})
+        for method, x, y in [("temperature", 0.85, adapt_t5), ("antidistill", 0.86, adapt_ad5)]:
+            rows.append({"world": w, "seed": 0, "method": method, "target": -5.0, "teacher_acc": x, "student_acc": y,
+                         "n_test": 4000, "distiller": "correct_only"})
+    # a third world without the variants: left out of the table
+    rows += [{**r, "world": "w2", "student_acc": r["student_acc"] - 0.3} for r in rows[:4]]
+    lines = _distiller_lines(pd.DataFrame(rows))
+    table = "\n".join(lines)
+    # naive: mean of (0.36 − 0.40, 0.24 − 0.30) = −5.0 points; correct_only: mean of (−0.01, −0.03) = −2.0
+    assert "| naive | antidistill | -5.0 [" in table and "| correct_only | antidistill | -2.0 [" in table
+    assert "| correct_only | antidistill | -2.0 [" in table.split("| naive |")[-1] and "60%" in table  # 1 − (−2)/(−5)
+    assert "without the teacher-accuracy slope adjustment" in table

@@ -249,12 +249,22 @@ def _distiller_lines(df: pd.DataFrame) -> list[str]:
         return []
     target = PRIMARY_TARGET if PRIMARY_TARGET in targets_of(df) else None
     arms = [a for a in ("whitebox", "antidistill") if (df.method == a).any()]
+    # every distiller on the same footing: the worlds where the adaptive ones ran, and (a design with targets)
+    # only the target's runs, so the naive gap is the same unadjusted paired difference as each variant's
+    # (a variant has one temperature run per world there, so no slope to adjust teacher accuracy by)
+    adaptive = df.distiller.fillna("naive") != "naive"
+    df = df[df.world.isin(set(df.world[adaptive]))] if "world" in df.columns else df
+    if target is not None:
+        df = df[np.isclose(df.target.astype(float), target)]
     table = distiller_table(df, lambda runs, arm: pooled_effect(runs, arm, target=target), arms)
     where = f"at the {target:+g}-point target" if target is not None else "over all runs"
+    footing = (" Every row, naive included, is the paired difference at that target without the teacher-accuracy "
+               "slope adjustment (a variant has one temperature run per world there), over the worlds where the "
+               "variants ran, so the naive row can differ from the primary endpoint above.") if target is not None else ""
     return ["## Adaptive distillers", "",
             f"Each defended arm's gap to temperature {where}, when the distiller applies the same variant to both "
             "arms' traces (world-level intervals as above), and the share of the naive gap that variant recovers "
-            "(a ratio of two estimates, no interval). What each variant does: `docs/threat-model.md`.", "",
+            f"(a ratio of two estimates, no interval).{footing} What each variant does: `docs/threat-model.md`.", "",
             *distiller_table_lines(table), ""]
 
 
