@@ -238,7 +238,8 @@ def test_distillers_config_names_defaults_and_errors(tmp_path):
     # nor the default calibration.gammas (proxy_mix's γ grid, added later), nor issue 16's unset zoo and arm_proxies
     default_gammas = "  gammas:\n  - 0.0\n  - 0.25\n  - 0.5\n  - 0.75\n  - 1.0\n"
     assert config_text(cfg) == dump_yaml(cfg).replace("distillers:\n- kind: naive\n", "").replace(
-        default_gammas, "").replace("  zoo: null\n", "").replace("arm_proxies: []\n", "")
+        default_gammas, "").replace("  zoo: null\n", "").replace("arm_proxies: []\n", "").replace(
+        "distill_at:\n  targets: null\n  arms: null\n", "")
     cfg = load_config(SweepConfig, QUICK, ["distillers=[naive, clean_mix, {kind: answers_only, k: 2}]"])
     assert cfg.distillers[1] == CleanMix(fraction=0.1) and cfg.distillers[2] == AnswersOnly(k=2)
     assert "distillers" in config_text(cfg)
