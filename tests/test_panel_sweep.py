@@ -135,3 +135,55 @@ def test_the_calibration_searches_lambda_for_every_proxy_and_panel_student(tmp_p
     lams = [design.grid[a][0] for a in arms]
     assert lams == sorted(lams, reverse=True)
     assert {p[0] for p in cfg.points(design.grid)} == {"temperature", *arms}
+
+
+def test_the_ensemble_arm_runs_once_whole_and_once_per_family_a_student_shares(tmp_path):
+    cfg = panel_cfg(tmp_path, arms={"ensemble": [0.01]})
+    # proxies: qwen2, gpt2, llama, gpt2; students: gpt2 (base), opt: only gpt2 is a family both have
+    assert cfg.expand_arms(["ensemble"]) == ["ensemble", "ensemble@-gpt2"]
+    assert cfg.ensemble_members("ensemble") == ["qwen2-small", "gpt2-sibling", "llama-same", "gpt2-small"]
+    assert cfg.ensemble_members("ensemble@-gpt2") == ["qwen2-small", "llama-same"]
+    with pytest.raises(ValueError, match="leaves no proxy"):
+        panel_cfg(tmp_path, arms={"ensemble": [0.01]}, arm_proxies=["gpt2-sibling", "gpt2-small"]).ensemble_members(
+            "ensemble@-gpt2")
+    with pytest.raises(ValueError, match="at least 2 in arm_proxies"):
+        panel_cfg(tmp_path, arms={"ensemble": [0.01]}, arm_proxies=["llama-same"])
+    with pytest.raises(ValueError, match="names the family it leaves out"):
+        cfg.ensemble_members("ensemble@gpt2")
+
+
+def test_the_ensemble_arms_processor_is_the_mean_of_its_members_delta(tmp_path):
+    """Run.processor_for('ensemble@-gpt2') against eq. 11 with Δ̂ computed by hand: each member shifted by ±ε·g
+    (its own g), full forward, no cache, the two central differences averaged."""
+    import copy
+
+    import torch
+
+    from antidistill.gradient import load_gradient
+    from antidistill.proxy import load_causal_lm
+
+    cfg = panel_cfg(tmp_path, arms={"ensemble": [0.01]})
+    run = Run(cfg, progress=False)
+    lam = 0.7
+    settings = cfg.settings_for("ensemble@-gpt2", lam, 0)
+    proc = run.processor_for("ensemble@-gpt2", settings, lam)
+    ids = torch.tensor([[5, 9, 12, 7, 6]])
+    scores = torch.randn(1, run.teacher.get_output_embeddings().weight.shape[0])
+    got = torch.log_softmax(proc(ids, scores.clone()), -1)
+
+    @torch.no_grad()
+    def delta(name):
+        model = load_causal_lm(run.panel.model_path(name))
+        g = load_gradient(run.panel.gradient_path(f"antidistill@{name}"), model)
+
+        def logp(scale):
+            m = copy.deepcopy(model)
+            for n, q in m.named_parameters():
+                q.add_(scale * g[n].float())
+            return torch.log_softmax(m(ids).logits[0, -1].float(), -1)
+        return (logp(settings.eps) - logp(-settings.eps)) / (2 * settings.eps)
+
+    d = (delta("qwen2-small") + delta("llama-same")) / 2
+    want = torch.log_softmax(torch.log_softmax(scores[0], -1) / settings.tau + lam * d[: scores.shape[1]], -1)
+    assert (lam * (d - delta("llama-same"))).abs().max() > 1e-2  # the members differ: the mean is not either
+    torch.testing.assert_close(got[0], want, rtol=1e-3, atol=1e-3)

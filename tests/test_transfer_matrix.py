@@ -161,3 +161,41 @@ def test_rows_of_real_models_have_no_families_and_no_held_out_student():
     assert heldout_headline(df) is None  # without families nothing is known to be held out
     assert len(transfer_matrix(df)) == len(PROXIES) * len(STUDENTS)
     assert all(c["e"] is None for c in preregistered_contrasts(df))
+
+
+def with_ensembles(df: pd.DataFrame) -> pd.DataFrame:
+    """``synthetic_rows`` plus the ensemble arms: the whole ensemble and the one without gpt2 proxies, each with a
+    gap of its own per student and world."""
+    extra = []
+    for (world, s), grp in df[df.method == "temperature"].groupby(["world", "student"]):
+        temp = grp.iloc[0]
+        for k, (m, label) in enumerate([("ensemble", "ensemble"), ("ensemble@-gpt2", "ensemble-gpt2")]):
+            w = WORLDS.index(world)
+            extra.append(temp.to_dict() | {"method": m, "proxy": label, "proxy_family": "mix", "proxy_size": "ensemble",
+                                           "student_acc": temp.student_acc - 0.02 * (k + 1) - 0.005 * ((w + k) % 3)})
+    return pd.concat([df, pd.DataFrame(extra)], ignore_index=True)
+
+
+def test_the_ensemble_meets_each_student_without_its_family():
+    from antidistill.experiment.transfer import ensemble_leave_one_family_out
+
+    df = with_ensembles(synthetic_rows())
+    rows = {r["student"]: r for r in ensemble_leave_one_family_out(df)}
+    assert rows["gpt2"]["method"] == "ensemble@-gpt2" and rows["opt"]["method"] == "ensemble"
+    assert rows["gpt2"]["members"] == ["qwen2-small", "llama-same", "qwen2-same"]  # the antidistill proxies, no gpt2
+    assert rows["neox"]["members"] == list(p for p, v in PROXIES.items() if v[0].startswith("antidistill"))
+    # by hand: the gpt2 student's gap is the ensemble@-gpt2 row's, per world; its members' mean gap per world
+    d = [-0.04 - 0.005 * ((w + 1) % 3) for w in range(len(WORLDS))]
+    est, lo, hi = t_interval(d)
+    assert rows["gpt2"]["e"]["estimate"] == pytest.approx(est) and rows["gpt2"]["e"]["ci_low"] == pytest.approx(lo)
+    singles = [np.mean([gap(p, "gpt2", w) for p in ("qwen2-small", "llama-same", "qwen2-same")]) for w in range(4)]
+    est_vs, _, _ = t_interval(np.subtract(d, singles))
+    assert rows["gpt2"]["vs_single"]["estimate"] == pytest.approx(est_vs)
+    pooled = rows[None]
+    per_world = [np.mean([-0.04 - 0.005 * ((w + 1) % 3), -0.02 - 0.005 * (w % 3), -0.02 - 0.005 * (w % 3)])
+                 for w in range(4)]
+    assert pooled["e"]["estimate"] == pytest.approx(np.mean(per_world))
+    # the matrix, the contrasts and the headline read single proxies only
+    assert "ensemble" not in {c["proxy"] for c in transfer_matrix(df)}
+    assert heldout_headline(df)["proxies"] == heldout_headline(synthetic_rows())["proxies"]
+    assert ensemble_leave_one_family_out(synthetic_rows()) == []

@@ -42,6 +42,8 @@ class PanelStages:
         zoo = self.cfg.world.zoo_or_default()
         if proxy is None:
             return None
+        if proxy == "ensemble":  # one g per member, each its single-proxy arm's
+            return [self.gradient_path(f"antidistill@{p}") for p in self.cfg.ensemble_members(method)]
         if proxy in ("proxy", zoo.shipped_proxy):
             return self.run.gradient_path()
         if proxy in ("student", zoo.base_student):
@@ -57,7 +59,10 @@ class PanelStages:
 
     def proxy_of(self, method: str):
         """Arm ``method``'s named proxy (``<arm>@<name>``): the model, its g's path, and its tokenizer (the toy
-        world's one tokenizer)."""
+        world's one tokenizer). An ensemble arm: the list of its members and the list of their g's paths."""
+        if arm_spec(method).proxy == "ensemble":
+            members = self.cfg.ensemble_members(method)
+            return [load_causal_lm(self.model_path(p)) for p in members], self.gradient_path(method), self.run.tok["proxy"]
         return load_causal_lm(self.model_path(arm_spec(method).proxy)), self.gradient_path(method), self.run.tok["proxy"]
 
     def row(self, method: str, param: float, seed: int, name: str) -> dict:
@@ -104,7 +109,13 @@ class PanelStages:
         out = {"proxy": name, "student": student, "base_student": student == zoo.base_student,
                "student_family": specs[student][2].family, "student_params": params(student),
                "proxy_family": None, "proxy_params": None, "proxy_size": None}
-        if name is not None:
+        if proxy == "ensemble":  # "ensemble" or "ensemble-<family>"; its families joined, its size "ensemble"
+            members = self.cfg.ensemble_members(method)
+            left_out = arm_spec(method).exclude_family
+            out |= {"proxy": "ensemble" + (f"-{left_out}" if left_out else ""),
+                    "proxy_family": "+".join(sorted({specs[p][2].family for p in members})),
+                    "proxy_params": sum(params(p) or 0 for p in members), "proxy_size": "ensemble"}
+        elif name is not None:
             spec, base = specs[name][2], world.student
             dims = (spec.hidden, spec.layers, spec.heads, spec.intermediate)
             if dims == (base.hidden, base.layers, base.heads, base.intermediate):

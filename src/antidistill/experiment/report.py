@@ -34,7 +34,7 @@ from .report_provenance import calibration_lines, fd_lines, pct_text, settings_l
 from .results_io import Source, load_sources, pooled_results
 from .rundir import RunDir
 from .transfer import default_rows
-from .transfer_report import has_transfer_design, headline_lines, transfer_lines
+from .transfer_report import ensemble_lines, has_transfer_design, headline_lines, transfer_lines
 
 # the contrasts the report prints, in order: (key, label, arm, other)
 CONTRASTS = [("antidistill", "antidistillation (cross-family proxy) − temperature", "antidistill", None),
@@ -313,7 +313,7 @@ def write_report(path: str | Path, pool=(), out: str | Path | None = None) -> Pa
               "learn less from that arm's traces than from temperature's). Per-world effects: `forest.png`.", ""]
     lines += _effect_table(acc_rows, 100.0, 1, "points") + ["", "![forest plot](forest.png)", ""]
     lines += _ladder_lines(df)
-    lines += transfer_lines(panel_df) if transfer else []
+    lines += (transfer_lines(panel_df) + ensemble_lines(panel_df)) if transfer else []
     if "student_test_nll" in df.columns:
         lines += ["## Secondary endpoint: student NLL on the true solutions", "",
                   "Mean NLL per token of the distilled students on the ground-truth test solutions (higher = the "

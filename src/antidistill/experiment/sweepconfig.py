@@ -160,6 +160,9 @@ class SweepConfig:
                 raise ValueError(f"arm_proxies and a student panel name toy-world models; dataset={self.dataset!r}")
             if self.engine != "hf":
                 raise ValueError(f"arm_proxies and a student panel run on engine='hf', got engine={self.engine!r}")
+        if any(base_arm(a) == "ensemble" for a in [*self.arms, *self.calibration.arms]) and len(self.arm_proxies) < 2:
+            raise ValueError(f"the ensemble arm averages the arm_proxies' Δ̂: list at least 2 in arm_proxies, got "
+                             f"{self.arm_proxies!r}")
         zoo = self.world.zoo_or_default()
         known = [zoo.shipped_proxy, *zoo.proxies]
         bad = sorted(set(self.arm_proxies) - set(known))
@@ -179,13 +182,33 @@ class SweepConfig:
         for a in arms:
             spec = arm_spec(a)
             proxy = spec.proxy
-            if "@" in a or proxy not in ("proxy", "student") or spec.param == "gamma" or spec.direction == "random":
+            if proxy == "ensemble" and "@" not in a:  # the whole ensemble, then each family left out
+                out += [a] + [f"{a}@-{f}" for f in self.ensemble_left_out()]
+            elif "@" in a or proxy not in ("proxy", "student") or spec.param == "gamma" or spec.direction == "random":
                 out.append(a)  # the baselines run with the shipped proxy only
             elif proxy == "proxy":
                 out += [a if p == zoo.shipped_proxy else f"{a}@{p}" for p in self.arm_proxies or [zoo.shipped_proxy]]
             else:
                 out += [a] + [f"{a}@{s}" for s in zoo.panel]
         return out
+
+    def ensemble_left_out(self) -> list[str]:
+        """The families an ensemble arm leaves out, one arm each: those of the panel's students (base student
+        first) that some ``arm_proxies`` entry has, so every student meets an ensemble without its family."""
+        specs = self.world.named_specs()
+        proxy_families = {specs[p][2].family for p in self.arm_proxies}
+        return list(dict.fromkeys(f for f in (specs[s][2].family for s in self.panel()) if f in proxy_families))
+
+    def ensemble_members(self, method: str) -> list[str]:
+        """The ``arm_proxies`` of ensemble arm ``method`` (``ensemble``: all; ``ensemble@-<family>``: all but
+        that family's); a ValueError when none is left."""
+        spec, specs = arm_spec(method), self.world.named_specs()
+        if spec.proxy != "ensemble":
+            raise ValueError(f"{method!r} is not an ensemble arm")
+        members = [p for p in self.arm_proxies if specs[p][2].family != spec.exclude_family]
+        if not members:
+            raise ValueError(f"arm {method!r} leaves no proxy of arm_proxies {self.arm_proxies!r}")
+        return members
 
     def panel(self) -> list[str]:
         """The students every arm's traces are distilled into: the base student first, then the panel's."""

@@ -207,3 +207,38 @@ def heldout_headline(df: pd.DataFrame, *, y: str = "student_acc", target: float 
     if e is None:
         return None
     return {**e, "students": held, "proxies": list(ad.proxy), "families_used": sorted(used)}
+
+
+def ensemble_leave_one_family_out(df: pd.DataFrame, *, y: str = "student_acc", target: float | None = None) -> list[dict]:
+    """Ensemble antidistillation against each panel student, built without that student's family (issue 16).
+
+    For each student: the ensemble arm that leaves its family out (``ensemble@-<family>``; the whole
+    ``ensemble`` when no proxy shares the family), its gap to temperature (``e``), and that gap minus the mean
+    gap of the same member proxies run alone (``vs_single``: does averaging the members' Δ̂ beat using them one
+    at a time?). A last entry, ``student`` = None, pools the students (each world: the mean over them). Empty
+    when the rows have no ensemble arm."""
+    df = fill_panel_labels(df)
+    methods = set(df.method.astype(str))
+    if "ensemble" not in methods:
+        return []
+    singles = _proxy_table(df)
+    singles = singles[singles.method.map(base_arm) == "antidistill"]
+    students = df[["student", "student_family"]].drop_duplicates("student")
+    out, cells, single_cells = [], [], []
+    for s, fam in zip(students.student, students.student_family):
+        method = f"ensemble@-{fam}" if f"ensemble@-{fam}" in methods else "ensemble"
+        members = singles[singles.proxy_family != fam] if method != "ensemble" else singles
+        e = combined_effect(df, [(s, method)], y=y, target=target)
+        vs = (combined_effect(df, [(s, method)], [(s, m) for m in members.method], y=y, target=target)
+              if len(members) else None)
+        out.append({"student": s, "family": fam, "method": method, "members": list(members.proxy), "e": e,
+                    "vs_single": vs})
+        if e is not None:
+            cells.append((s, method))
+            single_cells += [(s, m) for m in members.method]
+    if len(cells) > 1:
+        e = combined_effect(df, cells, y=y, target=target)
+        # per world: the mean over students of (ensemble − the mean of its members alone)
+        vs = combined_effect(df, cells, single_cells, y=y, target=target) if single_cells else None
+        out.append({"student": None, "family": None, "method": None, "members": [], "e": e, "vs_single": vs})
+    return out

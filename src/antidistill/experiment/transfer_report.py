@@ -7,7 +7,14 @@ from __future__ import annotations
 import pandas as pd
 
 from .inference import claim_note, targets_of
-from .transfer import MARGIN, equivalence, heldout_headline, preregistered_contrasts, transfer_matrix
+from .transfer import (
+    MARGIN,
+    ensemble_leave_one_family_out,
+    equivalence,
+    heldout_headline,
+    preregistered_contrasts,
+    transfer_matrix,
+)
 
 
 def has_transfer_design(df: pd.DataFrame) -> bool:
@@ -89,4 +96,24 @@ def transfer_lines(df: pd.DataFrame) -> list[str]:
     for c in preregistered_contrasts(df):
         out.append(f"| {c['label']} | {', '.join(c['plus']) or '–'} | {', '.join(c['minus']) or '–'} | {_ci(c['e'])} | "
                    f"{CONTRAST_READING[c['reading']].format(m=m)} | {_ci(nll.get(c['key'], {}).get('e'), 1.0, 3)} |")
+    return out + [""]
+
+
+def ensemble_lines(df: pd.DataFrame) -> list[str]:
+    """Ensemble antidistillation, each panel student against the ensemble built without its family (issue 16)."""
+    rows = ensemble_leave_one_family_out(df)
+    if not rows:
+        return []
+    m = 100 * MARGIN
+    out = ["## Ensemble antidistillation, leave one family out", "",
+           f"Each panel student against the equal-weight ensemble of the proxies whose family is not its own "
+           f"(Δ̂ = the mean of their Δ̂), {_where(df)}: its gap to temperature, and that gap minus the mean gap of "
+           "the same proxies run one at a time (below 0: the ensemble hurts the student more than its members "
+           "do alone). Points, world-level 95% intervals.", "",
+           "| student | ensemble | members | gap to temperature | reading | ensemble − its members alone |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        who = f"`{r['student']}` ({r['family']})" if r["student"] is not None else "**all students (mean)**"
+        out.append(f"| {who} | {r['method'] or '–'} | {', '.join(r['members']) or '–'} | {_ci(r['e'])} | "
+                   f"{CELL_READING[equivalence(r['e'])].format(m=m)} | {_ci(r['vs_single'])} |")
     return out + [""]
