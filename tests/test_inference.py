@@ -85,6 +85,20 @@ def test_null_false_positive_rate_with_between_world_variation(sigma_world):
     assert not bad, bad
 
 
+@pytest.mark.parametrize("sigma_world", [0.0, 0.02, 0.03])
+def test_null_false_positive_rate_of_the_distiller_tables_unadjusted_path(sigma_world):
+    """The distiller × arm table's reading (report._distiller_lines): only the −5 target's runs, one temperature
+    run per world, so no slope adjusts the teacher-accuracy mismatch. Still at most 6% false positives."""
+    rng = np.random.default_rng(int(1000 * sigma_world) + 29)
+    df = simulate(rng, sigma_world=sigma_world, sims=4000)
+    runs = run_effects(df[df.target == -5.0])
+    for arm in ("antidistill", "whitebox"):
+        we = world_effects(runs, arm, target=-5.0)
+        studies = [summarize(g) for _, g in we.groupby(we.world.str.split("/").str[0])]
+        rate = float(np.mean([e["significant"] for e in studies]))
+        assert len(studies) == 4000 and rate <= 0.06, (arm, rate)
+
+
 def test_the_one_study_path_equals_the_batched_one():
     rng = np.random.default_rng(1)
     df = simulate(rng, sims=3, sigma_world=0.02)
