@@ -12,6 +12,7 @@ from antidistill.config import load_config
 from antidistill.experiment.sweep import Run, SweepConfig
 
 QUICK = Path(__file__).resolve().parents[1] / "src" / "antidistill" / "configs" / "quick.yaml"
+FULL = QUICK.with_name("full.yaml")
 ONE_POINT = ["grid=config", "include_greedy=false", "gate=skip", "teacher_eval=test", "temperatures=[1.0]", "ad_lambdas=[]",
              "perm_lambdas=[]", "arms={}", "seeds=[0]"]
 
@@ -94,26 +95,61 @@ def test_a_run_gains_distillers_on_resume_only_where_distill_at_covers(two_disti
 def test_distill_at_is_validated(tmp_path):
     with pytest.raises(ValueError, match="add naive"):
         _cfg(tmp_path, "x", "distillers=[correct_only]", "distill_at.arms=[temperature]")
-    with pytest.raises(ValueError, match="distill_at.arms names an unknown arm 'tempreature'"):
+    with pytest.raises(ValueError, match=r"distill_at.arms \['tempreature'\] run at no point"):
         _cfg(tmp_path, "x", "distillers=[naive, correct_only]", "distill_at.arms=[tempreature]")
+    with pytest.raises(ValueError, match=r"distill_at.arms \['antidistill'\] run at no point"):  # ad_lambdas=[]
+        _cfg(tmp_path, "x", "distillers=[naive, correct_only]", "distill_at.arms=[antidistill]")
     with pytest.raises(ValueError, match="needs grid='calibrated'"):
         _cfg(tmp_path, "x", "distillers=[naive, correct_only]", "distill_at.targets=[-5]")
     with pytest.raises(ValueError, match="distill_at.targets must list"):
         _cfg(tmp_path, "x", "distillers=[naive, correct_only]", "distill_at.targets=[]")
+    full = FULL.read_text()
+    assert load_config(SweepConfig, FULL).distill_at.targets == [-5.0]
+    for bad, needle in [("distill_at.targets=[-7.0]", "not among calibration.targets"),
+                        ("distill_at.arms=[permutation]", "run at no point"),
+                        ("distill_at.arms=[greedy]", "run at no point")]:
+        with pytest.raises(ValueError, match=needle):
+            load_config(SweepConfig, FULL, [bad])
+    assert "distill_at:" in full
 
 
-def test_a_calibrated_point_is_in_scope_by_any_target_its_value_serves(tmp_path):
+def test_a_calibrated_point_is_in_scope_by_the_target_its_rows_carry(tmp_path):
+    """A value serving two targets carries the primary one (−5) when it is among them, so its rows pair at −5
+    and the adaptive distillers that run there are the ones the −5 table reads."""
     from antidistill.experiment.calibration import Design
     from antidistill.experiment.distillers import DistillerScope
 
     path = tmp_path / "calibration.json"
     path.write_text(json.dumps({"base_tau": 0.3, "chosen": {
         "temperature": [{"target": -2.0, "param": 0.3}, {"target": -5.0, "param": 0.3}, {"target": -10.0, "param": 0.7}],
-        "whitebox": [{"target": -5.0, "param": 0.01}, {"target": -10.0, "param": 0.02}]}}))
+        "whitebox": [{"target": -5.0, "param": 0.01}, {"target": -10.0, "param": 0.02}],
+        "antidistill": [{"target": -10.0, "param": 0.05}, {"target": -20.0, "param": 0.05}]}}))
     design = Design.load(path)
-    assert design.targets[("temperature", 0.3)] == -2.0  # the row's target: the first
-    assert design.served[("temperature", 0.3)] == {-2.0, -5.0}
+    assert design.targets[("temperature", 0.3)] == -5.0  # serves −2 and −5: the primary one
+    assert design.targets[("antidistill", 0.05)] == -10.0  # serves −10 and −20: the first
     scope = DistillerScope(targets=[-5.0], arms=["temperature", "whitebox"])
-    covered = sorted(k for k, v in design.served.items() if scope.covers(k[0], set(v)))
+    covered = sorted(k for k, t in design.targets.items() if scope.covers(k[0], t))
     assert covered == [("temperature", 0.3), ("whitebox", 0.01)]
-    assert not scope.covers("greedy", set()) and DistillerScope().covers("greedy", set())
+    assert not scope.covers("greedy", None) and DistillerScope().covers("greedy", None)
+
+
+def test_a_distiller_keeps_its_settings_across_resumes(tmp_path):
+    """Its stages are keyed by its kind: a resume that changes a distiller's settings is refused, and so is
+    one that brings back a dropped distiller with other settings."""
+    from antidistill.experiment.sweepconfig import config_text, same_but_distillers
+
+    base = _cfg(tmp_path, "keep", "distillers=[naive, {kind: clean_mix, fraction: 0.1}]")
+    other = _cfg(tmp_path, "keep", "distillers=[naive, {kind: clean_mix, fraction: 0.5}]")
+    grown = _cfg(tmp_path, "keep", "distillers=[naive, {kind: clean_mix, fraction: 0.1}, correct_only]")
+    assert same_but_distillers(config_text(base), config_text(grown))
+    assert not same_but_distillers(config_text(base), config_text(other))
+
+    from antidistill.experiment.distiller_stages import check_distiller_settings
+    from antidistill.experiment.rundir import RunDir
+
+    files = RunDir(tmp_path / "runs" / "keep")
+    check_distiller_settings(files, base.distillers, write=True)
+    assert (files.distiller("clean_mix") / "settings.json").is_file()
+    check_distiller_settings(files, grown.distillers, write=False)  # same settings: fine
+    with pytest.raises(ValueError, match="records other settings for distiller 'clean_mix'"):
+        check_distiller_settings(files, other.distillers, write=False)

@@ -304,3 +304,20 @@ def test_the_report_puts_every_distiller_on_the_same_footing():
     assert "| naive | antidistill | -5.0 [" in table and "| correct_only | antidistill | -2.0 [" in table
     assert "| correct_only | antidistill | -2.0 [" in table.split("| naive |")[-1] and "60%" in table  # 1 − (−2)/(−5)
     assert "without the teacher-accuracy slope adjustment" in table
+
+
+def test_the_distiller_table_fits_no_slope_on_seed_noise():
+    """Two seeds at one target: the temperature runs differ in teacher accuracy by seed noise alone; the table's
+    gap stays the plain paired difference (a slope fitted on them would blow it up)."""
+    from antidistill.experiment.report import _distiller_lines
+
+    rows = []
+    for w in ("w0", "w1"):
+        for seed, (xt, yt, ya) in enumerate([(0.85, 0.40, 0.37), (0.86, 0.45, 0.41)]):
+            for d in ("naive", "correct_only"):
+                rows += [{"world": w, "seed": seed, "method": "temperature", "target": -5.0, "teacher_acc": xt,
+                          "student_acc": yt, "n_test": 4000, "distiller": d},
+                         {"world": w, "seed": seed, "method": "antidistill", "target": -5.0, "teacher_acc": 0.80,
+                          "student_acc": ya, "n_test": 4000, "distiller": d}]
+    table = "\n".join(_distiller_lines(pd.DataFrame(rows)))
+    assert "| naive | antidistill | -3.5 [" in table and "| correct_only | antidistill | -3.5 [" in table

@@ -144,8 +144,9 @@ def test_the_ensemble_arm_runs_once_whole_and_once_per_family_a_student_shares(t
     assert cfg.ensemble_members("ensemble") == ["qwen2-small", "gpt2-sibling", "llama-same", "gpt2-small"]
     assert cfg.ensemble_members("ensemble@-gpt2") == ["qwen2-small", "llama-same"]
     with pytest.raises(ValueError, match="leaves no proxy"):
-        panel_cfg(tmp_path, arms={"ensemble": [0.01]}, arm_proxies=["gpt2-sibling", "gpt2-small"]).ensemble_members(
-            "ensemble@-gpt2")
+        panel_cfg(tmp_path, arms={"ensemble": [0.01]}, arm_proxies=["gpt2-sibling", "gpt2-small"])
+    with pytest.raises(ValueError, match="needs at least 2 proxies of other families"):
+        panel_cfg(tmp_path, arms={"ensemble": [0.01]}, arm_proxies=["gpt2-sibling", "gpt2-small", "llama-same"])
     with pytest.raises(ValueError, match="at least 2 in arm_proxies"):
         panel_cfg(tmp_path, arms={"ensemble": [0.01]}, arm_proxies=["llama-same"])
     with pytest.raises(ValueError, match="names the family it leaves out"):

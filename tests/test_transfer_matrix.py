@@ -192,9 +192,18 @@ def test_the_ensemble_meets_each_student_without_its_family():
     est_vs, _, _ = t_interval(np.subtract(d, singles))
     assert rows["gpt2"]["vs_single"]["estimate"] == pytest.approx(est_vs)
     pooled = rows[None]
-    per_world = [np.mean([-0.04 - 0.005 * ((w + 1) % 3), -0.02 - 0.005 * (w % 3), -0.02 - 0.005 * (w % 3)])
-                 for w in range(4)]
+    ens = {"gpt2": lambda w: -0.04 - 0.005 * ((w + 1) % 3), "opt": lambda w: -0.02 - 0.005 * (w % 3),
+           "neox": lambda w: -0.02 - 0.005 * (w % 3)}
+    per_world = [np.mean([f(w) for f in ens.values()]) for w in range(4)]
     assert pooled["e"]["estimate"] == pytest.approx(np.mean(per_world))
+    # pooled vs_single: per world, the mean over students of (their ensemble − the mean of its members alone)
+    members = {s: rows[s]["members"] for s in ens}
+    vs = [np.mean([ens[s](w) - np.mean([gap(p, s, w) for p in members[s]]) for s in ens]) for w in range(4)]
+    est, lo, hi = t_interval(vs)
+    assert pooled["vs_single"]["estimate"] == pytest.approx(est) and pooled["vs_single"]["ci_low"] == pytest.approx(lo)
+    # a student whose family a proxy shares gets no estimate when its leave-one-out ensemble did not run
+    without = {r["student"]: r for r in ensemble_leave_one_family_out(df[df.method != "ensemble@-gpt2"])}
+    assert without["gpt2"]["e"] is None and without["opt"]["e"] is not None
     # the matrix, the contrasts and the headline read single proxies only
     assert "ensemble" not in {c["proxy"] for c in transfer_matrix(df)}
     assert heldout_headline(df)["proxies"] == heldout_headline(synthetic_rows())["proxies"]

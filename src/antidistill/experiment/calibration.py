@@ -45,6 +45,7 @@ from ..runtime import worker_pool
 from ..settings import CONFIG
 from .arms import ARMS, arm_spec
 from .evaluate import accuracy_summary
+from .inference import PRIMARY_TARGET
 from .rundir import stage
 
 
@@ -278,24 +279,22 @@ class Design:
     """What a calibration chose: each arm's parameters, each point's target, and the λ and γ arms' base τ."""
 
     grid: dict[str, list[float]]
-    targets: dict[tuple[str, float], float]  # (arm, param) → target (points); the first target on a shared value
+    # (arm, param) → the target its rows carry. Two targets clipped to one curve end share a value: its rows
+    # carry the primary target (−5) when it is one of them, so the primary endpoint keeps its pair, else the first
+    targets: dict[tuple[str, float], float]
     base_tau: float | None
-    # (arm, param) → every target the value serves (two targets clipped to one curve end share a value)
-    served: dict[tuple[str, float], frozenset[float]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> Design:
         info = json.loads(Path(path).read_text())
         targets: dict[tuple[str, float], float] = {}
-        served: dict[tuple[str, float], set[float]] = {}
         for arm, picks in info["chosen"].items():
             for c in picks:
-                targets.setdefault((arm, c["param"]), c.get("target"))
-                if c.get("target") is not None:
-                    served.setdefault((arm, c["param"]), set()).add(c["target"])
+                key = (arm, c["param"])
+                if key not in targets or c.get("target") == PRIMARY_TARGET:
+                    targets[key] = c.get("target")
         grid = {arm: sorted({c["param"] for c in picks}) for arm, picks in info["chosen"].items()}
-        return cls(grid=grid, targets=targets, base_tau=info.get("base_tau"),
-                   served={k: frozenset(v) for k, v in served.items()})
+        return cls(grid=grid, targets=targets, base_tau=info.get("base_tau"))
 
 
 def chosen_grid(path: Path) -> dict[str, list[float]]:

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from ..gradient import compute_proxy_gradient, load_gradient, save_gradient
-from ..io_utils import atomic_dir, read_jsonl, write_json_atomic, write_jsonl
+from ..io_utils import atomic_dir, read_jsonl, write_json_atomic, write_jsonl, write_text_atomic
 from ..proxy import load_causal_lm
 from .distillers import (
     NAIVE,
@@ -33,6 +33,25 @@ from .distillers import (
     trace_cosines,
 )
 from .rundir import stage
+
+
+def check_distiller_settings(files, distillers, *, write: bool) -> None:
+    """Each adaptive distiller's settings as its run-level ``distillers/<kind>/settings.json`` records them.
+
+    Its stages are keyed by its kind alone, so a distiller that comes back with other settings (dropped,
+    then re-added) would reuse artifacts made with the old ones: refused. ``write``: record the settings of
+    a distiller that has none yet."""
+    for d in distillers:
+        if d.kind == NAIVE:
+            continue
+        path = files.distiller(d.kind) / "settings.json"
+        text = json.dumps(dataclasses.asdict(d), sort_keys=True)
+        if path.is_file() and path.read_text() != text:
+            raise ValueError(f"{path} records other settings for distiller {d.kind!r} ({path.read_text()}) than the "
+                             f"config's ({text}): its artifacts were made with those; choose another run name")
+        if write and not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, text)
 
 
 def with_distiller(row: dict, kind: str) -> dict:

@@ -69,12 +69,14 @@ def distiller_table(df: pd.DataFrame, estimator: Estimator, arms: Sequence[str] 
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
-def distiller_table_lines(table: pd.DataFrame) -> list[str]:
-    """The table as report markdown: gaps in points with their intervals, the recovered share in %."""
+def distiller_table_lines(table: pd.DataFrame, *, scale: float = 100.0, digits: int = 1, unit: str = "points"
+                          ) -> list[str]:
+    """The table as report markdown: gaps (× ``scale``, in ``unit``) with their intervals, the recovered share
+    in %. Accuracy gaps are fractions shown in points (the default); an NLL gap takes ``scale=1``."""
     def pts(v):
-        return "–" if pd.isna(v) else f"{100 * v:+.1f}"
+        return "–" if pd.isna(v) else f"{scale * v:+.{digits}f}"
 
-    out = ["| distiller | arm | gap to temperature (points, 95% CI) | runs | naive gap recovered |",
+    out = [f"| distiller | arm | gap to temperature ({unit}, 95% CI) | runs | naive gap recovered |",
            "|---|---|---|---|---|"]
     for r in table.itertuples():
         gap = "–" if pd.isna(r.estimate) else f"{pts(r.estimate)} [{pts(r.ci_low)}, {pts(r.ci_high)}]"

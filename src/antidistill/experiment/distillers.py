@@ -113,13 +113,14 @@ class DistillerScope:
     """The points the adaptive distillers run at (the naive distiller runs at every point).
 
     ``targets``: a calibrated design's targets (points below the world's greedy holdout accuracy), e.g.
-    ``[-5.0]``; ``arms``: the arms, e.g. ``[temperature, antidistill, whitebox]``. None: every target or
-    arm. A point whose calibrated value serves several targets is in scope when any of them is listed;
-    greedy is never in scope (it has no target and no counterpart).
+    ``[-5.0]``; ``arms``: arm names as the design runs them (``antidistill`` does not cover
+    ``antidistill@<proxy>``; list each), e.g. ``[temperature, antidistill, whitebox]``. None: every target
+    or arm. A point is in scope by the target its rows carry (``calibration.Design.targets``); greedy is
+    never in scope (it has no target and no counterpart).
 
-    >>> DistillerScope(targets=[-5.0], arms=["temperature"]).covers("temperature", {-5.0})
+    >>> DistillerScope(targets=[-5.0], arms=["temperature"]).covers("temperature", -5.0)
     True
-    >>> DistillerScope(targets=[-5.0]).covers("antidistill", {-2.0})
+    >>> DistillerScope(targets=[-5.0]).covers("antidistill", -2.0)
     False
     """
 
@@ -135,13 +136,13 @@ class DistillerScope:
     def everywhere(self) -> bool:
         return self.targets is None and self.arms is None
 
-    def covers(self, method: str, targets: set[float]) -> bool:
-        """Whether a point of arm ``method`` serving the calibrated ``targets`` (empty: none) is in scope."""
+    def covers(self, method: str, target: float | None) -> bool:
+        """Whether a point of arm ``method`` whose rows carry calibrated ``target`` (None: none) is in scope."""
         if self.everywhere:
             return True
         if method == "greedy" or self.arms is not None and method not in self.arms:
             return False
-        return self.targets is None or bool(targets & set(self.targets))
+        return self.targets is None or target in self.targets
 
 
 def distiller_entries(value):

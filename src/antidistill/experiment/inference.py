@@ -64,11 +64,14 @@ def _binomial_var(acc, n):
     return acc * (1 - acc) / np.maximum(n, 1)
 
 
-def run_effects(df: pd.DataFrame, baseline: str = "temperature", *, y: str = "student_acc") -> pd.DataFrame:
+def run_effects(df: pd.DataFrame, baseline: str = "temperature", *, y: str = "student_acc",
+                adjust: bool = True) -> pd.DataFrame:
     """One row per run of every other arm that has a comparable baseline run:
     ``method, world, seed, target, d, var, x_arm, x_base``.
 
     ``var`` is the run's binomial test-sampling variance of ``d`` (accuracy outcomes; 0 for others).
+    ``adjust=False``: a paired run's ``d`` is the plain difference, without the world's teacher-accuracy
+    slope (for rows of one target, where the baseline's runs span no range of teacher accuracy).
     """
     df = df.assign(world=_world(df))
     if "n_test" not in df.columns:
@@ -76,7 +79,7 @@ def run_effects(df: pd.DataFrame, baseline: str = "temperature", *, y: str = "st
     if "target" not in df.columns:
         df = df.assign(target=np.nan)
     base, runs = df[df.method == baseline], df[df.method != baseline]
-    slope = world_slopes(base, y)
+    slope = world_slopes(base, y) if adjust else world_slopes(base, y) * 0.0
     acc = y.endswith("_acc")
     paired = runs[runs.target.notna()].merge(base[["world", "seed", "target", "teacher_acc", y, "n_test"]],
                                              on=["world", "seed", "target"], suffixes=("", "_b"))
@@ -161,13 +164,14 @@ def summarize(we: pd.DataFrame, level: float = LEVEL) -> dict | None:
 
 def pooled_effect(df: pd.DataFrame, arm: str, baseline: str = "temperature", *, y: str = "student_acc",
                   target: float | None = None, other: str | None = None, level: float = LEVEL,
-                  runs: pd.DataFrame | None = None) -> dict | None:
+                  runs: pd.DataFrame | None = None, adjust: bool = True) -> dict | None:
     """``arm − baseline`` (or ``arm − other``, both against ``baseline``) in ``y`` at matched teacher accuracy.
 
     Returns estimate, interval, the kind of claim it makes and the per-world effects, or None when
     no world has a comparable pair of runs. ``runs``: a precomputed :func:`run_effects` table.
+    ``adjust``: see :func:`run_effects`.
     """
-    runs = run_effects(df, baseline, y=y) if runs is None else runs
+    runs = run_effects(df, baseline, y=y, adjust=adjust) if runs is None else runs
     e = summarize(world_effects(runs, arm, target=target, other=other), level)
     if e is None:
         return None

@@ -244,28 +244,40 @@ MEANING = ["## What the intervals mean", "",
 
 
 def _distiller_lines(df: pd.DataFrame) -> list[str]:
-    """The distiller × arm table (issue 17), at the primary target when the design has targets."""
+    """The distiller × arm tables (issue 17), at the primary target when the design has targets: student
+    accuracy (the endpoint), then student NLL on the true solutions (the secondary)."""
     if "distiller" not in df.columns or df.distiller.fillna("naive").nunique() < 2:
         return []
     target = PRIMARY_TARGET if PRIMARY_TARGET in targets_of(df) else None
     arms = [a for a in ("whitebox", "antidistill") if (df.method == a).any()]
-    # every distiller on the same footing: the worlds where the adaptive ones ran, and (a design with targets)
-    # only the target's runs, so the naive gap is the same unadjusted paired difference as each variant's
-    # (a variant has one temperature run per world there, so no slope to adjust teacher accuracy by)
-    adaptive = df.distiller.fillna("naive") != "naive"
-    df = df[df.world.isin(set(df.world[adaptive]))] if "world" in df.columns else df
+    # every distiller on the same footing: the worlds where every variant ran, and (a design with targets) only
+    # the target's runs, each gap the plain paired difference, the naive one's too (a variant has one
+    # temperature run per world there: no range of teacher accuracy to fit a slope on)
+    kind = df.distiller.fillna("naive")
+    if "world" in df.columns:
+        worlds = [set(df.world[kind == d]) for d in kind.unique() if d != "naive"]
+        df = df[df.world.isin(set.intersection(*worlds))]
     if target is not None:
         df = df[np.isclose(df.target.astype(float), target)]
-    table = distiller_table(df, lambda runs, arm: pooled_effect(runs, arm, target=target), arms)
     where = f"at the {target:+g}-point target" if target is not None else "over all runs"
-    footing = (" Every row, naive included, is the paired difference at that target without the teacher-accuracy "
-               "slope adjustment (a variant has one temperature run per world there), over the worlds where the "
-               "variants ran, so the naive row can differ from the primary endpoint above.") if target is not None else ""
-    return ["## Adaptive distillers", "",
-            f"Each defended arm's gap to temperature {where}, when the distiller applies the same variant to both "
-            "arms' traces (world-level intervals as above), and the share of the naive gap that variant recovers "
-            f"(a ratio of two estimates, no interval).{footing} What each variant does: `docs/threat-model.md`.", "",
-            *distiller_table_lines(table), ""]
+    footing = (" Every row, naive included, is the plain paired difference at that target, without the "
+               "teacher-accuracy slope adjustment of the endpoints above (a variant has one temperature run per "
+               "world there), over the worlds where every variant ran, so the naive row can differ from the "
+               "primary endpoint.") if target is not None else ""
+    out = ["## Adaptive distillers", "",
+           f"Each defended arm's gap to temperature {where}, when the distiller applies the same variant to both "
+           "arms' traces (world-level intervals as above), and the share of the naive gap that variant recovers "
+           f"(a ratio of two estimates, no interval).{footing} What each variant does: `docs/threat-model.md`.", "",
+           *distiller_table_lines(distiller_table(
+               df, lambda runs, arm: pooled_effect(runs, arm, target=target, adjust=False), arms)), ""]
+    if "student_test_nll" in df.columns and df.student_test_nll.notna().any():
+        nll = distiller_table(df, lambda runs, arm: pooled_effect(runs, arm, y="student_test_nll", target=target,
+                                                                  adjust=False), arms)
+        nll["recovered"] = np.nan  # a share of an NLL gap is not what the table's last column means
+        out += ["Secondary: the same gaps in student NLL on the true solutions (nats/token; higher = the student "
+                "learned the task worse).", "",
+                *distiller_table_lines(nll, scale=1.0, digits=3, unit="nats/token"), ""]
+    return out
 
 
 def write_report(path: str | Path, pool=(), out: str | Path | None = None) -> Path:

@@ -31,7 +31,7 @@ from ..settings import SamplingSettings
 from .arms import ARMS, arm_processor, arm_spec
 from .calibration import Design, calibrate, outside_picks
 from .distill import distill
-from .distiller_stages import DistillerStages, with_distiller
+from .distiller_stages import DistillerStages, check_distiller_settings, with_distiller
 from .evaluate import accuracy_summary, solution_nll
 from .fdcheck import holdout_fd_check
 from .gate import world_gate
@@ -94,12 +94,14 @@ class Run:
         path = self.files.config
         if path.is_file() and path.read_text() != text:
             if not same_but_distillers(path.read_text(), text):
-                raise ValueError(f"{path} holds a different config: resume with the same settings (the distillers "
-                                 f"and distill_at may change), or choose another name")
-            if write:  # the run gains or drops distillers: its other stages stay, the new rows are added
+                raise ValueError(f"{path} holds a different config: resume with the same settings (distillers may "
+                                 f"be added or dropped, and distill_at changed; a distiller keeps its settings), "
+                                 f"or choose another name")
+        check_distiller_settings(self.files, self.cfg.distillers, write=False)
+        if write:  # a run that gains or drops distillers keeps its other stages; the new rows are added
+            check_distiller_settings(self.files, self.cfg.distillers, write=True)
+            if not path.is_file() or path.read_text() != text:
                 write_text_atomic(path, text)
-        if write and not path.is_file():
-            write_text_atomic(path, text)
 
     def _remove_stale_temporaries(self) -> None:
         """Delete ``.*.tmp`` files and folders a killed run left behind (never read: the rename never happened).
@@ -187,8 +189,8 @@ class Run:
     def distillers_at(self, method: str, param: float) -> list:
         """The configured distillers that run at this point: the naive one always, the others where
         ``distill_at`` covers the point's arm and calibrated targets."""
-        served = self.design.served.get((method, param), frozenset()) if self.design else frozenset()
-        return [d for d in self.cfg.distillers if d.kind == "naive" or self.cfg.distill_at.covers(method, set(served))]
+        target = self.design.targets.get((method, param)) if self.design else None
+        return [d for d in self.cfg.distillers if d.kind == "naive" or self.cfg.distill_at.covers(method, target)]
 
     def point_done(self, method: str, param: float, seed: int) -> bool:
         """Whether every configured distiller's row, and every panel student's, of this point is written."""

@@ -142,13 +142,6 @@ class SweepConfig:
         if not self.distill_at.everywhere and NAIVE not in [d.kind for d in self.distillers]:
             raise ValueError("distill_at limits the adaptive distillers to some points; the others need the naive "
                              "distiller: add naive to distillers")
-        for a in self.distill_at.arms or []:
-            if a not in METHODS and a not in ARMS:
-                try:
-                    arm_spec(a)
-                except ValueError:
-                    raise ValueError(f"distill_at.arms names an unknown arm {a!r}; use one of "
-                                     f"{sorted(set(METHODS) | set(ARMS))}") from None
         if self.distill_at.targets is not None and self.grid != "calibrated":
             raise ValueError(f"distill_at.targets={self.distill_at.targets!r} names calibrated targets; it needs "
                              f"grid='calibrated' (got grid={self.grid!r}): scope a config grid by distill_at.arms")
@@ -169,6 +162,28 @@ class SweepConfig:
         if bad or len(set(self.arm_proxies)) < len(self.arm_proxies):
             raise ValueError(f"arm_proxies must name distinct proxies of the world's zoo {known}, got "
                              f"{self.arm_proxies!r}")
+        if any(base_arm(a) == "ensemble" for a in [*self.arms, *self.calibration.arms]):
+            for family in self.ensemble_left_out():
+                if len(self.ensemble_members(f"ensemble@-{family}")) < 2:
+                    raise ValueError(f"the ensemble without family {family!r} (a panel student's) keeps "
+                                     f"{self.ensemble_members(f'ensemble@-{family}')} of arm_proxies "
+                                     f"{self.arm_proxies!r}: an ensemble needs at least 2 proxies of other families")
+        self._check_distill_at()
+
+    def _check_distill_at(self) -> None:
+        """``distill_at`` must name targets this design calibrates and arms it runs: a scope that selects no
+        point would run no variant while still preparing their per-seed artifacts."""
+        scope = self.distill_at
+        if scope.targets is not None and self.grid == "calibrated":
+            bad = sorted(set(scope.targets) - set(self.calibration.targets))
+            if bad:
+                raise ValueError(f"distill_at.targets {bad} are not among calibration.targets {self.calibration.targets}")
+        if scope.arms is not None:
+            runs = ({"temperature", *self.expand_arms(self.calibration.arms)} if self.grid == "calibrated"
+                    else {m for m, _, _ in self.points()} - {"greedy"})
+            bad = sorted(set(scope.arms) - runs)
+            if bad:
+                raise ValueError(f"distill_at.arms {bad} run at no point of this design; it runs {sorted(runs)}")
 
     @property
     def run_dir(self) -> Path:
@@ -296,11 +311,18 @@ DISTILLER_KEYS = ("distillers", "distill_at")
 def same_but_distillers(text: str, other: str) -> bool:
     """Whether two ``config.yaml`` texts differ at most in which distillers run where (:data:`DISTILLER_KEYS`).
 
-    A run that gains (or drops) adaptive distillers keeps every other stage: the points' traces, the naive
-    students and their rows are made the same way, so the run directory resumes and adds the new rows.
+    A run that gains (or drops) adaptive distillers, or changes where they run, keeps every other stage: the
+    points' traces, the naive students and their rows are made the same way, so the run directory resumes
+    and adds the new rows. A distiller named in both must keep its settings: its stages are keyed by its
+    kind, so new settings would reuse the old artifacts (``distiller_settings_check`` guards a distiller
+    that was dropped and comes back).
     """
     a, b = yaml.safe_load(text), yaml.safe_load(other)
-    for d in (a, b):
-        for k in DISTILLER_KEYS:
-            d.pop(k, None)
+    naive = [{"kind": NAIVE}]
+    da = {d["kind"]: d for d in a.pop("distillers", naive)}
+    db = {d["kind"]: d for d in b.pop("distillers", naive)}
+    if any(da[k] != db[k] for k in da.keys() & db.keys()):
+        return False
+    a.pop("distill_at", None)
+    b.pop("distill_at", None)
     return a == b

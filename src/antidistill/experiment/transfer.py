@@ -96,28 +96,31 @@ def transfer_matrix(df: pd.DataFrame, *, y: str = "student_acc", target: float |
 
 
 def combined_effect(df: pd.DataFrame, cells: list[tuple[str, str]], minus: list[tuple[str, str]] = (), *,
-                    y: str = "student_acc", target: float | None = None) -> dict | None:
+                    y: str = "student_acc", target: float | None = None, weights=None, minus_weights=None
+                    ) -> dict | None:
     """Per world, the mean effect over ``cells`` (each ``(student, method)``) minus the mean over ``minus``,
-    then the world-level interval (``summarize``). Only worlds holding every cell count."""
+    then the world-level interval (``summarize``). Only worlds holding every cell count. ``weights`` /
+    ``minus_weights``: a weighted mean instead (normalised to sum 1; the variance sums w_i²·var_i)."""
     df = fill_panel_labels(df)
 
-    def mean_of(group):
+    def mean_of(group, w):
         parts = [_cell_effects(df, s, m, y, target).set_index("world") for s, m in group]
         if not parts or any(p.empty for p in parts):
             return None
         joined = pd.concat([p[["d", "var", "n_runs", "n_seeds"]] for p in parts], axis=1, keys=range(len(parts)),
                            join="inner")
         k = len(parts)
-        return pd.DataFrame({"d": sum(joined[(i, "d")] for i in range(k)) / k,
-                             "var": sum(joined[(i, "var")] for i in range(k)) / k**2,
+        w = np.full(k, 1.0 / k) if w is None else np.asarray(w, float) / np.sum(w)
+        return pd.DataFrame({"d": sum(w[i] * joined[(i, "d")] for i in range(k)),
+                             "var": sum(w[i] ** 2 * joined[(i, "var")] for i in range(k)),
                              "n_runs": sum(joined[(i, "n_runs")] for i in range(k)),
                              "n_seeds": np.min([joined[(i, "n_seeds")] for i in range(k)], axis=0)},
                             index=joined.index)
-    a = mean_of(list(cells))
+    a = mean_of(list(cells), weights)
     if a is None:
         return None
     if minus:
-        b = mean_of(list(minus))
+        b = mean_of(list(minus), minus_weights)
         if b is None:
             return None
         a = a.join(b, rsuffix="_b", how="inner")
@@ -213,10 +216,11 @@ def ensemble_leave_one_family_out(df: pd.DataFrame, *, y: str = "student_acc", t
     """Ensemble antidistillation against each panel student, built without that student's family (issue 16).
 
     For each student: the ensemble arm that leaves its family out (``ensemble@-<family>``; the whole
-    ``ensemble`` when no proxy shares the family), its gap to temperature (``e``), and that gap minus the mean
-    gap of the same member proxies run alone (``vs_single``: does averaging the members' Δ̂ beat using them one
-    at a time?). A last entry, ``student`` = None, pools the students (each world: the mean over them). Empty
-    when the rows have no ensemble arm."""
+    ``ensemble`` when no proxy shares the family; no estimate when a proxy shares it and that arm did not
+    run), its gap to temperature (``e``), and that gap minus the mean gap of the same member proxies run
+    alone (``vs_single``: does averaging the members' Δ̂ beat using them one at a time?). A last entry,
+    ``student`` = None, pools the students: per world, the mean over students of each one's gap (``e``) and
+    of each one's (ensemble − its members' mean) (``vs_single``). Empty when the rows have no ensemble arm."""
     df = fill_panel_labels(df)
     methods = set(df.method.astype(str))
     if "ensemble" not in methods:
@@ -224,21 +228,25 @@ def ensemble_leave_one_family_out(df: pd.DataFrame, *, y: str = "student_acc", t
     singles = _proxy_table(df)
     singles = singles[singles.method.map(base_arm) == "antidistill"]
     students = df[["student", "student_family"]].drop_duplicates("student")
-    out, cells, single_cells = [], [], []
+    out, cells, single_cells, single_weights = [], [], [], []
     for s, fam in zip(students.student, students.student_family):
-        method = f"ensemble@-{fam}" if f"ensemble@-{fam}" in methods else "ensemble"
-        members = singles[singles.proxy_family != fam] if method != "ensemble" else singles
-        e = combined_effect(df, [(s, method)], y=y, target=target)
+        shared = fam in set(singles.proxy_family)
+        method = f"ensemble@-{fam}" if shared else "ensemble"
+        members = singles[singles.proxy_family != fam]
+        ran = method in methods
+        e = combined_effect(df, [(s, method)], y=y, target=target) if ran else None
         vs = (combined_effect(df, [(s, method)], [(s, m) for m in members.method], y=y, target=target)
-              if len(members) else None)
+              if ran and len(members) else None)
         out.append({"student": s, "family": fam, "method": method, "members": list(members.proxy), "e": e,
                     "vs_single": vs})
         if e is not None:
             cells.append((s, method))
             single_cells += [(s, m) for m in members.method]
+            single_weights += [1.0 / len(members)] * len(members)
     if len(cells) > 1:
         e = combined_effect(df, cells, y=y, target=target)
-        # per world: the mean over students of (ensemble − the mean of its members alone)
-        vs = combined_effect(df, cells, single_cells, y=y, target=target) if single_cells else None
+        # per world: mean over students of the ensemble gap − mean over students of its members' mean gap
+        vs = (combined_effect(df, cells, single_cells, y=y, target=target, minus_weights=single_weights)
+              if single_cells else None)
         out.append({"student": None, "family": None, "method": None, "members": [], "e": e, "vs_single": vs})
     return out
