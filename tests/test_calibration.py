@@ -105,7 +105,8 @@ def test_design_reads_targets_grid_and_base_tau(tmp_path):
                         {"target": -5, "param": 0.01, "inside_measured_range": False}]})
     d = Design.load(path)
     assert d.grid == {"temperature": [0.5, 0.7], "antidistill": [0.01]} and d.base_tau == 0.35
-    assert d.targets[("temperature", 0.7)] == -5 and d.targets[("antidistill", 0.01)] == -2  # first target kept
+    # a value serving −2 and −5 carries the primary target (−5), so the primary endpoint keeps its pair
+    assert d.targets[("temperature", 0.7)] == -5 and d.targets[("antidistill", 0.01)] == -5
     assert outside_picks(path) == ["antidistill -5 → 0.01"]
 
 

@@ -153,3 +153,16 @@ def test_a_distiller_keeps_its_settings_across_resumes(tmp_path):
     check_distiller_settings(files, grown.distillers, write=False)  # same settings: fine
     with pytest.raises(ValueError, match="records other settings for distiller 'clean_mix'"):
         check_distiller_settings(files, other.distillers, write=False)
+
+
+def test_a_world_that_fails_the_gate_runs_no_adaptive_distiller(two_distillers):
+    """The gate reads the base student's naive rows; a world that fails it (gate: stop) ends there, so no
+    variant is distilled, not even at the temperature points the gate ran."""
+    tmp, _, _ = two_distillers
+    cfg = _cfg(tmp, "gated", "gate=stop", "distillers=[naive, correct_only]")
+    with pytest.warns(RuntimeWarning, match="fails the gate"):
+        out = Run(cfg, progress=False).run()
+    assert not json.loads((out / "gate.json").read_text())["passes"]
+    assert not list((out / "points").rglob("distillers"))  # the run records the settings only: distillers/<kind>/settings.json
+    assert [p.name for p in (out / "distillers").rglob("*") if p.is_file()] == ["settings.json"]
+    assert pd.read_parquet(out / "results.parquet").distiller.tolist() == ["naive"]

@@ -73,6 +73,13 @@ class DistillerStages:
         self.cfg = run.cfg
         self.adaptive = [d for d in self.cfg.distillers if d.kind != NAIVE]
 
+    def distillers_at(self, method: str, param: float) -> list:
+        """The configured distillers that run at this point: the naive one always, the others where
+        ``distill_at`` covers the point's arm and the target its rows carry."""
+        design = self.run.design
+        target = design.targets.get((method, param)) if design else None
+        return [d for d in self.cfg.distillers if d.kind == NAIVE or self.cfg.distill_at.covers(method, target)]
+
     # --- shared by every point of a seed ------------------------------------------------------------
     def clean(self, n: int, seed: int) -> list[dict]:
         """The distiller's clean data: ground-truth solutions of ``n`` training problems drawn with ``seed``."""

@@ -6,6 +6,7 @@ artifact is written atomically (``io_utils``), so a path that exists holds a fin
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +38,15 @@ class RunDir:
     gradient = property(lambda self: self.root / "proxy_grad.safetensors")
     whitebox_gradient = property(lambda self: self.root / "student_grad.safetensors")  # white-box arms' g
     random_direction = property(lambda self: self.root / "random_direction.safetensors")  # g's norm-matched stand-in
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete the ``.*.tmp`` files and folders a killed run left behind (never read: the rename never
+        happened). A run directory has one writer; do not run the same sweep twice at once."""
+        for p in sorted(self.root.rglob(".*.tmp"), key=lambda q: len(q.parts), reverse=True):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink()
 
     def named_gradient(self, name: str) -> Path:
         """g over a named zoo proxy's or panel student's weights (the arms ``<arm>@<name>``)."""

@@ -84,7 +84,7 @@ class Run:
         self.panel = PanelStages(self)  # the zoo's proxies and the panel's students (issue 16)
         if not worker:
             self._check_config(write=True)
-            self._remove_stale_temporaries()
+            self.files.remove_stale_temporaries()  # a run directory has one writer
             if self.materials.world_metrics:
                 stage(self.files.world, lambda p: write_json_atomic(p, self.materials.world_metrics))
 
@@ -94,25 +94,13 @@ class Run:
         path = self.files.config
         if path.is_file() and path.read_text() != text:
             if not same_but_distillers(path.read_text(), text):
-                raise ValueError(f"{path} holds a different config: resume with the same settings (distillers may "
-                                 f"be added or dropped, and distill_at changed; a distiller keeps its settings), "
-                                 f"or choose another name")
+                raise ValueError(f"{path} holds a different config: resume with the same settings (distillers may come "
+                                 f"or go, distill_at may change; a distiller keeps its settings), or choose another name")
         check_distiller_settings(self.files, self.cfg.distillers, write=False)
         if write:  # a run that gains or drops distillers keeps its other stages; the new rows are added
             check_distiller_settings(self.files, self.cfg.distillers, write=True)
             if not path.is_file() or path.read_text() != text:
                 write_text_atomic(path, text)
-
-    def _remove_stale_temporaries(self) -> None:
-        """Delete ``.*.tmp`` files and folders a killed run left behind (never read: the rename never happened).
-
-        A run directory has one writer; do not run the same sweep twice at once.
-        """
-        for p in sorted(self.dir.rglob(".*.tmp"), key=lambda q: len(q.parts), reverse=True):
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.exists():
-                p.unlink()
 
     # --- stages --------------------------------------------------------------------------
     def _traces(self, model, tokenizer, split: str, settings: SamplingSettings, description: str, **kw):
@@ -179,24 +167,23 @@ class Run:
         write_json_atomic(files.result, row)
         return row
 
-    def point_rows(self, method: str, param: float, seed: int) -> list[dict]:
+    def point_rows(self, method: str, param: float, seed: int, gate_only: bool = False) -> list[dict]:
         """One point's rows, one per configured distiller (in config order), each with its ``distiller``; then one
-        per further panel student; each labelled with its proxy and student (``PanelStages.rows``)."""
+        per further panel student; each labelled with its proxy and student (``PanelStages.rows``).
+        ``gate_only``: the base student's naive row alone (what the gate reads; the rest waits for it)."""
+        if gate_only:
+            return [with_distiller(self.point(method, param, seed), "naive") | self.panel.labels(method, self.cfg.panel()[0])]
         rows = [with_distiller(self.point(method, param, seed), d.kind) if d.kind == "naive"
-                else self.adaptive.row(method, param, seed, d) for d in self.distillers_at(method, param)]
+                else self.adaptive.row(method, param, seed, d) for d in self.adaptive.distillers_at(method, param)]
         return self.panel.rows(method, param, seed, rows)
 
-    def distillers_at(self, method: str, param: float) -> list:
-        """The configured distillers that run at this point: the naive one always, the others where
-        ``distill_at`` covers the point's arm and calibrated targets."""
-        target = self.design.targets.get((method, param)) if self.design else None
-        return [d for d in self.cfg.distillers if d.kind == "naive" or self.cfg.distill_at.covers(method, target)]
-
-    def point_done(self, method: str, param: float, seed: int) -> bool:
-        """Whether every configured distiller's row, and every panel student's, of this point is written."""
+    def point_done(self, method: str, param: float, seed: int, gate_only: bool = False) -> bool:
+        """Whether every row :meth:`point_rows` gives for this point is written."""
         files = self.files.point(method, param, seed)
+        if gate_only:
+            return files.result.is_file()
         return all((files.result if d.kind == "naive" else files.distiller(d.kind).result).is_file()
-                   for d in self.distillers_at(method, param)) and all(files.panel(s).result.is_file() for s in self.cfg.panel()[1:])
+                   for d in self.adaptive.distillers_at(method, param)) and all(files.panel(s).result.is_file() for s in self.cfg.panel()[1:])
 
     def teacher_stages(self, method: str, param: float, seed: int) -> SamplingSettings:
         """The point's teacher traces on train and on test (made once, whoever distils them); its settings."""
@@ -314,50 +301,51 @@ class Run:
     def run(self) -> Path:
         """All stages, then the results table and the report.
 
-        With ``gate`` on, greedy and temperature points run first and the world's gate is written to
-        ``gate.json``; with ``gate: stop`` a world that fails it ends there (results and report of the
-        baseline points only)."""
+        With ``gate`` on, greedy and temperature points run first (the base student's naive rows only) and the
+        world's gate is written to ``gate.json``; with ``gate: stop`` a world that fails it ends there (results
+        and report of those rows only: no adaptive distiller, panel student or defended arm runs on it)."""
         self.gradient_path()
         self.holdout_traces()
         self.check_eps()
         points = self.points()
-        self.adaptive.prepare(sorted({s for _, _, s in points}))
+        rows = None
         if self.cfg.gate != "skip":
             first = [pt for pt in points if pt[0] in ("greedy", "temperature")]
-            naive = [r for r in self._run_points(first) if r.get("distiller", "naive") == "naive" and r["base_student"]]
+            naive = self._run_points(first, gate_only=True)
             stage(self.files.gate, lambda p: write_json_atomic(p, world_gate(
                 pd.DataFrame(naive), self.cfg.gate_min_greedy_student, self.cfg.gate_min_slope)))
             gate = json.loads(self.files.gate.read_text())
             if not gate["passes"]:
                 warnings.warn(f"the world fails the gate ({gate['reason']}); {self.files.gate}", RuntimeWarning,
                               stacklevel=2)
-                if self.cfg.gate == "stop":
-                    points = first
-        for method in sorted({m for m, _, _ in points}):  # every arm's g, before any worker needs it
-            self.panel.gradient_path(method)
-            if arm_spec(method).direction == "random":
-                self.random_direction_path()
-        rows = self._run_points(points)
+                rows = naive if self.cfg.gate == "stop" else None
+        if rows is None:
+            self.adaptive.prepare(sorted({s for _, _, s in points}))
+            for method in sorted({m for m, _, _ in points}):  # every arm's g, before any worker needs it
+                self.panel.gradient_path(method)
+                if arm_spec(method).direction == "random":
+                    self.random_direction_path()
+            rows = self._run_points(points)
         self.write_results(rows)
         self.fd_check()
         write_report(self.dir)
         return self.dir
 
-    def _run_points(self, points: list[tuple[str, float, int]]) -> list[dict]:
-        """Every point's rows (one per distiller), serially or in ``cfg.workers`` processes."""
+    def _run_points(self, points: list[tuple[str, float, int]], gate_only: bool = False) -> list[dict]:
+        """Every point's rows (:meth:`point_rows`), serially or in ``cfg.workers`` processes."""
         if self.cfg.workers > 1:
-            return self._run_points_parallel(points)
+            return self._run_points_parallel(points, gate_only)
         rows = []
         for i, pt in enumerate(points, 1):
             t0 = time.perf_counter()
-            point_rows = self.point_rows(*pt)
+            point_rows = self.point_rows(*pt, gate_only=gate_only)
             rows += point_rows
             if self.progress:
                 for row in point_rows:
                     print(_point_line(i, len(points), pt, row, time.perf_counter() - t0), flush=True)
         return rows
 
-    def _run_points_parallel(self, points: list[tuple[str, float, int]]) -> list[dict]:
+    def _run_points_parallel(self, points: list[tuple[str, float, int]], gate_only: bool = False) -> list[dict]:
         """Run the points in ``cfg.workers`` spawned processes; rows come back in ``points`` order (a point's
         distillers in config order, all in the worker that has the point).
 
@@ -368,13 +356,14 @@ class Run:
             raise ValueError("workers > 1 cannot be combined with accelerate launch; use one or the other")
         rows = {}
         for pt in points:
-            if self.point_done(*pt):
-                rows[pt] = self.point_rows(*pt)
+            if self.point_done(*pt, gate_only=gate_only):
+                rows[pt] = self.point_rows(*pt, gate_only=gate_only)
         todo = [pt for pt in points if pt not in rows]
         if todo:
             n = min(self.cfg.workers, len(todo))
             with worker_pool(n) as pool:
-                futures = {pool.submit(_run_point_in_worker, self.cfg, pt, self.completer_factory): pt for pt in todo}
+                futures = {pool.submit(_run_point_in_worker, self.cfg, pt, self.completer_factory, gate_only): pt
+                           for pt in todo}
                 try:
                     for fut in track(as_completed(futures), f"sweep points ({n} workers)", enabled=self.progress,
                                      total=len(futures)):
@@ -398,9 +387,9 @@ class Run:
         return df
 
 
-def _run_point_in_worker(cfg: SweepConfig, pt: tuple[str, float, int],
-                         completer_factory=None) -> tuple[list[dict], float]:
-    """One point (every distiller of it) in a pool worker; the worker loads the run's (cached) world and models."""
+def _run_point_in_worker(cfg: SweepConfig, pt: tuple[str, float, int], completer_factory=None,
+                         gate_only: bool = False) -> tuple[list[dict], float]:
+    """One point's rows (:meth:`Run.point_rows`) in a pool worker, which loads the run's (cached) world and models."""
     t0 = time.perf_counter()
-    rows = Run(cfg, progress=False, worker=True, completer_factory=completer_factory).point_rows(*pt)
+    rows = Run(cfg, progress=False, worker=True, completer_factory=completer_factory).point_rows(*pt, gate_only=gate_only)
     return rows, time.perf_counter() - t0
