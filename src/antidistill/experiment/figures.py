@@ -26,6 +26,9 @@ LOWESS_FRAC = 0.8
 MIN_LEVELS = 4  # distinct teacher-accuracy levels an arm (and each bootstrap draw) needs for a band
 LEVEL_WIDTH = 0.02  # teacher accuracies closer than this are one level
 MAX_GAP = 0.03  # no band at a grid point farther than this from every one of the arm's teacher accuracies
+# runs an arm needs for a 95% band: with fewer, resamples of a handful of points make local fits that swing
+# from 0 to 1 between them, which reads as information; the arm's LOWESS line is drawn alone
+MIN_RUNS_FOR_BAND = 12
 
 
 def n_levels(x: np.ndarray, width: float = LEVEL_WIDTH) -> int:
@@ -57,12 +60,25 @@ def bootstrap_lowess(x: np.ndarray, y: np.ndarray, grid: np.ndarray, *, n_boot: 
     return out
 
 
+def lowess_line(x, y, grid, *, frac: float = LOWESS_FRAC) -> np.ndarray | None:
+    """The LOWESS fit of y on x at ``grid`` (NaN outside x's range and farther than ``MAX_GAP`` from every x);
+    None when ``x`` has fewer than ``MIN_LEVELS`` levels."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if n_levels(x) < MIN_LEVELS:
+        return None
+    fit = np.clip(lowess(y, x, frac=frac, it=0, xvals=grid), 0.0, 1.0)
+    near = np.abs(grid[:, None] - x[None, :]).min(1) <= MAX_GAP
+    fit[(grid < x.min()) | (grid > x.max()) | ~near] = np.nan
+    return fit
+
+
 def lowess_band(x, y, grid, *, seed: int = 0, n_boot: int = N_BOOT,
                 clip: tuple[float, float] | None = (0.0, 1.0)) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Mean and 2.5/97.5 percentiles of the bootstrap fits on ``grid`` (NaN where fewer than half the
-    draws reach a grid point, or farther than ``MAX_GAP`` from every x); None when ``x`` has fewer than ``MIN_LEVELS`` levels."""
+    draws reach a grid point, or farther than ``MAX_GAP`` from every x); None when ``x`` has fewer than
+    ``MIN_LEVELS`` levels or fewer than ``MIN_RUNS_FOR_BAND`` values."""
     x, y = np.asarray(x, float), np.asarray(y, float)
-    if n_levels(x) < MIN_LEVELS:
+    if n_levels(x) < MIN_LEVELS or len(x) < MIN_RUNS_FOR_BAND:
         return None
     fits = bootstrap_lowess(x, y, grid, n_boot=n_boot, seed=seed, clip=clip)
     near = np.abs(grid[:, None] - x[None, :]).min(1) <= MAX_GAP
@@ -90,12 +106,15 @@ def plot_tradeoff(df: pd.DataFrame, path, *, n_boot: int | None = None) -> None:
                     else dict(marker="o", s=12, alpha=0.45, linewidths=0, zorder=2))
             ax.scatter(sub.teacher_acc, sub.student_acc, color=color, **dots)
             band = None if m == "greedy" else lowess_band(sub.teacher_acc, sub.student_acc, grid, seed=i, n_boot=n_boot)
+            line = band[0] if band is not None else (
+                None if m == "greedy" else lowess_line(sub.teacher_acc, sub.student_acc, grid))
+            if line is not None:
+                ax.plot(grid, line, color=color, lw=2)
             if band is not None:
-                mean, lo, hi = band
-                ax.plot(grid, mean, color=color, lw=2)
-                ax.fill_between(grid, lo, hi, color=color, alpha=0.15, linewidth=0)
+                ax.fill_between(grid, band[1], band[2], color=color, alpha=0.15, linewidth=0)
+            note = "" if band is not None or line is None else ", no band"
             handles.append(Line2D([], [], color=color, marker="x" if m == "greedy" else "o", markersize=5,
-                                  lw=2 if band is not None else 0, label=f"{m} ({len(sub)} runs)"))
+                                  lw=2 if line is not None else 0, label=f"{m} ({len(sub)} runs{note})"))
         ax.set_xlabel("teacher accuracy (delivered traces)")
         ax.set_ylabel("student accuracy (test)")
         worlds = df["world"].nunique() if "world" in df.columns else 1
@@ -103,7 +122,8 @@ def plot_tradeoff(df: pd.DataFrame, path, *, n_boot: int | None = None) -> None:
         ax.grid(alpha=0.3)
         lines = any(h.get_linewidth() > 0 for h in handles)
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False,
-                  title="arm (line: LOWESS mean, 95% band)" if lines else "arm (too few runs\nfor a fitted line)",
+                  title=f"arm (line: LOWESS mean; 95% band\nfrom {MIN_RUNS_FOR_BAND} runs)" if lines
+                  else "arm (too few runs\nfor a fitted line)",
                   title_fontsize=7)
 
 

@@ -148,8 +148,7 @@ def _worlds_lines(worlds: list[dict]) -> list[str]:
     out.append("")
     if failing:
         out.append(f"**{len(failing)} of {len(worlds)} world builds fail the gate:** " + "; ".join(failing)
-                   + ". Their students learn too little from the teacher for a poisoned trace to show much; their "
-                   "effects are still in the pooled estimates below.")
+                   + ". Their students learn too little from the teacher for a poisoned trace to show much.")
     if unchecked:
         out.append(f"The gate was not checked in {', '.join(unchecked)}: "
                    f"{'its' if len(unchecked) == 1 else 'their'} design has no greedy runs.")
@@ -314,7 +313,9 @@ def write_report(path: str | Path, pool=(), out: str | Path | None = None) -> Pa
     plot_loss_dynamics(dict(sorted(histories.items(), key=lambda kv: rank.get(kv[0], len(rank)))), files.loss_plot)
     name = sources[0].config.get("name", sources[0].root.name)
     k = df.world.nunique()
-    lines = [f"# antidistill report: `{name}`" + (f", pooled over {k} world builds" if k > 1 else ""), ""]
+    n_all = len(worlds)
+    pooled = f", pooled over {k} world builds" + (f" (of {n_all}; {n_all - k} {'fails' if n_all - k == 1 else 'fail'} the gate)" if n_all > k else "")
+    lines = [f"# antidistill report: `{name}`" + (pooled if k > 1 else ""), ""]
     transfer = has_transfer_design(panel_df)
     lines += (headline_lines(panel_df) if transfer else []) + _verdict_lines(df) + _worlds_lines(worlds)
     if failing:
