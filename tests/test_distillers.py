@@ -224,6 +224,36 @@ def test_warm_start_trains_on_clean_solutions_first_and_distillation_starts_from
     assert len(calls) == 3 and calls[2]["start"] == str(warm["dir"])
 
 
+def test_answers_only_with_a_warm_start_samples_from_and_distils_that_student(tmp_path, monkeypatch):
+    import antidistill.experiment.distiller_stages as stages_module
+
+    calls, loaded = [], []
+    run = _stub_run(tmp_path, calls)
+    run.tok = {"student": None}
+    stages = DistillerStages(run)
+    d = AnswersOnly(k=2, few_shot=0, warm_start=4)
+    train = toy_splits()["train"]
+
+    def fake_samples(model, tokenizer, problems, k, settings, **kw):  # every sample reaches the label
+        return [{"id": p["id"], "question": p["question"], "completion": f"{p['answer']} .", "forced_answer":
+                 str(p["answer"]), "sample": i} for p in problems for i in range(k)]
+
+    monkeypatch.setattr(stages_module, "load_causal_lm", lambda path: loaded.append(str(path)) or object())
+    monkeypatch.setattr(stages_module, "sample_student", fake_samples)
+    teacher = [{"id": p["id"], "forced_answer": str(p["answer"])} for p in train[:3]]
+    rows = stages.train_rows(d, teacher, 0)
+    warm_dir = tmp_path / "distillers" / "answers_only" / "student_s0"
+    warm, = calls
+    assert warm["dir"] == warm_dir  # fine-tuned first on the 4 clean solutions ...
+    assert [r["completion"] for r in warm["rows"]] == [r["completion"] for r in clean_set(train, 4, 0)]
+    assert loaded == [str(warm_dir)]  # ... and that student samples
+    assert len(rows) == 2 * 3 and {r["id"] for r in rows} == {t["id"] for t in teacher}
+    stages.distill_student(d, rows, 0, tmp_path / "point_student")
+    assert calls[1]["start"] == str(warm_dir) and calls[1]["rows"] == rows  # ... and is distilled
+    base = AnswersOnly(k=2)  # warm_start 0: the base student samples and is distilled, with no warm-up
+    assert stages.n_warm(base) == 0 and stages.start_student(base, 0) == "unused"
+
+
 def test_warm_start_changes_the_student(tmp_path, tok):
     base = tiny("gpt2", tok, seed=4)
     warm, _ = distill(copy.deepcopy(base), tok, clean_set(toy_splits()["train"], 8, 0),
@@ -273,6 +303,13 @@ def test_distiller_table_gives_each_distillers_gap_and_the_recovered_share():
     assert table.estimate.tolist() == pytest.approx([-0.08, -0.02])
     assert table.recovered.tolist() == pytest.approx([0.0, 0.75])
     assert recovered_fraction(-0.02, 0.01) != recovered_fraction(-0.02, 0.01)  # no naive gap: NaN
+    assert table.arm_level.isna().all()  # no level column asked for
+    levels = distiller_table(df.assign(acc=[0.5, 0.1] * 2 + [0.6, 0.2] * 2), estimator, arms=("whitebox",),
+                             level="acc")
+    assert levels.arm_level.tolist() == pytest.approx([0.1, 0.2])
+    assert levels.temperature_level.tolist() == pytest.approx([0.5, 0.6])
+    lines = distiller_table_lines(levels)
+    assert lines[0].endswith("students: arm / temperature (mean) |") and lines[2].endswith("| 10.0 / 50.0 |")
     lines = distiller_table_lines(table)
     assert lines[2] == "| naive | whitebox | -8.0 [-9.0, -7.0] | 4 | 0% |"
     assert lines[3] == "| correct_only | whitebox | -2.0 [-3.0, -1.0] | 4 | 75% |"

@@ -85,22 +85,35 @@ class DistillerStages:
         """The distiller's clean data: ground-truth solutions of ``n`` training problems drawn with ``seed``."""
         return clean_set(self.run.splits["train"], n, seed)
 
+    @staticmethod
+    def n_warm(d) -> int:
+        """How many clean solutions distiller ``d``'s student is fine-tuned on before anything else (0: none)."""
+        if d.kind == "warm_start":
+            return d.n_clean
+        return d.warm_start if d.kind == "answers_only" else 0
+
     def warm_student(self, d, seed: int) -> Path:
-        """The base student fine-tuned on the clean set (``warm_start``), as a model folder."""
+        """The base student fine-tuned on ``n_warm(d)`` clean solutions, as a model folder (made once per seed)."""
         path = self.run.files.distiller(d.kind) / f"student_s{seed}"
-        cfg = self.cfg.distill if d.epochs is None else dataclasses.replace(self.cfg.distill, epochs=d.epochs)
+        epochs = getattr(d, "epochs", None)
+        cfg = self.cfg.distill if epochs is None else dataclasses.replace(self.cfg.distill, epochs=epochs)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return stage(path, lambda p: self.run._distill(self.clean(d.n_clean, seed), seed, p, cfg=cfg, eval_traces=[]))
+        return stage(path, lambda p: self.run._distill(self.clean(self.n_warm(d), seed), seed, p, cfg=cfg,
+                                                       eval_traces=[]))
+
+    def start_student(self, d, seed: int) -> str:
+        """The model folder distiller ``d`` starts from: its warm student, or the base student."""
+        return str(self.warm_student(d, seed)) if self.n_warm(d) else self.run.paths["student"]
 
     def student_samples(self, d, seed: int) -> list[dict]:
-        """The base student's own ``k`` samples per training problem (``answers_only``)."""
+        """The starting student's own ``k`` samples per training problem (``answers_only``)."""
         path = self.run.files.distiller(d.kind) / f"samples_s{seed}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
 
         def make(p):
             settings = self.cfg.settings_for("temperature", d.tau, seed)
             shots = self.clean(d.few_shot, seed) if d.few_shot else None
-            student = load_causal_lm(self.run.paths["student"])
+            student = load_causal_lm(self.start_student(d, seed))
             write_jsonl(p, sample_student(student, self.run.tok["student"], self.run.splits["train"], d.k, settings,
                                           few_shot=shots, progress=self.run.progress))
         return read_jsonl(stage(path, make))
@@ -121,9 +134,9 @@ class DistillerStages:
         """Make every seed-level artifact now (in the parent of a parallel sweep, so no two workers race)."""
         for d in self.adaptive:
             for seed in sorted(set(seeds)):
-                if d.kind == "warm_start":
+                if self.n_warm(d):
                     self.warm_student(d, seed)
-                elif d.kind == "answers_only":
+                if d.kind == "answers_only":
                     self.student_samples(d, seed)
                 elif d.kind == "grad_align":
                     self.clean_gradient(d, seed)
@@ -149,15 +162,16 @@ class DistillerStages:
 
     def distill_student(self, d, rows: list[dict], seed: int, student_dir: Path) -> None:
         """Distil (or, with nothing to train on, keep) the student that ``d`` starts from into ``student_dir``."""
-        start = str(self.warm_student(d, seed)) if d.kind == "warm_start" else None
+        start = self.start_student(d, seed)
         if not rows:  # every trace filtered out: the distiller keeps its starting student
             with atomic_dir(student_dir) as tmp:
-                load_causal_lm(start or self.run.paths["student"]).save_pretrained(tmp)
+                load_causal_lm(start).save_pretrained(tmp)
                 (tmp / "history.json").write_text("[]")
             return
         cfg = harder_config(self.cfg.distill, d.epochs_factor, d.lr) if d.kind == "harder" else None
         weights = [r["weight"] for r in rows] if d.kind == "grad_align" else None
-        self.run._distill(rows, seed, student_dir, start=start, cfg=cfg, weights=weights)
+        self.run._distill(rows, seed, student_dir, start=start if self.n_warm(d) else None, cfg=cfg,
+                          weights=weights)
 
     def row(self, method: str, param: float, seed: int, d) -> dict:
         """Run (or reuse) distiller ``d``'s stages at one point; returns its result row."""

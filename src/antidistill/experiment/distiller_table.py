@@ -18,7 +18,8 @@ from .distillers import DISTILLERS, NAIVE
 # (runs of one distiller, arm) -> {"estimate", "ci_low", "ci_high", ...} or None when it cannot be fitted
 Estimator = Callable[[pd.DataFrame, str], "dict | None"]
 
-COLUMNS = ("distiller", "arm", "estimate", "ci_low", "ci_high", "n_runs", "naive_estimate", "recovered")
+COLUMNS = ("distiller", "arm", "estimate", "ci_low", "ci_high", "n_runs", "naive_estimate", "recovered",
+           "arm_level", "temperature_level")
 
 
 def recovered_fraction(gap: float, naive_gap: float) -> float:
@@ -34,7 +35,7 @@ def recovered_fraction(gap: float, naive_gap: float) -> float:
 
 
 def distiller_table(df: pd.DataFrame, estimator: Estimator, arms: Sequence[str] = ("whitebox", "antidistill"),
-                    ) -> pd.DataFrame:
+                    level: str | None = None) -> pd.DataFrame:
     """One row per (distiller, arm): the arm's gap to temperature under that distiller, and the share of the
     naive gap it recovers.
 
@@ -45,6 +46,9 @@ def distiller_table(df: pd.DataFrame, estimator: Estimator, arms: Sequence[str] 
             called on one distiller's runs at a time; its ``estimate``, ``ci_low``, ``ci_high`` and ``n_runs``
             (if present) are copied.
         arms: the defended arms, each against temperature.
+        level: a column of ``df`` (e.g. ``student_acc``) whose mean over the distiller's runs of the arm and of
+            temperature is given beside the gap (``arm_level``, ``temperature_level``), so a variant whose
+            students all collapse, which makes every gap small, shows as such; NaN without it.
 
     Returns:
         A frame with :data:`COLUMNS`; ``recovered`` is :func:`recovered_fraction` of the point estimates (the
@@ -55,32 +59,43 @@ def distiller_table(df: pd.DataFrame, estimator: Estimator, arms: Sequence[str] 
     present = [d for d in DISTILLERS if (runs.distiller == d).any()]
     present += sorted(set(runs.distiller) - set(present))
     fits = {(d, a): estimator(runs[runs.distiller == d], a) for d in present for a in arms}
+    nan = float("nan")
+
+    def mean_level(d, method):
+        sub = runs[(runs.distiller == d) & (runs.method == method)]
+        return float(sub[level].mean()) if level is not None and len(sub) else nan
+
     rows = []
     for d in present:
         for a in arms:
             e, naive = fits[(d, a)], fits.get((NAIVE, a))
-            nan = float("nan")
             est = e["estimate"] if e else nan
             naive_est = naive["estimate"] if naive else nan
             rows.append({"distiller": d, "arm": a, "estimate": est, "ci_low": e["ci_low"] if e else nan,
                          "ci_high": e["ci_high"] if e else nan, "n_runs": e.get("n_runs") if e else None,
                          "naive_estimate": naive_est,
-                         "recovered": recovered_fraction(est, naive_est) if e and naive else nan})
+                         "recovered": recovered_fraction(est, naive_est) if e and naive else nan,
+                         "arm_level": mean_level(d, a), "temperature_level": mean_level(d, "temperature")})
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
 def distiller_table_lines(table: pd.DataFrame, *, scale: float = 100.0, digits: int = 1, unit: str = "points"
                           ) -> list[str]:
     """The table as report markdown: gaps (× ``scale``, in ``unit``) with their intervals, the recovered share
-    in %. Accuracy gaps are fractions shown in points (the default); an NLL gap takes ``scale=1``."""
+    in %. Accuracy gaps are fractions shown in points (the default); an NLL gap takes ``scale=1``. Where the
+    table has levels (``arm_level``), a column gives the mean of the arm's and temperature's students."""
     def pts(v):
         return "–" if pd.isna(v) else f"{scale * v:+.{digits}f}"
 
-    out = [f"| distiller | arm | gap to temperature ({unit}, 95% CI) | runs | naive gap recovered |",
-           "|---|---|---|---|---|"]
+    levels = "arm_level" in table and table.arm_level.notna().any()
+    head = " students: arm / temperature (mean) |" if levels else ""
+    out = [f"| distiller | arm | gap to temperature ({unit}, 95% CI) | runs | naive gap recovered |{head}",
+           "|---|---|---|---|---|" + ("---|" if levels else "")]
     for r in table.itertuples():
         gap = "–" if pd.isna(r.estimate) else f"{pts(r.estimate)} [{pts(r.ci_low)}, {pts(r.ci_high)}]"
         rec = "–" if pd.isna(r.recovered) else f"{100 * r.recovered:.0f}%"
         runs = "–" if r.n_runs is None or pd.isna(r.n_runs) else str(int(r.n_runs))
-        out.append(f"| {r.distiller} | {r.arm} | {gap} | {runs} | {rec} |")
+        level = (f" {scale * r.arm_level:.{digits}f} / {scale * r.temperature_level:.{digits}f} |"
+                 if levels else "")
+        out.append(f"| {r.distiller} | {r.arm} | {gap} | {runs} | {rec} |{level}")
     return out

@@ -14,7 +14,8 @@ by the sweep's stages (``experiment.distiller_stages``):
 ``grad_align``  weight each trace by the clipped, mean-normalised cosine between its loss gradient and
                 the student's gradient on a clean set (:func:`trace_cosines`, :func:`alignment_weights`)
 ``answers_only`` the student samples ``k`` solutions per problem and keeps those that reach the teacher's
-                delivered answer: rejection sampling against the teacher's answers (:func:`answers_only`)
+                delivered answer: rejection sampling against the teacher's answers (:func:`answers_only`),
+                from the base student or from one warm-started on ``warm_start`` clean solutions
 ``warm_start``  fine-tune the student on a clean set first (:func:`clean_set`), then distil from it
 ============== =============================================================================================
 
@@ -84,12 +85,17 @@ class GradAlign:
 @dataclass(config=CONFIG)
 class AnswersOnly:
     """Rejection sampling against the teacher's answers: ``k`` student samples per problem at τ = ``tau``,
-    prompted with ``few_shot`` clean examples, kept when their answer equals the teacher's delivered one."""
+    prompted with ``few_shot`` clean examples, kept when their answer equals the teacher's delivered one.
+
+    ``warm_start`` > 0: the student is first fine-tuned on that many clean solutions (as ``warm_start``
+    does), and that student both samples and is distilled, as a distiller whose student already reasons
+    would do; 0: the base student samples and is distilled."""
 
     kind: Literal["answers_only"] = "answers_only"
     k: int = Field(4, ge=1)
     tau: float = Field(1.0, gt=0.0, allow_inf_nan=False)
     few_shot: int = Field(3, ge=0)
+    warm_start: int = Field(0, ge=0)
 
 
 @dataclass(config=CONFIG)

@@ -265,13 +265,15 @@ def _distiller_lines(df: pd.DataFrame) -> list[str]:
                "primary endpoint.") if target is not None else ""
     out = ["## Adaptive distillers", "",
            f"Each defended arm's gap to temperature {where}, when the distiller applies the same variant to both "
-           "arms' traces (world-level intervals as above), and the share of the naive gap that variant recovers "
-           f"(a ratio of two estimates, no interval).{footing} What each variant does: `docs/threat-model.md`.", "",
+           "arms' traces (world-level intervals as above), the share of the naive gap that variant recovers "
+           "(a ratio of two estimates, no interval), and the mean accuracy of the arm's and temperature's students "
+           f"under it (a variant whose students all fail shows small gaps that mean nothing).{footing} What each variant does: `docs/threat-model.md`.", "",
            *distiller_table_lines(distiller_table(
-               df, lambda runs, arm: pooled_effect(runs, arm, target=target, adjust=False), arms)), ""]
+               df, lambda runs, arm: pooled_effect(runs, arm, target=target, adjust=False), arms,
+               level="student_acc")), ""]
     if "student_test_nll" in df.columns and df.student_test_nll.notna().any():
         nll = distiller_table(df, lambda runs, arm: pooled_effect(runs, arm, y="student_test_nll", target=target,
-                                                                  adjust=False), arms)
+                                                                  adjust=False), arms, level="student_test_nll")
         nll["recovered"] = np.nan  # a share of an NLL gap is not what the table's last column means
         out += ["Secondary: the same gaps in student NLL on the true solutions (nats/token; higher = the student "
                 "learned the task worse).", "",
