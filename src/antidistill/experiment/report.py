@@ -303,7 +303,7 @@ def write_report(path: str | Path, pool=(), out: str | Path | None = None) -> Pa
         everything = everything[everything.distiller.fillna("naive") == "naive"]
         df = df[df.distiller.fillna("naive") == "naive"]
     acc_rows = effect_rows(df)
-    plot_forest(acc_rows, labels, files.forest_plot)
+    plot_forest(acc_rows, {w: lab for w, lab in labels.items() if w not in failing}, files.forest_plot)  # effects' worlds
     plot_tradeoff(everything, files.tradeoff_plot)
     histories: dict[str, list] = {}
     for s in sources:
