@@ -101,6 +101,18 @@ def test_report_on_null_worlds_states_the_primary_verdict(tmp_path):
         assert (runs / png).stat().st_size > 10_000, png
 
 
+def test_with_several_seeds_at_the_primary_target_the_one_seed_reading_is_given_too(tmp_path):
+    runs, _ = _worlds(tmp_path, k=4)  # 2 seeds at every target
+    text = write_report(runs).read_text()
+    df = pooled_results(load_sources([runs]))
+    one = primary_effect(df[df.seed == 0])
+    verdict = _section(text, "## Verdict")
+    assert "the mean over its seeds at that target (2 seeds)" in verdict
+    assert (f"over seed 0 alone, as first registered: {100 * one['estimate']:+.1f} "
+            f"[{100 * one['ci_low']:+.1f}, {100 * one['ci_high']:+.1f}] points") in verdict
+    assert primary_effect(df)["estimate"] != pytest.approx(one["estimate"])
+
+
 def test_compact_worlds_give_the_same_effects_as_run_dirs(tmp_path):
     runs, _ = _worlds(tmp_path, k=3)
     for d in find_sources(runs):

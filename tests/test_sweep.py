@@ -192,6 +192,49 @@ def test_the_calibration_is_the_first_stage_and_holdout_only(quick_run):
         cfg.points()
 
 
+def test_replicate_seeds_rerun_the_targets_points_naive_only_and_leave_the_gate_alone(quick_run, tmp_path):
+    """A run grown with ``replicate`` (and an adaptive distiller at the same target) adds one point per arm at
+    the target for each replicate seed, each the naive distiller into the base student only; the gate, the
+    distiller's per-seed artifacts and its rows stay with the sweep's own seed."""
+    import shutil
+
+    src_tmp, _, out, _ = quick_run
+    copy = tmp_path / "runs" / "quick"
+    shutil.copytree(out, copy)
+    config = copy / "config.yaml"  # the copy's config names its own runs_dir
+    config.write_text(config.read_text().replace(str(src_tmp / "runs"), str(tmp_path / "runs")))
+    gate = (copy / "gate.json").read_text()
+    over = {"cache_dir": src_tmp / "cache", "replicate": "{targets: [-5.0], seeds: [7]}",
+            "distillers": "[naive, correct_only]", "distill_at.targets": "[-5.0]"}
+    grown = Run(quick_cfg(tmp_path, **over), progress=False).run()
+    df = pd.read_parquet(grown / "results.parquet")
+    design = Design.load(grown / "calibration.json")
+    at_primary = sorted(k for k, t in design.targets.items() if t == -5.0)
+    rep = df[df.seed == 7]
+    assert sorted(zip(rep.method, rep.param)) == at_primary and (rep.distiller == "naive").all()
+    assert (rep.target == -5.0).all() and len(rep) == len(at_primary)
+    adaptive = df[df.distiller == "correct_only"]
+    assert sorted(zip(adaptive.method, adaptive.param)) == at_primary and (adaptive.seed == 0).all()
+    assert (grown / "gate.json").read_text() == gate
+    assert not list((grown / "points").glob("*_s7/distillers"))
+    assert "replicate:" in (grown / "config.yaml").read_text()
+
+
+def test_replicate_is_validated():
+    from antidistill.experiment.sweepconfig import Replicates
+
+    for over, needle in [({"replicate": "{targets: [-5.0]}"}, "needs both targets and seeds"),
+                         ({"replicate": "{targets: [-5.0], seeds: [0]}"}, r"replicate.seeds \[0\] are already"),
+                         ({"replicate": "{targets: [-7.0], seeds: [1]}"}, "not among calibration.targets"),
+                         ({"replicate": "{targets: [-5.0], seeds: [1]}", "grid": "config"}, "needs grid='calibrated'"),
+                         ({"replicate": "{targets: [-5.0], seeds: [1, 1]}"}, "more than once")]:
+        with pytest.raises(ValueError, match=needle):
+            quick_cfg(Path("/nonexistent"), **over)
+    targets = {("temperature", 0.3): -5.0, ("antidistill", 0.01): -20.0, ("whitebox", 0.02): -5.0}
+    assert Replicates(targets=[-5.0], seeds=[1, 2]).points(targets) == [
+        ("temperature", 0.3, 1), ("whitebox", 0.02, 1), ("temperature", 0.3, 2), ("whitebox", 0.02, 2)]
+
+
 def test_config_mismatch_on_resume_is_an_error(quick_run):
     tmp, cfg, out, _ = quick_run
     other = quick_cfg(tmp, **{"sampling.eps": 0.5})

@@ -75,6 +75,9 @@ def dry_run(cfg: SweepConfig) -> list[str]:
                      f"greedy) × seeds {cfg.seeds}, plus greedy" if cfg.include_greedy else
                      f"points: from the run's calibration: arms {cfg.expand_arms(c.arms)} at targets {c.targets} × "
                      f"seeds {cfg.seeds}")
+        if cfg.replicate.seeds:
+            lines.append(f"replicates: seeds {cfg.replicate.seeds} again at targets {cfg.replicate.targets} (every arm, "
+                         f"naive distiller into the base student only)")
     else:
         points = cfg.points()
         by_arm: dict[str, list[float]] = {}

@@ -171,6 +171,13 @@ def _verdict_lines(df: pd.DataFrame) -> list[str]:
               "temperature slope for the small teacher-accuracy mismatch." if PRIMARY_TARGET in targets_of(df) else
               "This results table has no calibrated targets (an older design): each defended run is compared with "
               "its world's temperature line at its teacher accuracy, inside temperature's range.")
+    at_primary = df[np.isclose(df.target.astype(float), PRIMARY_TARGET)] if "target" in df.columns else df.iloc[:0]
+    if "seed" in df.columns and at_primary.seed.nunique() > 1:  # replicate seeds: the registered one-seed reading too
+        one = primary_effect(df[df.seed == df.seed.min()])
+        if one is not None:
+            design += (f" Each world's effect is the mean over its seeds at that target ({at_primary.seed.nunique()} "
+                       f"seeds); over seed {int(df.seed.min())} alone, as first registered: {100 * one['estimate']:+.1f} "
+                       f"{interval_text(one, '{:+.1f}', scale=100.0)} points ({claim_note(one)}).")
     return out + [design, "",
                   "Teacher accuracy is scored on the *delivered* traces: the stored completion is exactly what the "
                   "student trains on, judged on its own final answer.", ""]

@@ -170,8 +170,9 @@ class Run:
     def point_rows(self, method: str, param: float, seed: int, gate_only: bool = False) -> list[dict]:
         """One point's rows, one per configured distiller (in config order), each with its ``distiller``; then one
         per further panel student; each labelled with its proxy and student (``PanelStages.rows``).
-        ``gate_only``: the base student's naive row alone (what the gate reads; the rest waits for it)."""
-        if gate_only:
+        ``gate_only``: the base student's naive row alone (what the gate reads; the rest waits for it), as a
+        replicate seed's point always gives."""
+        if gate_only or self.cfg.is_replicate(seed):
             return [with_distiller(self.point(method, param, seed), "naive") | self.panel.labels(method, self.cfg.panel()[0])]
         rows = [with_distiller(self.point(method, param, seed), d.kind) if d.kind == "naive"
                 else self.adaptive.row(method, param, seed, d) for d in self.adaptive.distillers_at(method, param)]
@@ -180,7 +181,7 @@ class Run:
     def point_done(self, method: str, param: float, seed: int, gate_only: bool = False) -> bool:
         """Whether every row :meth:`point_rows` gives for this point is written."""
         files = self.files.point(method, param, seed)
-        if gate_only:
+        if gate_only or self.cfg.is_replicate(seed):
             return files.result.is_file()
         return all((files.result if d.kind == "naive" else files.distiller(d.kind).result).is_file()
                    for d in self.adaptive.distillers_at(method, param)) and all(files.panel(s).result.is_file() for s in self.cfg.panel()[1:])
@@ -276,7 +277,7 @@ class Run:
                 warnings.warn(f"calibration targets outside the measured curves, run at the curve's end instead: "
                               f"{'; '.join(outside)} (widen calibration.temperatures or lam_range; {path})",
                               RuntimeWarning, stacklevel=2)
-            pts = self.cfg.points(self.design.grid)
+            pts = self.cfg.points(self.design.grid) + self.cfg.replicate.points(self.design.targets)
         return sorted(pts, key=lambda pt: pt[0] not in ("greedy", "temperature"))
 
     def check_eps(self) -> float:
@@ -310,7 +311,7 @@ class Run:
         points = self.points()
         rows = None
         if self.cfg.gate != "skip":
-            first = [pt for pt in points if pt[0] in ("greedy", "temperature")]
+            first = [pt for pt in points if pt[0] in ("greedy", "temperature") and not self.cfg.is_replicate(pt[2])]
             naive = self._run_points(first, gate_only=True)
             stage(self.files.gate, lambda p: write_json_atomic(p, world_gate(
                 pd.DataFrame(naive), self.cfg.gate_min_greedy_student, self.cfg.gate_min_slope)))
@@ -320,7 +321,7 @@ class Run:
                               stacklevel=2)
                 rows = naive if self.cfg.gate == "stop" else None
         if rows is None:
-            self.adaptive.prepare(sorted({s for _, _, s in points}))
+            self.adaptive.prepare(self.cfg.seeds)
             for method in sorted({m for m, _, _ in points}):  # every arm's g, before any worker needs it
                 self.panel.gradient_path(method)
                 if arm_spec(method).direction == "random":

@@ -32,6 +32,35 @@ SWEEP_SAMPLING = {"tau": 0.9, "top_p": 0.95, "max_new_tokens": 80, "batch_size":
 
 
 @dataclass(config=CONFIG)
+class Replicates:
+    """Further seeds at chosen calibrated targets: each of ``seeds`` runs every point whose rows carry one of
+    ``targets`` again, with its own sampling and distillation seed, as the naive distiller into the base
+    student only. They add runs where an endpoint is read, at a fraction of a world's cost; the gate, the
+    adaptive distillers and the panel read the sweep's own ``seeds`` alone.
+
+    >>> Replicates(targets=[-5.0], seeds=[1, 2]).covers(-5.0), Replicates().covers(-5.0)
+    (True, False)
+    """
+
+    targets: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if bool(self.targets) != bool(self.seeds):
+            raise ValueError(f"replicate needs both targets and seeds (or neither), got targets={self.targets!r}, "
+                             f"seeds={self.seeds!r}")
+        if len(set(self.seeds)) < len(self.seeds):
+            raise ValueError(f"replicate.seeds lists a seed more than once: {self.seeds!r}")
+
+    def covers(self, target: float | None) -> bool:
+        return target is not None and target in self.targets
+
+    def points(self, targets: dict[tuple[str, float], float]) -> list[tuple[str, float, int]]:
+        """The replicate points of a design whose (arm, param) → target map is ``targets``."""
+        return [(m, x, s) for s in self.seeds for (m, x), t in sorted(targets.items()) if self.covers(t)]
+
+
+@dataclass(config=CONFIG)
 class SweepConfig:
     """The whole experiment: data and models, the grid of sampling points, distillation, and workers.
 
@@ -83,6 +112,8 @@ class SweepConfig:
     # where the distillers other than the naive one run (default: every point), e.g. only at the primary
     # target's temperature and defended points: {targets: [-5.0], arms: [temperature, antidistill, whitebox]}
     distill_at: DistillerScope = field(default_factory=DistillerScope)
+    # further seeds at chosen targets, naive distiller and base student only, e.g. {targets: [-5.0], seeds: [1, 2]}
+    replicate: Replicates = field(default_factory=Replicates)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # antidistill calibrate
     n_eval_traces: int = 100  # clean holdout traces for the student's loss-dynamics record (Fig. 5)
     # sweep points run in this many processes at once, each with cores // workers torch threads. On a
@@ -169,6 +200,19 @@ class SweepConfig:
                                      f"{self.ensemble_members(f'ensemble@-{family}')} of arm_proxies "
                                      f"{self.arm_proxies!r}: an ensemble needs at least 2 proxies of other families")
         self._check_distill_at()
+        if self.replicate.seeds:
+            if self.grid != "calibrated":
+                raise ValueError(f"replicate names calibrated targets; it needs grid='calibrated' (got grid={self.grid!r})")
+            bad = sorted(set(self.replicate.targets) - set(self.calibration.targets))
+            if bad:
+                raise ValueError(f"replicate.targets {bad} are not among calibration.targets {self.calibration.targets}")
+            both = sorted(set(self.replicate.seeds) & set(self.seeds))
+            if both:
+                raise ValueError(f"replicate.seeds {both} are already among seeds {self.seeds}")
+
+    def is_replicate(self, seed: int) -> bool:
+        """Whether ``seed`` is a replicate seed (its points: naive distiller, base student only)."""
+        return seed not in self.seeds
 
     def _check_distill_at(self) -> None:
         """``distill_at`` must name targets this design calibrates and arms it runs: a scope that selects no
@@ -289,8 +333,10 @@ def config_text(cfg: SweepConfig) -> str:
     """The run directory's ``config.yaml``: the config as YAML, leaving out ``distillers`` when it is only the
     naive one, ``distill_at`` when it is every point, ``calibration.gammas`` when it is the default,
     ``arm_proxies`` when empty and ``world.zoo`` when unset, so a config written before these existed keeps
-    its text and its run directory resumes."""
+    its text and its run directory resumes; likewise ``replicate`` when it has no seeds."""
     data = to_dict(cfg)
+    if not cfg.replicate.seeds:
+        del data["replicate"]
     if [d.kind for d in cfg.distillers] == ["naive"]:
         del data["distillers"]
     if cfg.distill_at.everywhere:
@@ -304,16 +350,17 @@ def config_text(cfg: SweepConfig) -> str:
     return yaml.safe_dump(data, sort_keys=False)  # as config.dump_yaml writes it
 
 
-# what a run may change on resume: each distiller has its own stages and rows, the naive one's are unchanged
-DISTILLER_KEYS = ("distillers", "distill_at")
+# what a run may change on resume: each distiller has its own stages and rows, and a replicate seed its own
+# points, while the points and naive rows already made are unchanged
+DISTILLER_KEYS = ("distillers", "distill_at", "replicate")
 
 
 def same_but_distillers(text: str, other: str) -> bool:
     """Whether two ``config.yaml`` texts differ at most in which distillers run where (:data:`DISTILLER_KEYS`).
 
-    A run that gains (or drops) adaptive distillers, or changes where they run, keeps every other stage: the
-    points' traces, the naive students and their rows are made the same way, so the run directory resumes
-    and adds the new rows. A distiller named in both must keep its settings: its stages are keyed by its
+    A run that gains (or drops) adaptive distillers, or changes where they run, or gains replicate seeds
+    (``replicate``), keeps every other stage: the points' traces, the naive students and their rows are made
+    the same way, so the run directory resumes and adds the new rows. A distiller named in both must keep its settings: its stages are keyed by its
     kind, so new settings would reuse the old artifacts (``distiller_settings_check`` guards a distiller
     that was dropped and comes back).
     """
@@ -323,6 +370,7 @@ def same_but_distillers(text: str, other: str) -> bool:
     db = {d["kind"]: d for d in b.pop("distillers", naive)}
     if any(da[k] != db[k] for k in da.keys() & db.keys()):
         return False
-    a.pop("distill_at", None)
-    b.pop("distill_at", None)
+    for key in DISTILLER_KEYS[1:]:
+        a.pop(key, None)
+        b.pop(key, None)
     return a == b
