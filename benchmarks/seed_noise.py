@@ -3,8 +3,8 @@
 Usage: python benchmarks/seed_noise.py RUN_DIR POINT[,POINT...] SEED[,SEED...] [naive|harder] > out.jsonl
 (run from the directory the run's config names its cache from; RUN_DIR a sweep's run directory with its
 points' ``traces.jsonl``). Re-distils each point's committed traces with each seed, with the run's
-``distill`` config (``naive``) or the ``harder`` distiller of ``--full`` (full fine-tuning, 3× the epochs,
-lr 1e-3), and scores the student as the sweep does: forced answers on the test split and NLL on the true
+``distill`` config (``naive``) or its ``harder`` distiller (as the run configures it, else ``--full``'s:
+full fine-tuning, 3× the epochs, lr 1e-3), and scores the student as the sweep does: forced answers on the test split and NLL on the true
 solutions. Prints one JSON line per (point, seed). ``docs/design.md`` ("How noisy one run is") has what
 it measured.
 """
@@ -35,7 +35,9 @@ m = load_materials(cfg.dataset, world=cfg.world, cache_dir=cfg.cache_dir, data_p
                    models={r: getattr(cfg, r) for r in ("teacher", "proxy", "student")}, limit_train=cfg.limit_train,
                    limit_test=cfg.limit_test, workers=1, progress=False, tokenizer_dirs=cfg.tokenizer_dirs)
 tok = m.tokenizers["student"]
-dcfg = harder_config(cfg.distill, 3.0, 1e-3) if kind == "harder" else cfg.distill
+harder = next((d for d in cfg.distillers if d.kind == "harder"), None)  # the run's own settings, else full.yaml's
+dcfg = (harder_config(cfg.distill, harder.epochs_factor, harder.lr) if harder else harder_config(cfg.distill, 3.0, 1e-3)
+        ) if kind == "harder" else cfg.distill
 greedy = cfg.settings_for("greedy", 0.0, 0)
 for point in points:
     traces = read_jsonl(run / "points" / point / "traces.jsonl")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -269,7 +270,8 @@ def test_distillers_config_names_defaults_and_errors(tmp_path):
     default_gammas = "  gammas:\n  - 0.0\n  - 0.25\n  - 0.5\n  - 0.75\n  - 1.0\n"
     assert config_text(cfg) == dump_yaml(cfg).replace("distillers:\n- kind: naive\n", "").replace(
         default_gammas, "").replace("  zoo: null\n", "").replace("arm_proxies: []\n", "").replace(
-        "distill_at:\n  targets: null\n  arms: null\n", "")
+        "distill_at:\n  targets: null\n  arms: null\n", "").replace(
+        "replicate:\n  targets: []\n  seeds: []\n", "")
     cfg = load_config(SweepConfig, QUICK, ["distillers=[naive, clean_mix, {kind: answers_only, k: 2}]"])
     assert cfg.distillers[1] == CleanMix(fraction=0.1) and cfg.distillers[2] == AnswersOnly(k=2)
     assert "distillers" in config_text(cfg)
@@ -278,6 +280,26 @@ def test_distillers_config_names_defaults_and_errors(tmp_path):
                         ("[{kind: harder, lr: 0}]", "lr=0")]:
         with pytest.raises(ValueError, match=needle):
             load_config(SweepConfig, QUICK, [f"distillers={bad}"])
+
+
+def test_a_setting_added_later_is_left_out_of_the_records_at_its_default(tmp_path):
+    """A run directory recorded before ``answers_only`` had ``warm_start`` resumes: its config.yaml and its
+    settings.json match the new default's records; a non-default value is recorded."""
+    from antidistill.experiment.distiller_stages import check_distiller_settings
+    from antidistill.experiment.distillers import distiller_record
+    from antidistill.experiment.rundir import RunDir
+
+    cfg = load_config(SweepConfig, QUICK, ["distillers=[naive, answers_only]"])
+    assert "warm_start" not in config_text(cfg)
+    files = RunDir(tmp_path)
+    (files.distiller("answers_only")).mkdir(parents=True)
+    old = {"few_shot": 3, "k": 4, "kind": "answers_only", "tau": 1.0}  # as written before warm_start existed
+    (files.distiller("answers_only") / "settings.json").write_text(json.dumps(old, sort_keys=True))
+    check_distiller_settings(files, cfg.distillers, write=False)
+    warm = AnswersOnly(warm_start=64)
+    assert distiller_record(warm)["warm_start"] == 64
+    with pytest.raises(ValueError, match="records other settings"):
+        check_distiller_settings(files, [warm], write=False)
 
 
 def test_with_distiller_places_the_column_after_seed():

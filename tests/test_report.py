@@ -21,7 +21,7 @@ from antidistill.experiment import figures
 from antidistill.experiment.gate import world_gate
 from antidistill.experiment.inference import primary_effect, verdict_sentence
 from antidistill.experiment.report import effect_rows, write_report
-from antidistill.experiment.results_io import export_world, find_sources, load_sources, pooled_results
+from antidistill.experiment.results_io import export_world, find_sources, load_sources, own_seed_rows, pooled_results
 from antidistill.experiment.rundir import RunDir, point_name
 from test_inference import simulate
 
@@ -101,16 +101,28 @@ def test_report_on_null_worlds_states_the_primary_verdict(tmp_path):
         assert (runs / png).stat().st_size > 10_000, png
 
 
-def test_with_several_seeds_at_the_primary_target_the_one_seed_reading_is_given_too(tmp_path):
-    runs, _ = _worlds(tmp_path, k=4)  # 2 seeds at every target
-    text = write_report(runs).read_text()
-    df = pooled_results(load_sources([runs]))
-    one = primary_effect(df[df.seed == 0])
+def test_replicate_seeds_add_the_own_seed_reading_and_stay_out_of_the_distiller_table(tmp_path):
+    """Rows whose seed is not among their config's ``seeds`` are replicates: the verdict adds the reading on the
+    sweeps' own seeds, and the distiller table (whose variants ran at the own seeds) leaves them out."""
+    df = simulate(np.random.default_rng(5), worlds=4, seeds=2, n_test=1000, sigma_world=0.02)
+    df = df.assign(config=json.dumps({"seeds": [0]}), distiller="naive")
+    df = df[(df.seed == 0) | (df.target == -5.0)]  # seed 1 at the primary target only, as `replicate` runs it
+    variant = df[(df.seed == 0) & (df.target == -5.0)].assign(distiller="correct_only")
+    for i, (w, rows) in enumerate(pd.concat([df, variant]).groupby("world")):
+        _fake_run(tmp_path / "runs", rows.assign(world=f"toyworld-{i:02d}"), f"world{i:02d}", seed=i)
+    text = write_report(tmp_path / "runs").read_text()
+    pooled = pooled_results(load_sources([tmp_path / "runs"]))
+    naive = pooled[pooled.distiller == "naive"]
+    own = primary_effect(naive[naive.seed == 0])
     verdict = _section(text, "## Verdict")
-    assert "the mean over its seeds at that target (2 seeds)" in verdict
-    assert (f"over seed 0 alone, as first registered: {100 * one['estimate']:+.1f} "
-            f"[{100 * one['ci_low']:+.1f}, {100 * one['ci_high']:+.1f}] points") in verdict
-    assert primary_effect(df)["estimate"] != pytest.approx(one["estimate"])
+    assert "over its seeds at that target, replicate seeds included" in verdict
+    assert (f"over the sweeps' own seeds alone, as first registered: {100 * own['estimate']:+.1f} "
+            f"[{100 * own['ci_low']:+.1f}, {100 * own['ci_high']:+.1f}] points") in verdict
+    assert primary_effect(naive)["estimate"] != pytest.approx(own["estimate"])
+    table = _section(text, "## Adaptive distillers")
+    assert "| naive | whitebox |" in table and "| 4 |" in table  # one run per world: seed 0 alone
+    assert len(own_seed_rows(pooled)) == len(pooled[pooled.seed == 0])
+    assert own_seed_rows(pooled.drop(columns="config")).equals(pooled.drop(columns="config"))
 
 
 def test_compact_worlds_give_the_same_effects_as_run_dirs(tmp_path):

@@ -205,7 +205,7 @@ def test_replicate_seeds_rerun_the_targets_points_naive_only_and_leave_the_gate_
     config.write_text(config.read_text().replace(str(src_tmp / "runs"), str(tmp_path / "runs")))
     gate = (copy / "gate.json").read_text()
     over = {"cache_dir": src_tmp / "cache", "replicate": "{targets: [-5.0], seeds: [7]}",
-            "distillers": "[naive, correct_only]", "distill_at.targets": "[-5.0]"}
+            "distillers": "[naive, {kind: warm_start, n_clean: 4}]", "distill_at.targets": "[-5.0]"}
     grown = Run(quick_cfg(tmp_path, **over), progress=False).run()
     df = pd.read_parquet(grown / "results.parquet")
     design = Design.load(grown / "calibration.json")
@@ -213,10 +213,11 @@ def test_replicate_seeds_rerun_the_targets_points_naive_only_and_leave_the_gate_
     rep = df[df.seed == 7]
     assert sorted(zip(rep.method, rep.param)) == at_primary and (rep.distiller == "naive").all()
     assert (rep.target == -5.0).all() and len(rep) == len(at_primary)
-    adaptive = df[df.distiller == "correct_only"]
+    adaptive = df[df.distiller == "warm_start"]
     assert sorted(zip(adaptive.method, adaptive.param)) == at_primary and (adaptive.seed == 0).all()
     assert (grown / "gate.json").read_text() == gate
     assert not list((grown / "points").glob("*_s7/distillers"))
+    assert sorted(p.name for p in (grown / "distillers" / "warm_start").iterdir()) == ["settings.json", "student_s0"]
     assert "replicate:" in (grown / "config.yaml").read_text()
 
 

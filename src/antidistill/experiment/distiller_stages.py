@@ -28,6 +28,7 @@ from .distillers import (
     clean_mix,
     clean_set,
     correct_only,
+    distiller_record,
     harder_config,
     sample_student,
     trace_cosines,
@@ -45,7 +46,7 @@ def check_distiller_settings(files, distillers, *, write: bool) -> None:
         if d.kind == NAIVE:
             continue
         path = files.distiller(d.kind) / "settings.json"
-        text = json.dumps(dataclasses.asdict(d), sort_keys=True)
+        text = json.dumps(distiller_record(d), sort_keys=True)
         if path.is_file() and path.read_text() != text:
             raise ValueError(f"{path} records other settings for distiller {d.kind!r} ({path.read_text()}) than the "
                              f"config's ({text}): its artifacts were made with those; choose another run name")

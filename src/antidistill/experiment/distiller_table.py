@@ -79,16 +79,17 @@ def distiller_table(df: pd.DataFrame, estimator: Estimator, arms: Sequence[str] 
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
-def distiller_table_lines(table: pd.DataFrame, *, scale: float = 100.0, digits: int = 1, unit: str = "points"
-                          ) -> list[str]:
+def distiller_table_lines(table: pd.DataFrame, *, scale: float = 100.0, digits: int = 1, unit: str = "points",
+                          level_name: str = "students") -> list[str]:
     """The table as report markdown: gaps (× ``scale``, in ``unit``) with their intervals, the recovered share
     in %. Accuracy gaps are fractions shown in points (the default); an NLL gap takes ``scale=1``. Where the
-    table has levels (``arm_level``), a column gives the mean of the arm's and temperature's students."""
+    table has levels (``arm_level``), a column (``level_name``) gives the mean of the arm's and temperature's
+    students."""
     def pts(v):
         return "–" if pd.isna(v) else f"{scale * v:+.{digits}f}"
 
     levels = "arm_level" in table and table.arm_level.notna().any()
-    head = " students: arm / temperature (mean) |" if levels else ""
+    head = f" {level_name}: arm / temperature (mean) |" if levels else ""
     out = [f"| distiller | arm | gap to temperature ({unit}, 95% CI) | runs | naive gap recovered |{head}",
            "|---|---|---|---|---|" + ("---|" if levels else "")]
     for r in table.itertuples():

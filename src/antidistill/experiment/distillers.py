@@ -151,6 +151,25 @@ class DistillerScope:
         return self.targets is None or target in self.targets
 
 
+# settings added after run directories were first written: a record leaves them out at these defaults
+LATER_DEFAULTS: dict[str, dict] = {"answers_only": {"warm_start": 0}}
+
+
+def distiller_record(d) -> dict:
+    """Distiller ``d``'s settings as a run records them (``config.yaml``, ``distillers/<kind>/settings.json``):
+    a setting added later (:data:`LATER_DEFAULTS`) is left out at its default, so a record written before it
+    existed still matches.
+
+    >>> distiller_record(AnswersOnly()) == {"kind": "answers_only", "k": 4, "tau": 1.0, "few_shot": 3}
+    True
+    """
+    record = dataclasses.asdict(d)
+    for key, default in LATER_DEFAULTS.get(d.kind, {}).items():
+        if record.get(key) == default:
+            del record[key]
+    return record
+
+
 def distiller_entries(value):
     """A ``distillers:`` list as written in YAML or ``--set``: a bare name stands for that variant's defaults.
 

@@ -31,7 +31,7 @@ from .inference import (
     verdict_sentence,
 )
 from .report_provenance import calibration_lines, fd_lines, pct_text, settings_lines
-from .results_io import Source, load_sources, pooled_results
+from .results_io import Source, load_sources, own_seed_rows, pooled_results
 from .rundir import RunDir
 from .transfer import default_rows
 from .transfer_report import ensemble_lines, has_transfer_design, headline_lines, transfer_lines
@@ -171,13 +171,14 @@ def _verdict_lines(df: pd.DataFrame) -> list[str]:
               "temperature slope for the small teacher-accuracy mismatch." if PRIMARY_TARGET in targets_of(df) else
               "This results table has no calibrated targets (an older design): each defended run is compared with "
               "its world's temperature line at its teacher accuracy, inside temperature's range.")
-    at_primary = df[np.isclose(df.target.astype(float), PRIMARY_TARGET)] if "target" in df.columns else df.iloc[:0]
-    if "seed" in df.columns and at_primary.seed.nunique() > 1:  # replicate seeds: the registered one-seed reading too
-        one = primary_effect(df[df.seed == df.seed.min()])
+    own = own_seed_rows(df)
+    if len(own) < len(df):  # replicate seeds: the reading on the sweeps' own seeds, as first registered, too
+        one = primary_effect(own)
         if one is not None:
-            design += (f" Each world's effect is the mean over its seeds at that target ({at_primary.seed.nunique()} "
-                       f"seeds); over seed {int(df.seed.min())} alone, as first registered: {100 * one['estimate']:+.1f} "
-                       f"{interval_text(one, '{:+.1f}', scale=100.0)} points ({claim_note(one)}).")
+            design += (" Each world's effect is the mean of its paired differences over its seeds at that target, "
+                       "replicate seeds included; over the sweeps' own seeds alone, as first registered: "
+                       f"{100 * one['estimate']:+.1f} {interval_text(one, '{:+.1f}', scale=100.0)} points "
+                       f"({claim_note(one)}).")
     return out + [design, "",
                   "Teacher accuracy is scored on the *delivered* traces: the stored completion is exactly what the "
                   "student trains on, judged on its own final answer.", ""]
@@ -259,6 +260,7 @@ def _distiller_lines(df: pd.DataFrame) -> list[str]:
     # every distiller on the same footing: the worlds where every variant ran, and (a design with targets) only
     # the target's runs, each gap the plain paired difference, the naive one's too (a variant has one
     # temperature run per world there: no range of teacher accuracy to fit a slope on)
+    df = own_seed_rows(df)  # the variants run at the sweeps' own seeds: the naive row on the same footing
     kind = df.distiller.fillna("naive")
     if "world" in df.columns:
         worlds = [set(df.world[kind == d]) for d in kind.unique() if d != "naive"]
@@ -284,7 +286,7 @@ def _distiller_lines(df: pd.DataFrame) -> list[str]:
         nll["recovered"] = np.nan  # a share of an NLL gap is not what the table's last column means
         out += ["Secondary: the same gaps in student NLL on the true solutions (nats/token; higher = the student "
                 "learned the task worse).", "",
-                *distiller_table_lines(nll, scale=1.0, digits=3, unit="nats/token"), ""]
+                *distiller_table_lines(nll, scale=1.0, digits=3, unit="nats/token", level_name="student NLL"), ""]
     return out
 
 

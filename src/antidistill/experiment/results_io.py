@@ -135,6 +135,19 @@ def pooled_results(sources: list[Source]) -> pd.DataFrame:
     return pd.concat([s.results for s in sources], ignore_index=True)
 
 
+def own_seed_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows a sweep ran at its own ``seeds``, without its ``replicate`` seeds: each row's seed against the
+    ``seeds`` of the config it records (``config``, JSON). Rows without a recorded config are kept.
+
+    The adaptive distillers, the panel and the gate run at a sweep's own seeds only, and a design registered
+    before replicates were added is read on these rows."""
+    if "config" not in df.columns or "seed" not in df.columns:
+        return df
+    seeds = {c: set(json.loads(c).get("seeds", [])) if isinstance(c, str) else None for c in df.config.unique()}
+    keep = [seeds[c] is None or s in seeds[c] for c, s in zip(df.config, df.seed)]
+    return df[keep]
+
+
 def export_world(run_dir: str | Path, dest: str | Path) -> Path:
     """Write ``dest`` as the compact world directory of ``run_dir`` (atomically; no model weights).
 

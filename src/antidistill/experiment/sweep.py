@@ -95,7 +95,8 @@ class Run:
         if path.is_file() and path.read_text() != text:
             if not same_but_distillers(path.read_text(), text):
                 raise ValueError(f"{path} holds a different config: resume with the same settings (distillers may come "
-                                 f"or go, distill_at may change; a distiller keeps its settings), or choose another name")
+                                 f"or go, distill_at and replicate may change; a distiller keeps its settings), or "
+                                 f"choose another name")
         check_distiller_settings(self.files, self.cfg.distillers, write=False)
         if write:  # a run that gains or drops distillers keeps its other stages; the new rows are added
             check_distiller_settings(self.files, self.cfg.distillers, write=True)

@@ -24,7 +24,8 @@ from .arms import ARMS, EXTRA_ARMS, arm_spec, base_arm
 from .calibration import CalibrationConfig
 from .data import DATASETS
 from .distill import DistillConfig
-from .distillers import NAIVE, DistillerConfig, DistillerScope, Naive, check_distillers, distiller_entries
+from .distillers import (NAIVE, DistillerConfig, DistillerScope, Naive, check_distillers, distiller_entries,
+                         distiller_record)
 from .rundir import point_name
 
 # what the sweep's points start from unless its config says otherwise
@@ -211,7 +212,8 @@ class SweepConfig:
                 raise ValueError(f"replicate.seeds {both} are already among seeds {self.seeds}")
 
     def is_replicate(self, seed: int) -> bool:
-        """Whether ``seed`` is a replicate seed (its points: naive distiller, base student only)."""
+        """Whether a point's ``seed`` is not one of the sweep's own ``seeds``: among its points, a replicate seed's
+        (naive distiller, base student only)."""
         return seed not in self.seeds
 
     def _check_distill_at(self) -> None:
@@ -333,12 +335,15 @@ def config_text(cfg: SweepConfig) -> str:
     """The run directory's ``config.yaml``: the config as YAML, leaving out ``distillers`` when it is only the
     naive one, ``distill_at`` when it is every point, ``calibration.gammas`` when it is the default,
     ``arm_proxies`` when empty and ``world.zoo`` when unset, so a config written before these existed keeps
-    its text and its run directory resumes; likewise ``replicate`` when it has no seeds."""
+    its text and its run directory resumes; likewise ``replicate`` when it has no seeds, and a distiller's
+    settings added later at their defaults (``distiller_record``)."""
     data = to_dict(cfg)
     if not cfg.replicate.seeds:
         del data["replicate"]
     if [d.kind for d in cfg.distillers] == ["naive"]:
         del data["distillers"]
+    else:
+        data["distillers"] = [distiller_record(d) for d in cfg.distillers]
     if cfg.distill_at.everywhere:
         del data["distill_at"]
     if data["calibration"]["gammas"] == CalibrationConfig().gammas:  # added later: default configs keep their text
@@ -360,7 +365,8 @@ def same_but_distillers(text: str, other: str) -> bool:
 
     A run that gains (or drops) adaptive distillers, or changes where they run, or gains replicate seeds
     (``replicate``), keeps every other stage: the points' traces, the naive students and their rows are made
-    the same way, so the run directory resumes and adds the new rows. A distiller named in both must keep its settings: its stages are keyed by its
+    the same way, so the run directory resumes and adds the new rows (a dropped distiller or replicate seed
+    leaves its rows out of the results it writes; its files stay). A distiller named in both must keep its settings: its stages are keyed by its
     kind, so new settings would reuse the old artifacts (``distiller_settings_check`` guards a distiller
     that was dropped and comes back).
     """
