@@ -161,6 +161,18 @@ def test_one_world_is_this_worlds_estimate_not_a_verdict():
     assert ladder_reading(ladder_effects(df)).startswith("One world build")
 
 
+def test_a_target_with_replicate_seeds_weighs_no_more_in_the_pooled_effect():
+    runs = pd.DataFrame({"method": "antidistill", "world": "w", "seed": [0, 0, 1, 2], "target": [-2.0, -5.0, -5.0, -5.0],
+                         "d": [0.1, 0.4, 0.2, 0.6], "var": [1e-4, 2e-4, 2e-4, 2e-4]})
+    pooled = world_effects(runs, "antidistill").iloc[0]
+    assert pooled.d == pytest.approx((0.1 + 0.4) / 2)  # the mean of the targets' means, not of the 4 runs
+    assert pooled["var"] == pytest.approx((1e-4 + 6e-4 / 9) / 4) and pooled.n_runs == 4
+    assert pooled.n_seeds == 1  # seed 0 alone ran both targets
+    at5 = world_effects(runs, "antidistill", target=-5.0).iloc[0]
+    assert at5.d == pytest.approx(0.4) and at5.n_seeds == 3 and at5.sd_seeds == pytest.approx(0.2)
+    assert world_effects(runs[runs.seed == 0], "antidistill").iloc[0].d == pytest.approx(0.25)
+
+
 def test_contrast_is_the_difference_of_world_effects():
     rng = np.random.default_rng(5)
     df = simulate(rng, worlds=6, sigma_world=0.02)

@@ -109,8 +109,10 @@ def run_effects(df: pd.DataFrame, baseline: str = "temperature", *, y: str = "st
 
 
 def world_effects(runs: pd.DataFrame, arm: str, *, target: float | None = None, other: str | None = None) -> pd.DataFrame:
-    """Per world, from :func:`run_effects`' table: the arm's mean effect ``d`` (over its runs, or those at
-    ``target``), its binomial ``var``, ``n_runs``, and the spread over its seeds (``sd_seeds``, ``n_seeds``).
+    """Per world, from :func:`run_effects`' table: the arm's mean effect ``d`` (at ``target``: the mean over its
+    runs there; over all targets: the mean over targets of each target's mean, so a target with more seeds
+    weighs no more), its binomial ``var``, ``n_runs``, and the spread over its seeds (``sd_seeds``,
+    ``n_seeds``: the seeds that ran every target the world has, each seed's mean over them).
 
     ``other``: the contrast arm − other, each against the baseline, per world that has both.
     """
@@ -118,10 +120,16 @@ def world_effects(runs: pd.DataFrame, arm: str, *, target: float | None = None, 
         r = runs[runs.method == a]
         if target is not None:
             r = r[np.isclose(r.target.to_numpy(float), target)]
-        g = r.groupby("world")
-        by_seed = r.groupby(["world", "seed"]).d.mean().groupby("world")
-        return pd.DataFrame({"d": g.d.mean(), "var": g["var"].sum() / g.size() ** 2, "n_runs": g.size(),
-                             "sd_seeds": by_seed.std(ddof=1), "n_seeds": by_seed.size()})
+        r = r.assign(cell=r.target.fillna(np.inf))  # runs without a target (older designs) form one cell
+        cells = r.groupby(["world", "cell"]).agg(d=("d", "mean"), var=("var", "sum"), n=("d", "size"))
+        cells["var"] = cells["var"] / cells.n ** 2
+        g = cells.groupby("world")
+        full = r.groupby(["world", "seed"]).cell.nunique().eq(r.groupby("world").cell.nunique(), level="world")
+        by_seed = r.set_index(["world", "seed"]).loc[full[full].index].groupby(["world", "seed"]).d.mean()
+        by_seed = by_seed.groupby("world")
+        out = pd.DataFrame({"d": g.d.mean(), "var": g["var"].sum() / g.size() ** 2, "n_runs": g.n.sum(),
+                            "sd_seeds": by_seed.std(ddof=1), "n_seeds": by_seed.size()})
+        return out.assign(n_seeds=out.n_seeds.fillna(0).astype(int))
     a = per_world(arm)
     if other is not None:
         o = per_world(other)
