@@ -8,6 +8,7 @@ finite-difference check, and says what kind of claim each interval makes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -290,27 +291,51 @@ def _distiller_lines(df: pd.DataFrame) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class ReportFrames:
+    """The rows each section of the report reads, from pooled sources.
+
+    ``design``: the rows every effect reads: worlds that pass the gate, the base student, arms without a
+    named model, the naive distiller. ``everything``: the same but with the failing worlds (the trade-off
+    plot and the results table). ``panel``: passing worlds' naive rows with the zoo and panel (the transfer
+    sections). ``by_distiller``: ``design`` with issue 17's distillers beside the naive one."""
+
+    worlds: list[dict]
+    failing: set
+    design: pd.DataFrame
+    everything: pd.DataFrame
+    panel: pd.DataFrame
+    by_distiller: pd.DataFrame
+
+
+def _naive_rows(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df.distiller.fillna("naive") == "naive"] if "distiller" in df.columns else df
+
+
+def report_frames(sources: list[Source]) -> ReportFrames:
+    """Split the pooled rows of ``sources`` into what each section of the report reads (:class:`ReportFrames`)."""
+    df = pooled_results(sources)
+    worlds = world_table(sources, default_rows(df))
+    # pre-registered (docs/design.md): a world that fails the gate is reported, not pooled
+    failing = {r["world"] for r in worlds if np.isfinite(r["gate"]["greedy_student_acc"]) and not r["gate"]["passes"]}
+    passing = df[~df.world.isin(failing)]
+    by_distiller = default_rows(passing)
+    return ReportFrames(worlds=worlds, failing=failing, design=_naive_rows(by_distiller),
+                        everything=_naive_rows(default_rows(df)), panel=_naive_rows(passing),
+                        by_distiller=by_distiller)
+
+
 def write_report(path: str | Path, pool=(), out: str | Path | None = None) -> Path:
     """Write ``report.md``, ``forest.png``, ``tradeoff.png`` and ``loss_dynamics.png`` into ``out``
     (default ``path``) from the results under ``path`` and ``pool`` (each a run directory, a compact
     world directory or a folder of them; ``results_io.load_sources``). Returns the report's path."""
     sources = load_sources((path, *pool))
-    df = pooled_results(sources)
+    frames = report_frames(sources)
+    worlds, failing, df = frames.worlds, frames.failing, frames.design
+    everything, panel_df, by_distiller = frames.everything, frames.panel, frames.by_distiller
     files = RunDir(out if out is not None else path)
     files.root.mkdir(parents=True, exist_ok=True)
-    worlds = world_table(sources, default_rows(df))
     labels = {r["world"]: r["label"] for r in worlds}
-    # pre-registered (docs/design.md): a world that fails the gate is reported, not pooled
-    failing = {r["world"] for r in worlds if np.isfinite(r["gate"]["greedy_student_acc"]) and not r["gate"]["passes"]}
-    everything, df = df, df[~df.world.isin(failing)]
-    # issue 16's zoo and panel rows go to the transfer sections; every other section reads the design's own
-    panel_df = df[df.distiller.fillna("naive") == "naive"] if "distiller" in df.columns else df
-    everything, df = default_rows(everything), default_rows(df)
-    # every section but the distiller table reads the naive distiller's rows (issue 17's variants are beside them)
-    by_distiller = df
-    if "distiller" in df.columns:
-        everything = everything[everything.distiller.fillna("naive") == "naive"]
-        df = df[df.distiller.fillna("naive") == "naive"]
     acc_rows = effect_rows(df)
     plot_forest(acc_rows, {w: lab for w, lab in labels.items() if w not in failing}, files.forest_plot)  # effects' worlds
     plot_tradeoff(everything, files.tradeoff_plot)
