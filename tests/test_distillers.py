@@ -325,6 +325,13 @@ def test_distiller_table_gives_each_distillers_gap_and_the_recovered_share():
     assert table.estimate.tolist() == pytest.approx([-0.08, -0.02])
     assert table.recovered.tolist() == pytest.approx([0.0, 0.75])
     assert recovered_fraction(-0.02, 0.01) != recovered_fraction(-0.02, 0.01)  # no naive gap: NaN
+    # where higher is worse (NLL) the gap that hurts is positive: the same shares with the sign turned
+    assert recovered_fraction(0.75, 0.5, harm=+1) == -0.5 and recovered_fraction(0.125, 0.5, harm=+1) == 0.75
+    assert recovered_fraction(0.1, -0.5, harm=+1) != recovered_fraction(0.1, -0.5, harm=+1)  # NLL fell: NaN
+    with pytest.raises(ValueError, match="harm"):
+        recovered_fraction(0.1, 0.2, harm=0)
+    nll = distiller_table(df.assign(gap=-df.gap), estimator, arms=("whitebox",), harm=+1)
+    assert nll.recovered.tolist() == pytest.approx([0.0, 0.75])
     assert table.arm_level.isna().all()  # no level column asked for
     levels = distiller_table(df.assign(acc=[0.5, 0.1] * 2 + [0.6, 0.2] * 2), estimator, arms=("whitebox",),
                              level="acc")

@@ -22,20 +22,25 @@ COLUMNS = ("distiller", "arm", "estimate", "ci_low", "ci_high", "n_runs", "naive
            "arm_level", "temperature_level")
 
 
-def recovered_fraction(gap: float, naive_gap: float) -> float:
+def recovered_fraction(gap: float, naive_gap: float, harm: int = -1) -> float:
     """The share of the naive gap a distiller recovers: 1 − gap / naive_gap (1: no gap left; 0: the naive gap;
-    < 0: a larger gap than naive). NaN when the naive distiller shows no gap (naive_gap ≥ 0) to recover.
+    < 0: a larger gap than naive). ``harm``: the sign of a gap that hurts the student, −1 where lower is worse
+    (accuracy), +1 where higher is worse (NLL). NaN when the naive distiller shows no such gap to recover.
 
     >>> recovered_fraction(-2.0, -8.0)
     0.75
+    >>> recovered_fraction(0.75, 0.5, harm=+1)  # an NLL gap that grew by half
+    -0.5
     """
-    if not naive_gap < 0:
+    if harm not in (-1, 1):
+        raise ValueError(f"harm must be -1 (lower is worse) or +1 (higher is worse), got {harm!r}")
+    if not harm * naive_gap > 0:
         return float("nan")
     return 1.0 - gap / naive_gap
 
 
 def distiller_table(df: pd.DataFrame, estimator: Estimator, arms: Sequence[str] = ("whitebox", "antidistill"),
-                    level: str | None = None) -> pd.DataFrame:
+                    level: str | None = None, harm: int = -1) -> pd.DataFrame:
     """One row per (distiller, arm): the arm's gap to temperature under that distiller, and the share of the
     naive gap it recovers.
 
@@ -49,6 +54,7 @@ def distiller_table(df: pd.DataFrame, estimator: Estimator, arms: Sequence[str] 
         level: a column of ``df`` (e.g. ``student_acc``) whose mean over the distiller's runs of the arm and of
             temperature is given beside the gap (``arm_level``, ``temperature_level``), so a variant whose
             students all collapse, which makes every gap small, shows as such; NaN without it.
+        harm: the sign of a gap that hurts the student (:func:`recovered_fraction`): −1 for accuracy, +1 for NLL.
 
     Returns:
         A frame with :data:`COLUMNS`; ``recovered`` is :func:`recovered_fraction` of the point estimates (the
@@ -74,7 +80,7 @@ def distiller_table(df: pd.DataFrame, estimator: Estimator, arms: Sequence[str] 
             rows.append({"distiller": d, "arm": a, "estimate": est, "ci_low": e["ci_low"] if e else nan,
                          "ci_high": e["ci_high"] if e else nan, "n_runs": e.get("n_runs") if e else None,
                          "naive_estimate": naive_est,
-                         "recovered": recovered_fraction(est, naive_est) if e and naive else nan,
+                         "recovered": recovered_fraction(est, naive_est, harm) if e and naive else nan,
                          "arm_level": mean_level(d, a), "temperature_level": mean_level(d, "temperature")})
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
