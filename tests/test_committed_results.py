@@ -64,7 +64,13 @@ def test_readme_headline_is_the_pooled_result(frames):
     """Each README headline cell, per world and pooled with its t(K−1) interval, is the pooled estimate."""
     header, rows = _readme_table()
     seeds = {str(w["world"]): w["seed"] for w in frames.worlds}
-    world_columns = [re.match(r"world (\d+)", h).group(1) for h in header[:-1]]
+    world_columns = [re.fullmatch(r"world (\d+)(?: \((\d+) seeds\))?", h).groups() for h in header[:-1]]
+    # a world column names its seed count at the primary target when it has more than one
+    at_target = frames.design[(frames.design.target == PRIMARY_TARGET) & (frames.design.method == "antidistill")]
+    n_seeds = {str(seeds[w]): n for w, n in at_target.groupby("world").seed.nunique().items()}
+    for column, n in world_columns:
+        assert (int(n) if n else 1) == n_seeds[column] and n != "1", f"README header of world {column}"
+    world_columns = [column for column, _ in world_columns]
     for label, (arm, y, scale, digits) in HEADLINE_ROWS.items():
         assert label in rows, f"README lacks the row {label!r}"
         e = primary_effect(frames.design, arm, y=y)
@@ -72,6 +78,7 @@ def test_readme_headline_is_the_pooled_result(frames):
         by_seed = {str(seeds[w]): d for w, d in e["worlds"].items()}
         assert sorted(by_seed, key=int) == sorted(world_columns, key=int), "README columns are not the pooled worlds"
         cells = rows[label]
+        assert len(cells) == len(header), f"README row {label!r} has {len(cells)} cells for {len(header)} columns"
         for column, cell in zip(world_columns, cells[:-1]):
             assert cell == _signed(scale * by_seed[column], digits), (label, column)
         pooled = (f"{_signed(scale * e['estimate'], digits)} [{_signed(scale * e['ci_low'], digits)}, "

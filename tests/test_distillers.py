@@ -330,6 +330,8 @@ def test_distiller_table_gives_each_distillers_gap_and_the_recovered_share():
     assert recovered_fraction(0.1, -0.5, harm=+1) != recovered_fraction(0.1, -0.5, harm=+1)  # NLL fell: NaN
     with pytest.raises(ValueError, match="harm"):
         recovered_fraction(0.1, 0.2, harm=0)
+    with pytest.raises(ValueError, match="harm"):
+        recovered_fraction(0.1, 0.2, harm=True)
     nll = distiller_table(df.assign(gap=-df.gap), estimator, arms=("whitebox",), harm=+1)
     assert nll.recovered.tolist() == pytest.approx([0.0, 0.75])
     assert table.arm_level.isna().all()  # no level column asked for

@@ -32,7 +32,7 @@ def recovered_fraction(gap: float, naive_gap: float, harm: int = -1) -> float:
     >>> recovered_fraction(0.75, 0.5, harm=+1)  # an NLL gap that grew by half
     -0.5
     """
-    if harm not in (-1, 1):
+    if isinstance(harm, bool) or harm not in (-1, 1):
         raise ValueError(f"harm must be -1 (lower is worse) or +1 (higher is worse), got {harm!r}")
     if not harm * naive_gap > 0:
         return float("nan")

@@ -38,7 +38,11 @@ CONTRAST_READING = {"equivalent": "no difference (inside ±{m:g})", "below": "lo
 def _where(df: pd.DataFrame) -> str:
     """The pre-registered reading (docs/design.md): each world's effect pooled over the design's targets."""
     targets = targets_of(df)
-    return ("pooled over the targets " + ", ".join(f"{t:+g}" for t in targets)) if targets else "over all runs"
+    if not targets:
+        return "over all runs"
+    if len(targets) == 1:
+        return f"at the {targets[0]:+g}-point target"
+    return "pooled over the targets " + ", ".join(f"{t:+g}" for t in targets)
 
 
 def headline_lines(df: pd.DataFrame) -> list[str]:
