@@ -1,15 +1,19 @@
 """How much of one point's student accuracy is the distillation seed?
 
-Usage: python benchmarks/seed_noise.py RUN_DIR POINT[,POINT...] SEED[,SEED...] [naive|harder] > out.jsonl
+Usage: python benchmarks/seed_noise.py RUN_DIR POINT[,POINT...] SEED[,SEED...] [naive|harder]
+[--student NAME --zoo-config CONFIG] > out.jsonl
 (run from the directory the run's config names its cache from; RUN_DIR a sweep's run directory with its
-points' ``traces.jsonl``). Re-distils each point's committed traces with each seed, with the run's
+points' ``traces.jsonl``). ``--student`` distils into a zoo panel student instead of the base student: the
+world's zoo is taken from CONFIG (e.g. ``src/antidistill/configs/transfer.yaml``), built beside the cached
+world if it is not yet, under the key the transfer run will use. Re-distils each point's committed traces with each seed, with the run's
 ``distill`` config (``naive``) or its ``harder`` distiller (as the run configures it, else ``--full``'s:
 full fine-tuning, 3× the epochs, lr 1e-3), and scores the student as the sweep does: forced answers on the test split and NLL on the true
 solutions. Prints one JSON line per (point, seed). ``docs/design.md`` ("How noisy one run is") has what
 it measured.
 """
+import argparse
+import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -25,16 +29,30 @@ from antidistill.generation import generate_traces
 from antidistill.io_utils import read_jsonl
 from antidistill.proxy import load_causal_lm
 
-run, points, seeds = Path(sys.argv[1]), sys.argv[2].split(","), [int(s) for s in sys.argv[3].split(",")]
-kind = sys.argv[4] if len(sys.argv) > 4 else "naive"
-if kind not in ("naive", "harder"):
-    raise SystemExit(f"distiller must be naive or harder, got {kind!r}")
+parser = argparse.ArgumentParser(description="Re-distil committed traces with other seeds.")
+parser.add_argument("run", type=Path)
+parser.add_argument("points")
+parser.add_argument("seeds")
+parser.add_argument("kind", nargs="?", default="naive", choices=("naive", "harder"))
+parser.add_argument("--student", default=None, help="a zoo panel student (default: the base student)")
+parser.add_argument("--zoo-config", type=Path, default=None, help="the sweep config whose world.zoo to use")
+args = parser.parse_args()
+run, points, seeds, kind = args.run, args.points.split(","), [int(s) for s in args.seeds.split(",")], args.kind
+if (args.student is None) != (args.zoo_config is None):
+    parser.error("--student and --zoo-config go together")
 torch.set_num_threads(1)
 cfg = load_config(SweepConfig, str(run / "config.yaml"))
-m = load_materials(cfg.dataset, world=cfg.world, cache_dir=cfg.cache_dir, data_path=cfg.data_path,
+world = cfg.world
+if args.zoo_config is not None:
+    zoo = load_config(SweepConfig, str(args.zoo_config)).world.zoo
+    if zoo is None or args.student not in zoo.panel:
+        parser.error(f"{args.zoo_config}: no panel student {args.student!r} in its world.zoo")
+    world = dataclasses.replace(world, zoo=zoo)
+m = load_materials(cfg.dataset, world=world, cache_dir=cfg.cache_dir, data_path=cfg.data_path,
                    models={r: getattr(cfg, r) for r in ("teacher", "proxy", "student")}, limit_train=cfg.limit_train,
                    limit_test=cfg.limit_test, workers=1, progress=False, tokenizer_dirs=cfg.tokenizer_dirs)
-tok = m.tokenizers["student"]
+tok = m.tokenizers["student"]  # the world's one tokenizer: every panel student shares it
+student_path = m.paths["student"] if args.student is None else m.named[args.student]
 harder = next((d for d in cfg.distillers if d.kind == "harder"), None)  # the run's own settings, else full.yaml's
 dcfg = (harder_config(cfg.distill, harder.epochs_factor, harder.lr) if harder else harder_config(cfg.distill, 3.0, 1e-3)
         ) if kind == "harder" else cfg.distill
@@ -44,12 +62,13 @@ for point in points:
     for seed in seeds:
         t0 = time.time()
         torch.manual_seed(seed)
-        model, _ = distill(load_causal_lm(m.paths["student"]), tok, traces, dcfg,
-                           output_dir=Path(f"/tmp/seed_noise/{point}_{kind}_{seed}"), eval_traces=None, seed=seed,
-                           progress=False)
+        model, _ = distill(load_causal_lm(student_path), tok, traces, dcfg,
+                           output_dir=Path(f"/tmp/seed_noise/{point}_{kind}{'_' + args.student if args.student else ''}"
+                                           f"_{seed}"), eval_traces=None, seed=seed, progress=False)
         acc = accuracy_summary(generate_traces(model, tok, m.splits["test"], greedy, progress=False,
                                                scoring="forced"))
         nll, _ = solution_nll(model, tok, m.splits["test"])
         print(json.dumps({"run": run.name, "point": point, "distiller": kind, "seed": seed,
+                          **({} if args.student is None else {"student": args.student}),
                           "student_acc": acc["accuracy"], "student_test_nll": nll,
                           "seconds": round(time.time() - t0, 1)}), flush=True)
