@@ -52,7 +52,7 @@ m = load_materials(cfg.dataset, world=world, cache_dir=cfg.cache_dir, data_path=
                    models={r: getattr(cfg, r) for r in ("teacher", "proxy", "student")}, limit_train=cfg.limit_train,
                    limit_test=cfg.limit_test, workers=1, progress=False, tokenizer_dirs=cfg.tokenizer_dirs)
 tok = m.tokenizers["student"]  # the world's one tokenizer: every panel student shares it
-student_path = m.paths["student"] if args.student is None else m.named[args.student]
+student_path = m.paths["student"] if args.student is None else m.named_paths[args.student]
 harder = next((d for d in cfg.distillers if d.kind == "harder"), None)  # the run's own settings, else full.yaml's
 dcfg = (harder_config(cfg.distill, harder.epochs_factor, harder.lr) if harder else harder_config(cfg.distill, 3.0, 1e-3)
         ) if kind == "harder" else cfg.distill
