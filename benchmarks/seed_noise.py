@@ -53,6 +53,7 @@ m = load_materials(cfg.dataset, world=world, cache_dir=cfg.cache_dir, data_path=
                    limit_test=cfg.limit_test, workers=1, progress=False, tokenizer_dirs=cfg.tokenizer_dirs)
 tok = m.tokenizers["student"]  # the world's one tokenizer: every panel student shares it
 student_path = m.paths["student"] if args.student is None else m.named_paths[args.student]
+tag = kind if args.student is None else f"{kind}_{args.student}"  # names the scratch output folder
 harder = next((d for d in cfg.distillers if d.kind == "harder"), None)  # the run's own settings, else full.yaml's
 dcfg = (harder_config(cfg.distill, harder.epochs_factor, harder.lr) if harder else harder_config(cfg.distill, 3.0, 1e-3)
         ) if kind == "harder" else cfg.distill
@@ -63,8 +64,8 @@ for point in points:
         t0 = time.time()
         torch.manual_seed(seed)
         model, _ = distill(load_causal_lm(student_path), tok, traces, dcfg,
-                           output_dir=Path(f"/tmp/seed_noise/{point}_{kind}{'_' + args.student if args.student else ''}"
-                                           f"_{seed}"), eval_traces=None, seed=seed, progress=False)
+                           output_dir=Path(f"/tmp/seed_noise/{point}_{tag}_{seed}"), eval_traces=None, seed=seed,
+                           progress=False)
         acc = accuracy_summary(generate_traces(model, tok, m.splits["test"], greedy, progress=False,
                                                scoring="forced"))
         nll, _ = solution_nll(model, tok, m.splits["test"])

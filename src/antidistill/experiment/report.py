@@ -34,7 +34,7 @@ from .inference import (
 from .report_provenance import calibration_lines, fd_lines, pct_text, settings_lines
 from .results_io import Source, load_sources, own_seed_rows, pooled_results
 from .rundir import RunDir
-from .transfer import default_rows
+from .transfer import default_rows, naive_rows
 from .transfer_report import ensemble_lines, has_transfer_design, headline_lines, transfer_lines
 
 # the contrasts the report prints, in order: (key, label, arm, other)
@@ -309,10 +309,6 @@ class ReportFrames:
     by_distiller: pd.DataFrame
 
 
-def _naive_rows(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df.distiller.fillna("naive") == "naive"] if "distiller" in df.columns else df
-
-
 def report_frames(sources: list[Source]) -> ReportFrames:
     """Split the pooled rows of ``sources`` into what each section of the report reads (:class:`ReportFrames`)."""
     df = pooled_results(sources)
@@ -321,8 +317,8 @@ def report_frames(sources: list[Source]) -> ReportFrames:
     failing = {r["world"] for r in worlds if np.isfinite(r["gate"]["greedy_student_acc"]) and not r["gate"]["passes"]}
     passing = df[~df.world.isin(failing)]
     by_distiller = default_rows(passing)
-    return ReportFrames(worlds=worlds, failing=failing, design=_naive_rows(by_distiller),
-                        everything=_naive_rows(default_rows(df)), panel=_naive_rows(passing),
+    return ReportFrames(worlds=worlds, failing=failing, design=naive_rows(by_distiller),
+                        everything=naive_rows(default_rows(df)), panel=naive_rows(passing),
                         by_distiller=by_distiller)
 
 

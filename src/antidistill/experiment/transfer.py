@@ -59,7 +59,8 @@ def default_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df[df.base_student & ~df.method.astype(str).str.contains("@")]
 
 
-def _naive(df: pd.DataFrame) -> pd.DataFrame:
+def naive_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The naive distiller's rows (rows without a ``distiller`` are the naive one's); issue 17's variants dropped."""
     return df[df.distiller.fillna("naive") == "naive"] if "distiller" in df.columns else df
 
 
@@ -71,7 +72,7 @@ def cell_methods(df: pd.DataFrame) -> dict[str, str]:
 
 
 def _cell_effects(df: pd.DataFrame, student: str, method: str, y: str, target: float | None) -> pd.DataFrame:
-    rows = _naive(df[df.student == student])
+    rows = naive_rows(df[df.student == student])
     return world_effects(run_effects(rows, y=y), method, target=target)
 
 
