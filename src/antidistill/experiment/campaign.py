@@ -15,7 +15,7 @@ from pathlib import Path
 from ..config import load_config
 from .report import write_report
 from .results_io import export_world
-from .sweep import Run
+from .sweep import Run, gate_on_record
 from .sweepconfig import SweepConfig
 
 
@@ -51,6 +51,8 @@ def run_worlds(config: str | Path, world_seeds: list[int], overrides: list[str] 
     for s in world_seeds:
         base = load_config(SweepConfig, config, list(overrides))
         cfgs.append(load_config(SweepConfig, config, [*overrides, f"world.seed={s}", f"name={base.name}-w{s}"]))
+    for cfg in cfgs:  # a world whose recorded gate is missing or failed stops the campaign before it starts
+        gate_on_record(cfg)
     runs = []
     for s, cfg in zip(world_seeds, cfgs):
         t0 = time.perf_counter()

@@ -130,6 +130,39 @@ def load_sources(paths) -> list[Source]:
     return sources
 
 
+def recorded_gate(worlds: str | Path, world) -> tuple[dict, Path]:
+    """The gate recorded under ``worlds`` for the world build ``world`` (a ``ToyWorldConfig``), and where.
+
+    ``worlds`` is a run directory, a compact world directory or a folder of them (``find_sources``); the
+    source whose ``config.yaml`` builds the same world (``world.key()``: the zoo aside) and holds a
+    ``gate.json`` is the one read. A design that runs on worlds another design has gated (the transfer
+    matrix on ``--full``'s) reads the gate from there instead of measuring it anew. ``ValueError`` when
+    no source builds that world with a gate, or when two record different gates.
+    """
+    key = world.key()
+    found: dict[Path, dict] = {}
+    for path in find_sources(worlds):
+        files = RunDir(path)
+        gate = _json(files.gate)
+        if gate is None or not files.config.is_file():
+            continue
+        spec = (yaml.safe_load(files.config.read_text()) or {}).get("world")
+        try:
+            built = type(world)(**spec).key() if isinstance(spec, dict) else None
+        except (TypeError, ValueError):  # another world format: not this build
+            continue
+        if built == key:
+            found[path] = gate
+    if not found:
+        raise ValueError(f"{worlds}: no run or world directory there builds world seed {world.seed} (key {key}) "
+                         "with a gate.json: run that world's gated design first, or measure the gate here")
+    if len({json.dumps(g, sort_keys=True) for g in found.values()}) > 1:
+        raise ValueError(f"{worlds}: {sorted(map(str, found))} build the same world (key {key}) with different "
+                         "gates: keep one")
+    path = sorted(found)[0]
+    return found[path], path
+
+
 def pooled_results(sources: list[Source]) -> pd.DataFrame:
     """All sources' rows in one table (columns a source lacks are NaN)."""
     return pd.concat([s.results for s in sources], ignore_index=True)

@@ -38,6 +38,7 @@ from .gate import world_gate
 from .materials import load_materials
 from .panel_stages import PanelStages
 from .report import write_report
+from .results_io import recorded_gate
 from .rundir import RunDir, point_name, stage
 from .sweepconfig import SweepConfig, config_text, same_but_distillers
 
@@ -48,6 +49,21 @@ def _point_line(i: int, n: int, pt: tuple, row: dict, seconds: float) -> str:
     by = "" if row.get("distiller", "naive") == "naive" else f" [{row['distiller']}]"
     return (f"[{i}/{n}] {point_name(*pt)}{by}: teacher {row['teacher_acc']:.2f}, student {row['student_acc']:.2f} "
             f"({seconds:.1f} s)")
+
+
+def gate_on_record(cfg: SweepConfig) -> tuple[dict, str] | None:
+    """The gate ``cfg.gate_from`` records for ``cfg``'s world build, and where (None without ``gate_from``).
+
+    ``ValueError`` when none is recorded, or when the world fails it and ``cfg.gate`` is ``"stop"``: a design
+    that reads another design's gate runs on the worlds that pass it, and finds out before building anything.
+    """
+    if cfg.gate_from is None:
+        return None
+    gate, path = recorded_gate(cfg.gate_from, cfg.world)
+    if not gate["passes"] and cfg.gate == "stop":
+        raise ValueError(f"world seed {cfg.world.seed} fails the gate recorded in {path} ({gate['reason']}); with "
+                         f"gate 'stop' this design runs on worlds that pass it")
+    return gate, str(path)
 
 
 # the sweep warns when its ε is more than this factor from the FD check's best (the check's grid is in decades)
@@ -73,6 +89,7 @@ class Run:
         self._holdout: list[dict] | None = None
         self._design: Design | None = None
         self._check_config(write=False)
+        self.gate_record = None if worker else gate_on_record(cfg)  # before the world is built
         # every model and split loads and validates before anything is written
         self.materials = load_materials(
             cfg.dataset, world=cfg.world, cache_dir=cfg.cache_dir, data_path=cfg.data_path,
@@ -305,17 +322,24 @@ class Run:
 
         With ``gate`` on, greedy and temperature points run first (the base student's naive rows only) and the
         world's gate is written to ``gate.json``; with ``gate: stop`` a world that fails it ends there (results
-        and report of those rows only: no adaptive distiller, panel student or defended arm runs on it)."""
+        and report of those rows only: no adaptive distiller, panel student or defended arm runs on it). With
+        ``gate_from`` the gate is the one recorded there for this world build (``gate_on_record``), copied to
+        ``gate.json`` with ``recorded_in``, and nothing is measured for it."""
         self.gradient_path()
         self.holdout_traces()
         self.check_eps()
         points = self.points()
         rows = None
         if self.cfg.gate != "skip":
-            first = [pt for pt in points if pt[0] in ("greedy", "temperature") and not self.cfg.is_replicate(pt[2])]
-            naive = self._run_points(first, gate_only=True)
-            stage(self.files.gate, lambda p: write_json_atomic(p, world_gate(
-                pd.DataFrame(naive), self.cfg.gate_min_greedy_student, self.cfg.gate_min_slope)))
+            naive = []
+            if self.gate_record is not None:  # read, not measured: a failing world under "stop" never got here
+                gate, where = self.gate_record
+                stage(self.files.gate, lambda p: write_json_atomic(p, gate | {"recorded_in": where}))
+            else:
+                first = [pt for pt in points if pt[0] in ("greedy", "temperature") and not self.cfg.is_replicate(pt[2])]
+                naive = self._run_points(first, gate_only=True)
+                stage(self.files.gate, lambda p: write_json_atomic(p, world_gate(
+                    pd.DataFrame(naive), self.cfg.gate_min_greedy_student, self.cfg.gate_min_slope)))
             gate = json.loads(self.files.gate.read_text())
             if not gate["passes"]:
                 warnings.warn(f"the world fails the gate ({gate['reason']}); {self.files.gate}", RuntimeWarning,

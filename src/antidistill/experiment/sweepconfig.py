@@ -132,6 +132,10 @@ class SweepConfig:
     gate: Literal["stop", "warn", "skip"] = "skip"
     gate_min_greedy_student: float = 0.45  # a student distilled on greedy traces reaches this test accuracy
     gate_min_slope: float = 0.2  # student points per teacher point under temperature sampling
+    # read the gate instead of measuring it: a folder of runs or exported worlds (e.g. `--full`'s
+    # docs/results/full/worlds) holding this world build's gate.json (results_io.recorded_gate). For a design
+    # run on worlds another design has gated: the transfer matrix's one temperature point fits no slope
+    gate_from: str | None = None
 
     @field_validator("sampling", mode="before")
     @classmethod
@@ -170,6 +174,9 @@ class SweepConfig:
         if self.engine != "hf" and any(self.arms.values()):
             raise ValueError(f"engine={self.engine!r} runs greedy, temperature, antidistill and permutation points; "
                              f"the arms {sorted(k for k, v in self.arms.items() if v)} run on engine='hf'")
+        if self.gate_from is not None and (self.gate == "skip" or self.dataset != "toy"):
+            raise ValueError(f"gate_from reads a toy world's recorded gate: it needs gate 'stop' or 'warn' and "
+                             f"dataset 'toy', got gate={self.gate!r}, dataset={self.dataset!r}")
         check_distillers(self.distillers)
         if not self.distill_at.everywhere and NAIVE not in [d.kind for d in self.distillers]:
             raise ValueError("distill_at limits the adaptive distillers to some points; the others need the naive "
