@@ -209,3 +209,12 @@ def test_no_pairs_gives_no_verdict():
                        "student_acc": [0.5] * 3})
     assert pooled_effect(df, "antidistill") is None
     assert "no verdict" in verdict_sentence(None)
+
+
+def test_ladder_reading_names_the_arm_that_was_not_run():
+    rng = np.random.default_rng(5)
+    df = simulate(rng, worlds=4, effect={"whitebox": -0.08})
+    assert ladder_reading(ladder_effects(df[df.method != "whitebox_permutation"])).startswith(
+        "The white-box permutation arm was not run")
+    assert ladder_reading(ladder_effects(df[~df.method.str.startswith("whitebox")])).startswith(
+        "The white-box arm was not run")

@@ -248,3 +248,13 @@ def test_an_arm_with_few_runs_gets_a_line_but_no_band():
     assert near.sum() > 10 and np.isfinite(line[near]).all() and np.isnan(line[~near]).all()
     many = lowess_band(np.tile(x, 2), np.tile(y, 2), grid)
     assert many is not None and np.nanmax(many[2] - many[1]) < 0.3
+
+
+def test_one_temperature_run_per_world_is_said_to_leave_the_mismatch_unadjusted():
+    """The transfer design's one target: no slope to adjust a paired difference by, and the report says so."""
+    from antidistill.experiment.report import _adjustment
+
+    two = pd.DataFrame({"method": ["temperature"] * 3, "world": ["a", "a", "b"], "teacher_acc": [0.9, 0.8, 0.85]})
+    assert _adjustment(two).startswith("adjusted by the world's temperature slope")
+    one = two.assign(teacher_acc=[0.9, 0.9, 0.85])
+    assert _adjustment(one, "remaining").startswith("not adjusted for the remaining mismatch (one temperature run")

@@ -267,8 +267,11 @@ def ladder_reading(effects: dict[str, dict | None]) -> str:
     """The transfer ladder's reading, written out (three named cases, and the rest)."""
     wb, wbp = effects.get("whitebox"), effects.get("whitebox_vs_permutation")
     wbp_t, ad = effects.get("whitebox_permutation"), effects.get("antidistill")
-    if wb is None or wbp is None or wbp_t is None:
-        return "The white-box arms were not run (or have no matched temperature runs): no ladder reading."
+    if wb is None:
+        return "The white-box arm was not run (or has no matched temperature runs): no ladder reading."
+    if wbp is None or wbp_t is None:
+        return ("The white-box permutation arm was not run (or has no matched runs): the ladder needs white-box, its "
+                "permutation and temperature, so there is no ladder reading.")
     if any(e["claim"] == THIS_WORLD for e in (wb, wbp, wbp_t)):
         return ("One world build: the ladder is this build's estimate only, no reading about the method "
                 f"(white-box − temperature {_pts(wb)}, white-box − its permutation {_pts(wbp)}).")

@@ -158,6 +158,16 @@ def _worlds_lines(worlds: list[dict]) -> list[str]:
     return out + [""]
 
 
+def _adjustment(df: pd.DataFrame, what: str = "small teacher-accuracy") -> str:
+    """How a paired difference treats the teacher-accuracy mismatch left after calibration: adjusted by the
+    world's temperature slope, or plain where no world has two temperature runs to fit one."""
+    t = df[df.method == "temperature"]
+    if "world" in t.columns and (t.groupby("world").teacher_acc.nunique() >= 2).any():
+        return f"adjusted by the world's temperature slope for the {what} mismatch"
+    return (f"not adjusted for the {what} mismatch (one temperature run per world: no slope to adjust by, so "
+            "each difference is the plain paired one)")
+
+
 def _verdict_lines(df: pd.DataFrame) -> list[str]:
     primary = primary_effect(df)
     nll = primary_effect(df, y="student_test_nll") if "student_test_nll" in df.columns else None
@@ -168,8 +178,8 @@ def _verdict_lines(df: pd.DataFrame) -> list[str]:
                 f"(antidistillation − temperature{where}): {nll['estimate']:+.3f} nats "
                 f"{interval_text(nll, '{:+.3f}')} ({claim_note(nll)}).", ""]
     design = (f"Primary endpoint (pre-registered): student accuracy at the {PRIMARY_TARGET:+g}-point target, "
-              "antidistillation − temperature at the same world, seed and target, adjusted by the world's "
-              "temperature slope for the small teacher-accuracy mismatch." if PRIMARY_TARGET in targets_of(df) else
+              f"antidistillation − temperature at the same world, seed and target, {_adjustment(df)}."
+              if PRIMARY_TARGET in targets_of(df) else
               "This results table has no calibrated targets (an older design): each defended run is compared with "
               "its world's temperature line at its teacher accuracy, inside temperature's range.")
     own = own_seed_rows(df)
@@ -369,7 +379,7 @@ def write_report(path: str | Path, pool=(), out: str | Path | None = None) -> Pa
     lines += _distiller_lines(by_distiller)
     lines += ["## Matched teacher accuracy", "",
               "Every comparison above is at matched teacher accuracy: paired at the same target (calibrated on the "
-              "holdout) and adjusted by the world's temperature slope for the remaining mismatch, or, in a design "
+              f"holdout) and {_adjustment(df, 'remaining')}, or, in a design "
               "without targets, against the world's temperature line. The trade-off plot shows every run.", "",
               "![trade-off](tradeoff.png)", "", "![loss dynamics](loss_dynamics.png)", ""]
     lines += _results_lines(everything)
