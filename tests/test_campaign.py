@@ -87,3 +87,59 @@ def test_two_records_of_one_world_must_agree_and_gate_from_needs_a_gate(tmp_path
         recorded_gate(tmp_path, _transfer(4).world)
     with pytest.raises(ValueError, match="gate_from .* needs gate 'stop' or 'warn'"):
         _transfer(4, "gate=skip")
+
+
+def test_a_config_without_gate_from_keeps_its_committed_text_so_its_run_resumes():
+    """config.yaml is compared on resume: a new setting left at its default must not change the text."""
+    from antidistill.experiment.sweepconfig import config_text
+
+    cfg = load_config(SweepConfig, REPO / "src/antidistill/configs/full.yaml", ["world.seed=4", "name=full-w4"])
+    assert config_text(cfg) == (FULL_WORLDS / "w4/config.yaml").read_text()
+    assert "gate_from: " in config_text(_transfer(4))
+
+
+def test_only_the_same_world_build_s_gate_is_read(tmp_path):
+    """Matched by the world's key, not its seed: the same seed built otherwise, or a non-toy run, is not it."""
+    import yaml
+
+    for name, change in [("other-build", {"world": {"n_test": 100}}), ("gsm8k", {"dataset": "gsm8k"})]:
+        shutil.copytree(FULL_WORLDS / "w4", tmp_path / name)
+        cfg = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
+        cfg["world"] |= change.get("world", {})
+        cfg |= {k: v for k, v in change.items() if k != "world"}
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    with pytest.raises(ValueError, match="gate_from=.*no run or world directory there builds world seed 4"):
+        gate_on_record(_transfer(4, f"gate_from={tmp_path}"))
+    shutil.copytree(FULL_WORLDS / "w4", tmp_path / "same-build")
+    assert gate_on_record(_transfer(4, f"gate_from={tmp_path}"))[1] == str(tmp_path / "same-build")
+
+
+def test_a_recorded_gate_judged_by_other_thresholds_is_refused():
+    with pytest.raises(ValueError, match="judged with .*'min_slope': 0.2.* asks for .*'min_slope': 0.3"):
+        gate_on_record(_transfer(4, "gate_min_slope=0.3"))
+
+
+class _GateOnly(Run):
+    """A Run with just what its gate step reads: the config, the run directory and the recorded gate."""
+
+    def __init__(self, cfg, root):
+        from antidistill.experiment.rundir import RunDir
+
+        self.cfg, self.files, self.worker = cfg, RunDir(root), False
+        self.gate_record = gate_on_record(cfg)
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _run_points(self, points, gate_only=False):
+        raise AssertionError("a recorded gate is read, not measured")
+
+
+def test_run_reads_the_recorded_gate_measures_nothing_and_keeps_only_that_record(tmp_path):
+    run = _GateOnly(_transfer(4), tmp_path / "run")
+    gate, naive = run.world_gate([("greedy", 0.0, 0), ("temperature", 0.5, 0)])
+    recorded = json.loads((FULL_WORLDS / "w4/gate.json").read_text())
+    assert naive == [] and gate == recorded | {"recorded_in": str(FULL_WORLDS / "w4")}
+    assert json.loads(run.files.gate.read_text()) == gate
+    assert run.world_gate([])[0] == gate  # resumed: the same record is kept
+    run.files.gate.write_text(json.dumps(recorded | {"passes": False}))
+    with pytest.raises(ValueError, match="is not the gate recorded for this world"):
+        run.world_gate([])

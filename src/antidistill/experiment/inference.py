@@ -50,14 +50,33 @@ def _has_targets(df: pd.DataFrame) -> bool:
     return "target" in df.columns and df["target"].notna().any()
 
 
+# a world's baseline runs fit a slope when their teacher accuracies vary by more than this (in squares)
+MIN_SLOPE_SPREAD = 1e-12
+
+
 def world_slopes(base: pd.DataFrame, y: str) -> pd.Series:
-    """Per world: the OLS slope of ``y`` on ``teacher_acc`` over its baseline runs (0 with < 2 distinct x)."""
+    """Per world: the OLS slope of ``y`` on ``teacher_acc`` over its baseline runs (0 where ``slope_worlds``
+    finds no spread of teacher accuracy to fit one)."""
     b = base[["world", "teacher_acc", y]].dropna()
     g = b.groupby("world")
     xm, ym = g.teacher_acc.transform("mean"), g[y].transform("mean")
     cov = ((b.teacher_acc - xm) * (b[y] - ym)).groupby(b.world).sum()
     var = ((b.teacher_acc - xm) ** 2).groupby(b.world).sum()
-    return (cov / var.where(var > 1e-12)).fillna(0.0)
+    return (cov / var.where(var > MIN_SLOPE_SPREAD)).fillna(0.0)
+
+
+def slope_worlds(df: pd.DataFrame, baseline: str = "temperature") -> pd.Series:
+    """Per world (sorted): whether its ``baseline`` runs' teacher accuracies spread enough for ``world_slopes``
+    to fit a slope, and so for a paired difference to be adjusted by it.
+
+    >>> slope_worlds(pd.DataFrame({"method": ["temperature"] * 3, "world": ["a", "a", "b"],
+    ...                            "teacher_acc": [0.9, 0.8, 0.85]})).to_dict()
+    {'a': True, 'b': False}
+    """
+    df = df.assign(world=_world(df))
+    x = df[df.method == baseline].teacher_acc.astype(float)
+    spread = ((x - x.groupby(df.world).transform("mean")) ** 2).groupby(df.world).sum()
+    return (spread > MIN_SLOPE_SPREAD).reindex(sorted(df.world.unique()), fill_value=False)
 
 
 def _binomial_var(acc, n):

@@ -28,6 +28,7 @@ from .inference import (
     pooled_effect,
     primary_effect,
     run_effects,
+    slope_worlds,
     targets_of,
     verdict_sentence,
 )
@@ -107,10 +108,10 @@ def world_table(sources: list[Source], df: pd.DataFrame) -> list[dict]:
         cfg = s.config
         for w in s.worlds:
             cal = s.calibration if one else None
-            gate, gate_from = (s.gate, "gate.json") if one and s.gate else (world_gate(df[df.world == w]), "rows")
+            gate, gate_source = (s.gate, "gate.json") if one and s.gate else (world_gate(df[df.world == w]), "rows")
             rows.append({"world": w, "source": str(s.root), "seed": (cfg.get("world") or {}).get("seed") if one else None,
                          "best": (cal or {}).get("best_undefended"), "base_tau": (cal or {}).get("base_tau"),
-                         "gate": gate, "gate_from": gate_from, "label": ""})
+                         "gate": gate, "gate_source": gate_source, "label": ""})
     for i, r in enumerate(rows, 1):
         r["label"] = f"W{i}"
     return rows
@@ -140,7 +141,7 @@ def _worlds_lines(worlds: list[dict]) -> list[str]:
         else:
             verdict = f"**fails**: {g['reason']}"
             failing.append(f"{r['label']} ({g['reason']})")
-        if r["gate_from"] != "gate.json":
+        if r["gate_source"] != "gate.json":
             verdict += " (from its rows; no gate.json)"
         seed = "–" if r["seed"] is None else r["seed"]
         base = "–" if r["base_tau"] is None else f"{r['base_tau']:g}"
@@ -160,10 +161,13 @@ def _worlds_lines(worlds: list[dict]) -> list[str]:
 
 def _adjustment(df: pd.DataFrame, what: str = "small teacher-accuracy") -> str:
     """How a paired difference treats the teacher-accuracy mismatch left after calibration: adjusted by the
-    world's temperature slope, or plain where no world has two temperature runs to fit one."""
-    t = df[df.method == "temperature"]
-    if "world" in t.columns and (t.groupby("world").teacher_acc.nunique() >= 2).any():
+    world's temperature slope (``inference.slope_worlds``), or plain where a world has none to fit."""
+    fitted = slope_worlds(df)
+    if fitted.all():
         return f"adjusted by the world's temperature slope for the {what} mismatch"
+    if fitted.any():
+        return (f"adjusted by the world's temperature slope for the {what} mismatch where the world has one (the "
+                f"worlds with one temperature run: {', '.join(fitted.index[~fitted])}, plain paired differences)")
     return (f"not adjusted for the {what} mismatch (one temperature run per world: no slope to adjust by, so "
             "each difference is the plain paired one)")
 
@@ -279,10 +283,9 @@ def _distiller_lines(df: pd.DataFrame) -> list[str]:
     if target is not None:
         df = df[np.isclose(df.target.astype(float), target)]
     where = f"at the {target:+g}-point target" if target is not None else "over all runs"
-    footing = (" Every row, naive included, is the plain paired difference at that target, without the "
-               "teacher-accuracy slope adjustment of the endpoints above (a variant has one temperature run per "
-               "world there), over the worlds where every variant ran, so the naive row can differ from the "
-               "primary endpoint.") if target is not None else ""
+    footing = (" Every row, naive included, is the plain paired difference at that target, not adjusted by a "
+               "teacher-accuracy slope (a variant has one temperature run per world there), over the worlds where "
+               "every variant ran, so the naive row can differ from the primary endpoint.") if target is not None else ""
     out = ["## Adaptive distillers", "",
            f"Each defended arm's gap to temperature {where}, when the distiller applies the same variant to both "
            "arms' traces (world-level intervals as above), the share of the naive gap that variant recovers "

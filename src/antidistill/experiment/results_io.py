@@ -146,7 +146,10 @@ def recorded_gate(worlds: str | Path, world) -> tuple[dict, Path]:
         gate = _json(files.gate)
         if gate is None or not files.config.is_file():
             continue
-        spec = (yaml.safe_load(files.config.read_text()) or {}).get("world")
+        recorded = yaml.safe_load(files.config.read_text()) or {}
+        if recorded.get("dataset", "toy") != "toy":  # its `world` section is an unused default
+            continue
+        spec = recorded.get("world")
         try:
             built = type(world)(**spec).key() if isinstance(spec, dict) else None
         except (TypeError, ValueError):  # another world format: not this build

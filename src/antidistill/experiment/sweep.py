@@ -59,7 +59,15 @@ def gate_on_record(cfg: SweepConfig) -> tuple[dict, str] | None:
     """
     if cfg.gate_from is None:
         return None
-    gate, path = recorded_gate(cfg.gate_from, cfg.world)
+    try:
+        gate, path = recorded_gate(cfg.gate_from, cfg.world)
+    except ValueError as e:
+        raise ValueError(f"gate_from={cfg.gate_from!r}: {e}") from None
+    held = {"min_greedy_student": cfg.gate_min_greedy_student, "min_slope": cfg.gate_min_slope}
+    if any(gate.get(k) != v for k, v in held.items()):
+        raise ValueError(f"gate_from={cfg.gate_from!r}: the gate recorded in {path} was judged with "
+                         f"{ {k: gate.get(k) for k in held} }, this config asks for {held}: the same thresholds, or "
+                         "measure the gate here")
     if not gate["passes"] and cfg.gate == "stop":
         raise ValueError(f"world seed {cfg.world.seed} fails the gate recorded in {path} ({gate['reason']}); with "
                          f"gate 'stop' this design runs on worlds that pass it")
@@ -89,7 +97,8 @@ class Run:
         self._holdout: list[dict] | None = None
         self._design: Design | None = None
         self._check_config(write=False)
-        self.gate_record = None if worker else gate_on_record(cfg)  # before the world is built
+        self.worker = worker
+        self.gate_record = None if worker else gate_on_record(cfg)  # before the world is built; workers never gate
         # every model and split loads and validates before anything is written
         self.materials = load_materials(
             cfg.dataset, world=cfg.world, cache_dir=cfg.cache_dir, data_path=cfg.data_path,
@@ -331,16 +340,7 @@ class Run:
         points = self.points()
         rows = None
         if self.cfg.gate != "skip":
-            naive = []
-            if self.gate_record is not None:  # read, not measured: a failing world under "stop" never got here
-                gate, where = self.gate_record
-                stage(self.files.gate, lambda p: write_json_atomic(p, gate | {"recorded_in": where}))
-            else:
-                first = [pt for pt in points if pt[0] in ("greedy", "temperature") and not self.cfg.is_replicate(pt[2])]
-                naive = self._run_points(first, gate_only=True)
-                stage(self.files.gate, lambda p: write_json_atomic(p, world_gate(
-                    pd.DataFrame(naive), self.cfg.gate_min_greedy_student, self.cfg.gate_min_slope)))
-            gate = json.loads(self.files.gate.read_text())
+            gate, naive = self.world_gate(points)
             if not gate["passes"]:
                 warnings.warn(f"the world fails the gate ({gate['reason']}); {self.files.gate}", RuntimeWarning,
                               stacklevel=2)
@@ -356,6 +356,29 @@ class Run:
         self.fd_check()
         write_report(self.dir)
         return self.dir
+
+    def world_gate(self, points: list[tuple[str, float, int]]) -> tuple[dict, list[dict]]:
+        """The world's gate (``gate.json``) and the naive rows it was measured on: the base student's rows of the
+        greedy and temperature ``points`` at the sweep's own seeds (``world_gate``), or, with ``gate_from``, the
+        gate recorded there for this world build with ``recorded_in`` and no rows. A resumed run keeps its
+        ``gate.json`` only if it is that record (``ValueError`` otherwise)."""
+        if self.worker:
+            raise RuntimeError("a sweep's worker process does not gate the world: its parent does")
+        if self.gate_record is None:
+            first = [pt for pt in points if pt[0] in ("greedy", "temperature") and not self.cfg.is_replicate(pt[2])]
+            naive = self._run_points(first, gate_only=True)
+            stage(self.files.gate, lambda p: write_json_atomic(p, world_gate(
+                pd.DataFrame(naive), self.cfg.gate_min_greedy_student, self.cfg.gate_min_slope)))
+            return json.loads(self.files.gate.read_text()), naive
+        gate, where = self.gate_record
+        if self.files.gate.is_file():
+            held = json.loads(self.files.gate.read_text())
+            if {k: v for k, v in held.items() if k != "recorded_in"} != gate:
+                raise ValueError(f"{self.files.gate} is not the gate recorded for this world in {where} "
+                                 f"(gate_from={self.cfg.gate_from!r}): remove it to read the record, or choose another "
+                                 "name")
+        stage(self.files.gate, lambda p: write_json_atomic(p, gate | {"recorded_in": where}))
+        return json.loads(self.files.gate.read_text()), []
 
     def _run_points(self, points: list[tuple[str, float, int]], gate_only: bool = False) -> list[dict]:
         """Every point's rows (:meth:`point_rows`), serially or in ``cfg.workers`` processes."""

@@ -341,7 +341,7 @@ class SweepConfig:
 def config_text(cfg: SweepConfig) -> str:
     """The run directory's ``config.yaml``: the config as YAML, leaving out ``distillers`` when it is only the
     naive one, ``distill_at`` when it is every point, ``calibration.gammas`` when it is the default,
-    ``arm_proxies`` when empty and ``world.zoo`` when unset, so a config written before these existed keeps
+    ``arm_proxies`` when empty, ``world.zoo`` and ``gate_from`` when unset, so a config written before these existed keeps
     its text and its run directory resumes; likewise ``replicate`` when it has no seeds, and a distiller's
     settings added later at their defaults (``distiller_record``)."""
     data = to_dict(cfg)
@@ -359,6 +359,8 @@ def config_text(cfg: SweepConfig) -> str:
         del data["arm_proxies"]
     if cfg.world.zoo is None:
         del data["world"]["zoo"]
+    if cfg.gate_from is None:
+        del data["gate_from"]
     return yaml.safe_dump(data, sort_keys=False)  # as config.dump_yaml writes it
 
 
