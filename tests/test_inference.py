@@ -18,6 +18,7 @@ import pytest
 
 from antidistill.experiment.inference import (
     NEXT_WORLD,
+    PRIMARY_TARGET,
     THIS_WORLD,
     ladder_effects,
     ladder_reading,
@@ -218,3 +219,18 @@ def test_ladder_reading_names_the_arm_that_was_not_run():
         "The white-box permutation arm was not run")
     assert ladder_reading(ladder_effects(df[~df.method.str.startswith("whitebox")])).startswith(
         "The white-box arm was not run")
+
+
+def test_the_primary_read_before_the_planned_worlds_is_an_interim_result():
+    """Before PLANNED_WORLDS passing builds the report gives the interval and says which side of 0 it lies on,
+    not the pre-registered verdict; at PLANNED_WORLDS it gives the verdict."""
+    from antidistill.experiment.inference import PLANNED_WORLDS
+
+    e = {"estimate": 0.063, "ci_low": 0.014, "ci_high": 0.111, "target": PRIMARY_TARGET, "n_worlds": 6,
+         "claim": NEXT_WORLD}
+    text = verdict_sentence(e)
+    assert text.startswith(f"**Interim: 6 of the {PLANNED_WORLDS} pre-registered world builds, so no verdict yet.**")
+    assert "+6.3 [+1.4, +11.1] points at the -5-point target" in text and "lies above zero" in text
+    assert "lies below zero" in verdict_sentence(e | {"ci_low": -0.1, "ci_high": -0.01})
+    assert verdict_sentence(e | {"n_worlds": PLANNED_WORLDS}).startswith("**The claim does not hold.**")
+    assert verdict_sentence(e | {"target": None}).startswith("**The claim does not hold.**")  # no registered K

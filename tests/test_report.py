@@ -258,3 +258,10 @@ def test_one_temperature_run_per_world_is_said_to_leave_the_mismatch_unadjusted(
     assert _adjustment(two).startswith("adjusted by the world's temperature slope")
     one = two.assign(teacher_acc=[0.9, 0.9, 0.85])
     assert _adjustment(one, "remaining").startswith("not adjusted for the remaining mismatch (one temperature run")
+
+
+def test_world_folders_are_found_in_natural_order(tmp_path):
+    for name in ("w10", "w2", "w1", "b", "a"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.csv").write_text("method\n")
+    assert [p.name for p in find_sources(tmp_path)] == ["a", "b", "w1", "w2", "w10"]

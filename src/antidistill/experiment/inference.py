@@ -38,6 +38,7 @@ from scipy import stats
 
 LEVEL = 0.95
 PRIMARY_TARGET = -5.0  # the pre-registered primary endpoint: student accuracy at the −5-point target
+PLANNED_WORLDS = 10  # the pre-registered primary is read over the first this many world builds that pass the gate
 NEXT_WORLD = "next world build"
 THIS_WORLD = "this world build only"
 
@@ -250,6 +251,14 @@ def verdict_sentence(effect: dict | None, max_student_acc: float | None = None) 
     if e["claim"] == THIS_WORLD:
         return (f"**One world build: no verdict.** Antidistillation − temperature in this world: {what}. See the "
                 "pooled result over many builds (docs/results/full)." + floor)
+    if e.get("target") == PRIMARY_TARGET and e["n_worlds"] < PLANNED_WORLDS:
+        so_far = ("below zero, the claim's direction" if e["ci_high"] < 0 else
+                  "above zero: students of antidistillation traces are *better*, against the claim"
+                  if e["ci_low"] > 0 else "across zero")
+        return (f"**Interim: {e['n_worlds']} of the {PLANNED_WORLDS} pre-registered world builds, so no verdict yet.** "
+                f"At matched teacher accuracy, antidistillation − temperature is {what}; so far the interval lies "
+                f"{so_far}. The pre-registered reading is made over the first {PLANNED_WORLDS} builds that pass the "
+                "gate; the campaign does not stop on an interim result." + floor)
     if e["ci_high"] < 0:
         return ("**The claim holds.** At matched teacher accuracy (scored on the delivered traces), students of "
                 f"antidistillation traces are worse than students of temperature traces: {what}." + floor)

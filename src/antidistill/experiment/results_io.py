@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -101,14 +102,20 @@ def load_source(path: str | Path) -> Source:
                   fd_check=_json(files.fd_check), histories=histories)
 
 
+def _natural(path: Path) -> list:
+    """A folder name's sort key with its numbers as numbers: ``w2`` before ``w10``."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", path.name)]
+
+
 def find_sources(path: str | Path) -> list[Path]:
-    """``path`` itself when it is a run or compact directory, else its subfolders that are (sorted)."""
+    """``path`` itself when it is a run or compact directory, else its subfolders that are (in natural order:
+    ``w2`` before ``w10``)."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"{path}: no such directory")
     if _kind(path):
         return [path]
-    found = sorted(p for p in path.iterdir() if p.is_dir() and _kind(p))
+    found = sorted((p for p in path.iterdir() if p.is_dir() and _kind(p)), key=_natural)
     if not found:
         raise ValueError(f"{path}: holds no results (no results.parquet or {COMPACT_RESULTS} in it or in its "
                          "subfolders)")
