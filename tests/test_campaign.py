@@ -13,7 +13,8 @@ from antidistill.cli import app
 from antidistill.config import load_config
 from antidistill.experiment.campaign import parse_world_seeds
 from antidistill.experiment.results_io import recorded_gate
-from antidistill.experiment.sweep import Run, SweepConfig, gate_on_record
+from antidistill.experiment.gate import gate_on_record
+from antidistill.experiment.sweep import Run, SweepConfig
 
 
 @pytest.mark.parametrize("spec, seeds", [("0", [0]), ("0-2", [0, 1, 2]), ("3,5, 7", [3, 5, 7]), ("1-2,9", [1, 2, 9])])

@@ -271,7 +271,7 @@ def test_distillers_config_names_defaults_and_errors(tmp_path):
     assert config_text(cfg) == dump_yaml(cfg).replace("distillers:\n- kind: naive\n", "").replace(
         default_gammas, "").replace("  zoo: null\n", "").replace("arm_proxies: []\n", "").replace(
         "distill_at:\n  targets: null\n  arms: null\n", "").replace(
-        "replicate:\n  targets: []\n  seeds: []\n", "")
+        "replicate:\n  targets: []\n  seeds: []\n", "").replace("gate_from: null\n", "")
     cfg = load_config(SweepConfig, QUICK, ["distillers=[naive, clean_mix, {kind: answers_only, k: 2}]"])
     assert cfg.distillers[1] == CleanMix(fraction=0.1) and cfg.distillers[2] == AnswersOnly(k=2)
     assert "distillers" in config_text(cfg)
@@ -371,7 +371,7 @@ def test_the_report_puts_every_distiller_on_the_same_footing():
     # naive: mean of (0.36 − 0.40, 0.24 − 0.30) = −5.0 points; correct_only: mean of (−0.01, −0.03) = −2.0
     assert "| naive | antidistill | -5.0 [" in table and "| correct_only | antidistill | -2.0 [" in table
     assert "| correct_only | antidistill | -2.0 [" in table.split("| naive |")[-1] and "60%" in table  # 1 − (−2)/(−5)
-    assert "without the teacher-accuracy slope adjustment" in table
+    assert "not adjusted by a teacher-accuracy slope" in table
 
 
 def test_the_distiller_table_fits_no_slope_on_seed_noise():

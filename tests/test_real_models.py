@@ -21,7 +21,7 @@ from antidistill.cli import app
 from antidistill.experiment.dryrun import dry_run
 from antidistill.experiment.sweep import Run
 from antidistill.experiment.sweepconfig import SweepConfig
-from antidistill.gradient import read_gradient_metadata
+from antidistill.gradient import grad_norm, load_gradient, read_gradient_metadata
 from antidistill.io_utils import read_jsonl
 from antidistill.prompting import encode_example
 from antidistill.tokenizer_compat import check_compatible_tokenizers, load_tokenizer
@@ -131,7 +131,7 @@ def test_sweep_config_to_gradient_traces_and_a_distillation_step(models, toks):
     teacher_tokens = sum(sum(x != -100 for x in encode_example(toks["teacher"], r["question"], r["completion"])["labels"])
                          for r in holdout)
     assert int(meta["n_tokens"]) == teacher_tokens
-    assert float(meta["grad_norm"]) > 0 and float(meta["grad_norm"]) == pytest.approx(run.gradient_norm())
+    assert float(meta["grad_norm"]) > 0 and float(meta["grad_norm"]) == pytest.approx(grad_norm(load_gradient(run.gradient_path(), run.proxy)))
     row = run.point("antidistill", 0.01, 0)
     files = run.files.point("antidistill", 0.01, 0)
     traces = read_jsonl(files.traces)

@@ -239,6 +239,13 @@ def grad_norm(grad: Mapping[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in grad.values()))
 
 
+def recorded_grad_norm(path: str | Path, proxy) -> float:
+    """‖g‖ of the g saved at ``path``, as recorded with it (computed from the file, checked against ``proxy``,
+    for a g saved before the norm was recorded)."""
+    norm = read_gradient_metadata(path).get("grad_norm")
+    return float(norm) if norm is not None else grad_norm(load_gradient(path, proxy))
+
+
 def check_gradient_values(grad: Mapping[str, torch.Tensor]) -> float:
     """Raise ``ValueError`` if g holds a non-finite value or is all zeros; return ‖g‖."""
     bad = [n for n, t in grad.items() if not torch.isfinite(t).all()]

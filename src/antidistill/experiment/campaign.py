@@ -15,7 +15,8 @@ from pathlib import Path
 from ..config import load_config
 from .report import write_report
 from .results_io import export_world
-from .sweep import Run, gate_on_record
+from .gate import gate_on_record
+from .sweep import Run
 from .sweepconfig import SweepConfig
 
 

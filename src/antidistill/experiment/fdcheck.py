@@ -141,6 +141,21 @@ def plot_fd_check(result: FDCheckResult, path) -> None:
         ax.legend(fontsize=8)
 
 
+# a sweep's ε is far from the check's best beyond this factor (the check's grid is in decades)
+EPS_TOLERANCE = 10.0
+
+
+def eps_from_check(info: dict, dtype: str, eps: float) -> tuple[float, bool]:
+    """The best ε an FD check (``holdout_fd_check``'s record) found for ``dtype``, and whether ``eps`` lies more
+    than a factor :data:`EPS_TOLERANCE` from it.
+
+    >>> eps_from_check({"best_eps_float32": 1e-3, "best_eps_bfloat16": 1e-2}, "float32", 0.02)
+    (0.001, True)
+    """
+    best = info["best_eps_bfloat16" if dtype == "bfloat16" else "best_eps_float32"]
+    return best, max(eps / best, best / eps) > EPS_TOLERANCE * (1 + 1e-9)
+
+
 def holdout_fd_check(proxy, grad, tokenizer, traces: list[dict], plot_path) -> dict:
     """:func:`fd_check` at the last 8 tokens of ``traces`` (prompt + completion, on the teacher's ids, which the
     proxy reads); plots it to ``plot_path`` and returns the rows and the best ε per dtype (``fd_check.json``)."""

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from ..generation import generate_traces
-from ..gradient import compute_proxy_gradient, grad_norm, load_gradient, read_gradient_metadata, save_gradient, save_random_direction
+from ..gradient import compute_proxy_gradient, recorded_grad_norm, save_gradient, save_random_direction
 from ..io_utils import atomic_dir, atomic_path, provenance, read_jsonl, write_json_atomic, write_jsonl, write_text_atomic
 from ..progress import track
 from ..proxy import load_causal_lm
@@ -33,12 +33,11 @@ from .calibration import Design, calibrate, outside_picks
 from .distill import distill
 from .distiller_stages import DistillerStages, check_distiller_settings, with_distiller
 from .evaluate import accuracy_summary, solution_nll
-from .fdcheck import holdout_fd_check
-from .gate import world_gate
+from .fdcheck import eps_from_check, holdout_fd_check
+from .gate import gate_on_record, keep_recorded_gate, world_gate
 from .materials import load_materials
 from .panel_stages import PanelStages
 from .report import write_report
-from .results_io import recorded_gate
 from .rundir import RunDir, point_name, stage
 from .sweepconfig import SweepConfig, config_text, same_but_distillers
 
@@ -50,32 +49,6 @@ def _point_line(i: int, n: int, pt: tuple, row: dict, seconds: float) -> str:
     return (f"[{i}/{n}] {point_name(*pt)}{by}: teacher {row['teacher_acc']:.2f}, student {row['student_acc']:.2f} "
             f"({seconds:.1f} s)")
 
-
-def gate_on_record(cfg: SweepConfig) -> tuple[dict, str] | None:
-    """The gate ``cfg.gate_from`` records for ``cfg``'s world build, and where (None without ``gate_from``).
-
-    ``ValueError`` when none is recorded, or when the world fails it and ``cfg.gate`` is ``"stop"``: a design
-    that reads another design's gate runs on the worlds that pass it, and finds out before building anything.
-    """
-    if cfg.gate_from is None:
-        return None
-    try:
-        gate, path = recorded_gate(cfg.gate_from, cfg.world)
-    except ValueError as e:
-        raise ValueError(f"gate_from={cfg.gate_from!r}: {e}") from None
-    held = {"min_greedy_student": cfg.gate_min_greedy_student, "min_slope": cfg.gate_min_slope}
-    if any(gate.get(k) != v for k, v in held.items()):
-        raise ValueError(f"gate_from={cfg.gate_from!r}: the gate recorded in {path} was judged with "
-                         f"{ {k: gate.get(k) for k in held} }, this config asks for {held}: the same thresholds, or "
-                         "measure the gate here")
-    if not gate["passes"] and cfg.gate == "stop":
-        raise ValueError(f"world seed {cfg.world.seed} fails the gate recorded in {path} ({gate['reason']}); with "
-                         f"gate 'stop' this design runs on worlds that pass it")
-    return gate, str(path)
-
-
-# the sweep warns when its ε is more than this factor from the FD check's best (the check's grid is in decades)
-EPS_TOLERANCE = 10.0
 
 class Run:
     """One sweep: loads models and data once, then runs each stage whose artifact is missing."""
@@ -309,31 +282,20 @@ class Run:
 
     def check_eps(self) -> float:
         """The best ε the FD check found for this run's g (in the proxy's dtype); warns when
-        ``sampling.eps`` is more than a factor :data:`EPS_TOLERANCE` away from it."""
-        info = json.loads(self.fd_check().read_text())
+        ``sampling.eps`` is more than a factor ``fdcheck.EPS_TOLERANCE`` away from it."""
         dtype = str(next(self.proxy.parameters()).dtype).removeprefix("torch.")
-        best = info["best_eps_bfloat16" if dtype == "bfloat16" else "best_eps_float32"]
-        eps = self.cfg.sampling.eps
-        if max(eps / best, best / eps) > EPS_TOLERANCE * (1 + 1e-9):
-            warnings.warn(f"sampling.eps={eps:g} is far from the best ε {best:g} that the FD check found for this g "
-                          f"({dtype}, ‖g‖ = {self.gradient_norm():.3g}; {self.files.fd_check}): consider "
-                          f"--set sampling.eps={best:g}", RuntimeWarning, stacklevel=2)
+        best, far = eps_from_check(json.loads(self.fd_check().read_text()), dtype, self.cfg.sampling.eps)
+        if far:
+            norm = recorded_grad_norm(self.gradient_path(), self.proxy)
+            warnings.warn(f"sampling.eps={self.cfg.sampling.eps:g} is far from the best ε {best:g} that the FD check "
+                          f"found for this g ({dtype}, ‖g‖ = {norm:.3g}; {self.files.fd_check}): "
+                          f"consider --set sampling.eps={best:g}", RuntimeWarning, stacklevel=2)
         return best
 
-    def gradient_norm(self) -> float:
-        """‖g‖, as recorded with g (computed from the file for a g saved before it was recorded)."""
-        path = self.gradient_path()
-        norm = read_gradient_metadata(path).get("grad_norm")
-        return float(norm) if norm is not None else grad_norm(load_gradient(path, self.proxy))
-
     def run(self) -> Path:
-        """All stages, then the results table and the report.
-
-        With ``gate`` on, greedy and temperature points run first (the base student's naive rows only) and the
-        world's gate is written to ``gate.json``; with ``gate: stop`` a world that fails it ends there (results
-        and report of those rows only: no adaptive distiller, panel student or defended arm runs on it). With
-        ``gate_from`` the gate is the one recorded there for this world build (``gate_on_record``), copied to
-        ``gate.json`` with ``recorded_in``, and nothing is measured for it."""
+        """All stages, then the results table and the report. Unless ``gate`` is "skip" the world's gate
+        (:meth:`world_gate`) comes first; with ``gate: stop`` a world that fails it ends there (results and report
+        of the gate's rows only: no adaptive distiller, panel student or defended arm runs on it)."""
         self.gradient_path()
         self.holdout_traces()
         self.check_eps()
@@ -358,10 +320,9 @@ class Run:
         return self.dir
 
     def world_gate(self, points: list[tuple[str, float, int]]) -> tuple[dict, list[dict]]:
-        """The world's gate (``gate.json``) and the naive rows it was measured on: the base student's rows of the
-        greedy and temperature ``points`` at the sweep's own seeds (``world_gate``), or, with ``gate_from``, the
-        gate recorded there for this world build with ``recorded_in`` and no rows. A resumed run keeps its
-        ``gate.json`` only if it is that record (``ValueError`` otherwise)."""
+        """The world's gate (``gate.json``) and the rows it was measured on: the base student's naive rows of the
+        greedy and temperature ``points`` at the sweep's own seeds (``gate.world_gate``), or, with ``gate_from``,
+        the gate recorded there for this world build and no rows (``gate.keep_recorded_gate``)."""
         if self.worker:
             raise RuntimeError("a sweep's worker process does not gate the world: its parent does")
         if self.gate_record is None:
@@ -370,15 +331,7 @@ class Run:
             stage(self.files.gate, lambda p: write_json_atomic(p, world_gate(
                 pd.DataFrame(naive), self.cfg.gate_min_greedy_student, self.cfg.gate_min_slope)))
             return json.loads(self.files.gate.read_text()), naive
-        gate, where = self.gate_record
-        if self.files.gate.is_file():
-            held = json.loads(self.files.gate.read_text())
-            if {k: v for k, v in held.items() if k != "recorded_in"} != gate:
-                raise ValueError(f"{self.files.gate} is not the gate recorded for this world in {where} "
-                                 f"(gate_from={self.cfg.gate_from!r}): remove it to read the record, or choose another "
-                                 "name")
-        stage(self.files.gate, lambda p: write_json_atomic(p, gate | {"recorded_in": where}))
-        return json.loads(self.files.gate.read_text()), []
+        return keep_recorded_gate(self.files.gate, *self.gate_record), []
 
     def _run_points(self, points: list[tuple[str, float, int]], gate_only: bool = False) -> list[dict]:
         """Every point's rows (:meth:`point_rows`), serially or in ``cfg.workers`` processes."""
