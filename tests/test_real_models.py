@@ -131,7 +131,8 @@ def test_sweep_config_to_gradient_traces_and_a_distillation_step(models, toks):
     teacher_tokens = sum(sum(x != -100 for x in encode_example(toks["teacher"], r["question"], r["completion"])["labels"])
                          for r in holdout)
     assert int(meta["n_tokens"]) == teacher_tokens
-    assert float(meta["grad_norm"]) > 0 and float(meta["grad_norm"]) == pytest.approx(grad_norm(load_gradient(run.gradient_path(), run.proxy)))
+    from_file = grad_norm(load_gradient(run.gradient_path(), run.proxy))
+    assert float(meta["grad_norm"]) > 0 and float(meta["grad_norm"]) == pytest.approx(from_file)
     row = run.point("antidistill", 0.01, 0)
     files = run.files.point("antidistill", 0.01, 0)
     traces = read_jsonl(files.traces)

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 from ..config import load_config
+from .gate import gate_on_record
 from .report import write_report
 from .results_io import export_world
-from .gate import gate_on_record
 from .sweep import Run
 from .sweepconfig import SweepConfig
 

@@ -341,8 +341,8 @@ class SweepConfig:
 def config_text(cfg: SweepConfig) -> str:
     """The run directory's ``config.yaml``: the config as YAML, leaving out ``distillers`` when it is only the
     naive one, ``distill_at`` when it is every point, ``calibration.gammas`` when it is the default,
-    ``arm_proxies`` when empty, ``world.zoo`` and ``gate_from`` when unset, so a config written before these existed keeps
-    its text and its run directory resumes; likewise ``replicate`` when it has no seeds, and a distiller's
+    ``arm_proxies`` when empty, ``world.zoo`` and ``gate_from`` when unset, so a config written before these
+    existed keeps its text and its run directory resumes; likewise ``replicate`` when it has no seeds, and a distiller's
     settings added later at their defaults (``distiller_record``)."""
     data = to_dict(cfg)
     if not cfg.replicate.seeds:
