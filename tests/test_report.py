@@ -95,7 +95,7 @@ def test_report_on_null_worlds_states_the_primary_verdict(tmp_path):
     assert "| white-box − its permutation | -5 |" in effects
     assert effects.count("next world build (t(9))") == 5 * 5  # 4 arms and white-box − its permutation
     assert "All 10 world builds pass the gate." in text
-    assert "| W10 | `toyworld-09` | 9 | 90.0 | 0.4 |" in text
+    assert "| w9 | `toyworld-09` | 9 | 90.0 | 0.4 |" in text
     assert "The 10 sources' configs differ in: `name`, `world.seed`." in text
     for png in ("forest.png", "tradeoff.png", "loss_dynamics.png"):
         assert (runs / png).stat().st_size > 10_000, png
@@ -172,8 +172,30 @@ def test_a_failing_world_is_named(tmp_path):
     for i, (w, rows) in enumerate(df.groupby("world")):
         _fake_run(tmp_path / "runs", rows.assign(world=f"w{i}"), f"world{i}", seed=i, gate=bad if i == 1 else None)
     text = write_report(tmp_path / "runs").read_text()
-    assert "**1 of 2 world builds fail the gate:** W2 (greedy-trace student 30.0% < 45%" in text
-    assert "| W2 | `w1` | 1 |" in text and "**fails**: greedy-trace student 30.0% < 45%" in text
+    assert "**1 of 2 world builds fail the gate:** w1 (greedy-trace student 30.0% < 45%" in text
+    assert "| w1 | `w1` | 1 |" in text and "**fails**: greedy-trace student 30.0% < 45%" in text
+    assert "interval still reaches" not in text  # its slope interval, [0, 0], excludes 0.2
+
+
+def test_a_slope_that_fails_on_an_imprecise_reading_is_said_to(tmp_path):
+    df = simulate(np.random.default_rng(2), worlds=2, seeds=1)
+    noisy = {"greedy_ok": True, "greedy_student_acc": 0.5, "min_greedy_student": 0.45, "min_slope": 0.2,
+             "n_temperature_runs": 4, "passes": False, "reason": "temperature slope 0.100 < 0.2",
+             "slope_ci": [-0.5, 0.7], "slope_ok": False, "temperature_slope": 0.1}
+    for i, (w, rows) in enumerate(df.groupby("world")):
+        _fake_run(tmp_path / "runs", rows.assign(world=f"w{i}"), f"world{i}", seed=i, gate=noisy if i == 1 else None)
+    text = write_report(tmp_path / "runs").read_text()
+    assert "**1 of 2 world builds fail the gate:** w1 (temperature slope 0.100 < 0.2)" in text
+    assert "The slope's 95% interval still reaches the gate's minimum in w1: there the reading cannot tell" in text
+
+
+def test_worlds_are_labelled_by_seed_only_when_seeds_tell_them_apart(tmp_path):
+    df = simulate(np.random.default_rng(3), worlds=2, seeds=1)
+    for i, (w, rows) in enumerate(df.groupby("world")):  # two builds that both record world seed 7
+        _fake_run(tmp_path / "runs", rows.assign(world=f"toyworld-{i}"), f"world{i}", seed=7)
+    text = _section(write_report(tmp_path / "runs").read_text(), "## Worlds")
+    assert "| W1 | `toyworld-0` | 7 |" in text and "| W2 | `toyworld-1` | 7 |" in text
+    assert "| w7 |" not in text
 
 
 def test_one_world_is_that_builds_estimate(tmp_path):
