@@ -98,10 +98,8 @@ def _effect_table(rows: list[dict], scale: float, digits: int, unit: str) -> lis
 
 
 def world_table(sources: list[Source], df: pd.DataFrame) -> list[dict]:
-    """One row per world build: its short label, source, seed, calibration and gate.
-
-    The label is ``w<seed>`` (as ``demo --full`` names its exported worlds) when every source holds one world
-    with a distinct seed, else ``W<i>`` in source order.
+    """One row per world build: its label (``w<seed>`` as ``demo --full`` names exported worlds, where every
+    source holds one world of a distinct seed, else ``W<i>``), source, seed, calibration and gate.
 
     A source's metadata files describe its world when it holds one world; a gate missing from its
     files is computed from the world's rows (``world_gate``), as the sweep computes it."""
@@ -115,8 +113,7 @@ def world_table(sources: list[Source], df: pd.DataFrame) -> list[dict]:
             rows.append({"world": w, "source": str(s.root), "seed": (cfg.get("world") or {}).get("seed") if one else None,
                          "best": (cal or {}).get("best_undefended"), "base_tau": (cal or {}).get("base_tau"),
                          "gate": gate, "gate_source": gate_source, "label": ""})
-    seeds = [r["seed"] for r in rows]
-    by_seed = None not in seeds and len(set(seeds)) == len(seeds)  # w<seed> names the world as its folder does
+    by_seed = None not in (seeds := [r["seed"] for r in rows]) and len(set(seeds)) == len(seeds)
     for i, r in enumerate(rows, 1):
         r["label"] = f"w{r['seed']}" if by_seed else f"W{i}"
     return rows
@@ -157,8 +154,7 @@ def _worlds_lines(worlds: list[dict]) -> list[str]:
     out.append("")
     if failing:
         out.append(f"**{len(failing)} of {len(worlds)} world builds fail the gate:** " + "; ".join(failing)
-                   + ". By the gate's reading their students learn too little from the teacher for a poisoned trace "
-                   "to show much.")
+                   + ". By the gate's reading, their students learn too little from the teacher for poison to show.")
         if imprecise:
             out.append(f"The slope's 95% interval still reaches the gate's minimum in {', '.join(imprecise)}: "
                        "there the reading cannot tell such a world from the noise of its one distillation per "
